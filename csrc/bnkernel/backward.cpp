@@ -1,0 +1,164 @@
+// The backward passes: the fused reduction, the elementwise dx, and the two fused paths.
+#include <cstdint>
+#include <vector>
+
+#include "bnkernel/elementwise.hpp"
+#include "bnkernel/kernels.hpp"
+#include "bnkernel/reductions.hpp"
+
+namespace bnkernel {
+
+namespace {
+
+// (sum dy, sum dy * (x - mean)) for every channel, deterministic in the thread count.
+template <typename T>
+void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int threads,
+                  double* sum_dy, double* sum_dyd) {
+  if (s.inner == 1) {
+    detail::interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd);
+  } else if (detail::whole_channels_per_thread(s, threads)) {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t c = 0; c < s.channels; ++c) {
+      detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sum_dy[c], sum_dyd[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < s.channels; ++c) {
+      detail::planar_channel_sums(dy, x, s, c, mean[c], threads, sum_dy[c], sum_dyd[c]);
+    }
+  }
+}
+
+// Per-channel coefficients of dx = k_scale * (dy - k_dy - (x - mean) * k_x).
+struct GradCoefficients {
+  double k_scale, k_dy, k_x;
+};
+
+template <typename T>
+inline GradCoefficients grad_coefficients(const T* gamma, const double* invstd,
+                                          const double* sum_dy, const double* sum_dy_xhat,
+                                          double m, int64_t c) {
+  return {detail::gamma_of(gamma, c) * invstd[c], sum_dy[c] / m, invstd[c] * sum_dy_xhat[c] / m};
+}
+
+template <typename T>
+void store_param_grads(Shape s, const double* sum_dy, const double* sum_dy_xhat, T* dgamma,
+                       T* dbeta) {
+  for (int64_t c = 0; c < s.channels; ++c) {
+    if (dgamma) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
+    if (dbeta) dbeta[c] = static_cast<T>(sum_dy[c]);
+  }
+}
+
+enum class Mode { train, frozen };
+
+/*
+ * Both backward paths.  With xhat = (x - mean) * invstd:
+ *   dbeta = sum(dy),  dgamma = sum(dy * xhat)
+ *   train:  dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+ *   frozen: dx = gamma * invstd * dy
+ */
+template <typename T>
+void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean,
+              const double* invstd, const T* gamma, T* dx, T* dgamma, T* dbeta) {
+  const int64_t C = s.channels;
+  const auto m = static_cast<double>(s.per_channel());
+  const int threads = detail::threads_for(s.size());
+  std::vector<double> sum_dy(static_cast<size_t>(C)), sum_dy_xhat(static_cast<size_t>(C));
+
+  if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
+    // one channel per task: its sums, then its dx while (dy, x) are still in cache
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t c = 0; c < C; ++c) {
+      double& sdy = sum_dy[static_cast<size_t>(c)];
+      double& sdyx = sum_dy_xhat[static_cast<size_t>(c)];
+      detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sdy, sdyx);
+      sdyx *= invstd[c];
+      const auto k = grad_coefficients(gamma, invstd, sum_dy.data(), sum_dy_xhat.data(), m, c);
+      detail::for_channel_rows(s, c, [&](int64_t offset) {
+        if (mode == Mode::train) {
+          detail::grad_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k.k_scale,
+                           k.k_dy, k.k_x);
+        } else {
+          detail::scale_run(dy + offset, dx + offset, s.inner, k.k_scale);
+        }
+      });
+    }
+  } else {
+    channel_sums(dy, x, s, mean, threads, sum_dy.data(), sum_dy_xhat.data());
+    std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
+        k_x(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) {
+      const auto i = static_cast<size_t>(c);
+      sum_dy_xhat[i] *= invstd[c];
+      const auto k = grad_coefficients(gamma, invstd, sum_dy.data(), sum_dy_xhat.data(), m, c);
+      k_scale[i] = k.k_scale;
+      k_dy[i] = k.k_dy;
+      k_x[i] = k.k_x;
+    }
+    if (mode == Mode::train) {
+      detail::grad(dy, x, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx, threads);
+    } else {
+      detail::scale(dy, s, k_scale.data(), dx, threads);
+    }
+  }
+  store_param_grads(s, sum_dy.data(), sum_dy_xhat.data(), dgamma, dbeta);
+}
+
+}  // namespace
+
+template <typename T>
+void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
+                     double* sum_dy, double* sum_dy_xhat) {
+  channel_sums(dy, x, s, mean, detail::threads_for(s.size()), sum_dy, sum_dy_xhat);
+  for (int64_t c = 0; c < s.channels; ++c) sum_dy_xhat[c] *= invstd[c];
+}
+
+template <typename T>
+void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
+                          const double* invstd, const T* gamma, const double* sum_dy,
+                          const double* sum_dy_xhat, int64_t count, T* dx) {
+  const int64_t C = s.channels;
+  const auto m = static_cast<double>(count);
+  std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
+      k_x(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    const auto i = static_cast<size_t>(c);
+    const auto k = grad_coefficients(gamma, invstd, sum_dy, sum_dy_xhat, m, c);
+    k_scale[i] = k.k_scale;
+    k_dy[i] = k.k_dy;
+    k_x[i] = k.k_x;
+  }
+  detail::grad(dy, x, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
+               detail::threads_for(s.size()));
+}
+
+template <typename T>
+void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
+                    const T* gamma, T* dx, T* dgamma, T* dbeta) {
+  backward(Mode::train, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta);
+}
+
+template <typename T>
+void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
+                     const T* gamma, T* dx, T* dgamma, T* dbeta) {
+  backward(Mode::frozen, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta);
+}
+
+#define BNKERNEL_INSTANTIATE(T)                                                                  \
+  template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
+                                   double*, double*);                                            \
+  template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
+                                        const T*, const double*, const double*, int64_t, T*);    \
+  template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
+                                  const T*, T*, T*, T*);                                         \
+  template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
+                                   const T*, T*, T*, T*);
+BNKERNEL_INSTANTIATE(float)
+BNKERNEL_INSTANTIATE(double)
+#undef BNKERNEL_INSTANTIATE
+
+}  // namespace bnkernel

@@ -1,0 +1,181 @@
+// Internal machinery shared by the kernels: leaf sizes, the deterministic pairwise tree, the
+// parallel drivers.  Not part of the public kernel API.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "bnkernel/kernels.hpp"
+
+namespace bnkernel::detail {
+
+// Values per leaf of a channel when the channel's values are contiguous runs (inner > 1).  Small
+// enough that the corrected two-pass over a leaf re-reads it from L1, large enough that the merges
+// cost nothing next to the data.
+constexpr int64_t kPlanarLeaf = 4096;
+// Rows per leaf for the interleaved pattern (inner == 1): at least this many, more when C is small,
+// so that a leaf holds about kPlanarLeaf values of the row-block.
+constexpr int64_t kInterleavedMinRows = 16;
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelMinElements = int64_t{1} << 15;
+
+// Threads to use for `elements` elements of work: 1 for small inputs.
+int threads_for(int64_t elements);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t interleaved_leaf_rows(int64_t channels) {
+  return std::max(kInterleavedMinRows, ceil_div(kPlanarLeaf, std::max<int64_t>(channels, 1)));
+}
+
+// ---- deterministic pairwise tree ----------------------------------------------------------------
+//
+// Ops describes an accumulator of `width` doubles with
+//   void leaf(int64_t k, double* out) const;           // statistics of leaf k
+//   void merge(double* into, const double* other) const;  // into <- into (+) other, in that order
+// The tree over leaves [k0, k1) always splits at k0 + (k1 - k0) / 2, so its shape depends only on
+// the number of leaves.  scratch holds one accumulator per tree level.
+
+inline int tree_levels(int64_t leaves) {
+  int levels = 1;
+  while ((int64_t{1} << (levels - 1)) < leaves) ++levels;
+  return levels + 1;
+}
+
+template <class Ops>
+void tree_reduce(const Ops& ops, int64_t k0, int64_t k1, double* out, double* scratch, int level) {
+  if (k1 - k0 == 1) {
+    ops.leaf(k0, out);
+    return;
+  }
+  const int64_t mid = k0 + (k1 - k0) / 2;
+  tree_reduce(ops, k0, mid, out, scratch, level + 1);
+  // the right child lands in this level's slot; deeper levels use deeper slots, so nothing clashes
+  double* right = scratch + static_cast<int64_t>(level) * ops.width;
+  tree_reduce(ops, mid, k1, right, scratch, level + 1);
+  ops.merge(out, right);
+}
+
+template <class Ops>
+void serial_tree(const Ops& ops, int64_t leaves, double* out) {
+  std::vector<double> scratch(static_cast<size_t>(tree_levels(leaves) * ops.width));
+  tree_reduce(ops, 0, leaves, out, scratch.data(), 0);
+}
+
+// The nodes `depth` levels below the root (or leaves, when the tree is shallower), in tree order.
+inline void collect_nodes(int64_t k0, int64_t k1, int level, int depth,
+                          std::vector<std::pair<int64_t, int64_t>>& nodes) {
+  if (level == depth || k1 - k0 == 1) {
+    nodes.emplace_back(k0, k1);
+    return;
+  }
+  const int64_t mid = k0 + (k1 - k0) / 2;
+  collect_nodes(k0, mid, level + 1, depth, nodes);
+  collect_nodes(mid, k1, level + 1, depth, nodes);
+}
+
+template <class Ops>
+void combine_nodes(const Ops& ops, int64_t k0, int64_t k1, int level, int depth,
+                   const double* results, size_t& next, double* out, double* scratch) {
+  if (level == depth || k1 - k0 == 1) {
+    const double* r = results + static_cast<int64_t>(next++) * ops.width;
+    std::copy(r, r + ops.width, out);
+    return;
+  }
+  const int64_t mid = k0 + (k1 - k0) / 2;
+  combine_nodes(ops, k0, mid, level + 1, depth, results, next, out, scratch);
+  double* right = scratch + static_cast<int64_t>(level) * ops.width;
+  combine_nodes(ops, mid, k1, level + 1, depth, results, next, right, scratch);
+  ops.merge(out, right);
+}
+
+// Same result as serial_tree, bit for bit: the subtrees below a fixed depth are computed by the
+// threads, then combined along the same tree.
+template <class Ops>
+void parallel_tree(const Ops& ops, int64_t leaves, double* out, int threads) {
+  int depth = 0;
+  while ((int64_t{1} << depth) < std::min<int64_t>(leaves, int64_t{4} * threads)) ++depth;
+  if (threads <= 1 || depth == 0) {
+    serial_tree(ops, leaves, out);
+    return;
+  }
+  std::vector<std::pair<int64_t, int64_t>> nodes;
+  collect_nodes(0, leaves, 0, depth, nodes);
+  const auto count = static_cast<int64_t>(nodes.size());
+  std::vector<double> results(static_cast<size_t>(count * ops.width));
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    std::vector<double> scratch(static_cast<size_t>(tree_levels(leaves) * ops.width));
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t t = 0; t < count; ++t) {
+      tree_reduce(ops, nodes[static_cast<size_t>(t)].first, nodes[static_cast<size_t>(t)].second,
+                  results.data() + t * ops.width, scratch.data(), 0);
+    }
+  }
+  std::vector<double> scratch(static_cast<size_t>(tree_levels(leaves) * ops.width));
+  size_t next = 0;
+  combine_nodes(ops, 0, leaves, 0, depth, results.data(), next, out, scratch.data());
+}
+
+// ---- Chan's merge -------------------------------------------------------------------------------
+
+// (n, mean, m2) <- (n, mean, m2) (+) (nb, meanb, m2b)
+inline void chan_merge(double& n, double& mean, double& m2, double nb, double meanb, double m2b) {
+  if (nb == 0.0) return;
+  if (n == 0.0) {
+    n = nb;
+    mean = meanb;
+    m2 = m2b;
+    return;
+  }
+  const double total = n + nb;
+  const double delta = meanb - mean;
+  mean += delta * (nb / total);
+  m2 += m2b + delta * delta * (n * nb / total);
+  n = total;
+}
+
+// ---- parallel drivers for elementwise passes ----------------------------------------------------
+
+// Planar pattern (inner > 1): calls f(channel, element offset, length) on contiguous runs that
+// cover the array once.  Rows (o, c) are split further when there are too few rows to share.
+template <class F>
+void for_each_run(Shape s, int threads, F&& f) {
+  const int64_t rows = s.outer * s.channels;
+  int64_t splits = 1;
+  if (threads > 1 && rows < int64_t{4} * threads) {
+    splits = std::max<int64_t>(1, std::min(ceil_div(int64_t{4} * threads, rows), s.inner / 4096));
+  }
+  const int64_t tasks = rows * splits;
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t row = t / splits;
+    const int64_t part = t % splits;
+    const int64_t i0 = s.inner * part / splits;
+    const int64_t i1 = s.inner * (part + 1) / splits;
+    f(row % s.channels, row * s.inner + i0, i1 - i0);
+  }
+}
+
+// Interleaved pattern (inner == 1): calls f(row0, row1) on blocks of whole rows of C values.
+template <class F>
+void for_each_row_block(Shape s, int threads, F&& f) {
+  const int64_t block = std::max<int64_t>(1, ceil_div(kPlanarLeaf * 4, std::max<int64_t>(s.channels, 1)));
+  const int64_t blocks = ceil_div(s.outer, block);
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+  for (int64_t b = 0; b < blocks; ++b) {
+    f(b * block, std::min(s.outer, (b + 1) * block));
+  }
+}
+
+}  // namespace bnkernel::detail

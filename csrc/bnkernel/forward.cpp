@@ -1,0 +1,96 @@
+// normalize and the fused training forward.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "bnkernel/elementwise.hpp"
+#include "bnkernel/kernels.hpp"
+#include "bnkernel/reductions.hpp"
+
+namespace bnkernel {
+
+namespace {
+
+// running = (1 - momentum) * running + momentum * batch, variance corrected to unbiased if asked
+template <typename T>
+void update_running(RunningUpdate<T> running, Shape s, const double* mean, const double* m2) {
+  const int64_t m = s.per_channel();
+  const double keep = 1.0 - running.momentum;
+  const double denom = static_cast<double>(running.unbiased && m > 1 ? m - 1 : m);
+  for (int64_t c = 0; c < s.channels; ++c) {
+    if (running.mean) {
+      running.mean[c] = static_cast<T>(keep * static_cast<double>(running.mean[c]) +
+                                       running.momentum * mean[c]);
+    }
+    if (running.var) {
+      running.var[c] = static_cast<T>(keep * static_cast<double>(running.var[c]) +
+                                      running.momentum * (m2[c] / denom));
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void normalize(const T* x, Shape s, const double* mean, const double* invstd, const T* gamma,
+               const T* beta, T* y) {
+  const int64_t C = s.channels;
+  std::vector<double> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
+    shift[static_cast<size_t>(c)] = detail::beta_of(beta, c);
+  }
+  detail::affine(x, s, mean, scale.data(), shift.data(), y, detail::threads_for(s.size()));
+}
+
+/*
+ * Training forward, per channel over its m values:
+ *   mean = sum(x) / m,  var = M2 / m (biased),  invstd = 1 / sqrt(var + eps)
+ *   y = (x - mean) * (gamma * invstd) + beta
+ */
+template <typename T>
+void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double eps, T* y,
+                   double* mean, double* invstd, RunningUpdate<T> running) {
+  const int64_t C = s.channels;
+  const auto m = static_cast<double>(s.per_channel());
+  const int threads = detail::threads_for(s.size());
+  std::vector<double> m2(static_cast<size_t>(C));
+
+  if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
+    // one channel per task: its statistics, then its normalize while it is still in cache
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t c = 0; c < C; ++c) {
+      double& m2c = m2[static_cast<size_t>(c)];
+      detail::planar_channel_moments(x, s, c, 1, mean[c], m2c);
+      invstd[c] = 1.0 / std::sqrt(m2c / m + eps);
+      const double scale = detail::gamma_of(gamma, c) * invstd[c];
+      const double shift = detail::beta_of(beta, c);
+      detail::for_channel_rows(s, c, [&](int64_t offset) {
+        detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift);
+      });
+    }
+  } else {
+    channel_stats(x, s, mean, m2.data());
+    std::vector<double> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) {
+      invstd[c] = 1.0 / std::sqrt(m2[static_cast<size_t>(c)] / m + eps);
+      scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
+      shift[static_cast<size_t>(c)] = detail::beta_of(beta, c);
+    }
+    detail::affine(x, s, mean, scale.data(), shift.data(), y, threads);
+  }
+  update_running(running, s, mean, m2.data());
+}
+
+#define BNKERNEL_INSTANTIATE(T)                                                                  \
+  template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*,  \
+                             T*);                                                                \
+  template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,       \
+                                 double*, RunningUpdate<T>);
+BNKERNEL_INSTANTIATE(float)
+BNKERNEL_INSTANTIATE(double)
+#undef BNKERNEL_INSTANTIATE
+
+}  // namespace bnkernel

@@ -1,0 +1,55 @@
+"""bnkernel: fused, exact, deterministic batch normalization for NumPy.
+
+The functional API (:mod:`bnkernel.functional`, re-exported here) works on NumPy arrays with any
+channel axis; :class:`BatchNorm` is a layer for hand-written training loops; and
+:mod:`bnkernel.reference` is the plain float64 implementation every kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from . import _core
+from ._version import __version__
+from .functional import (
+    backward_elementwise,
+    backward_reduce,
+    batch_norm_backward,
+    batch_norm_forward,
+    channel_stats,
+    invstd_from_stats,
+    merge_stats,
+    normalize,
+    update_running_stats,
+)
+
+__all__ = [
+    "__version__",
+    "backward_elementwise",
+    "backward_reduce",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "channel_stats",
+    "get_num_threads",
+    "invstd_from_stats",
+    "merge_stats",
+    "normalize",
+    "set_num_threads",
+    "update_running_stats",
+]
+
+
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` threads in every kernel, from every calling thread.
+
+    ``None`` (or 0) goes back to the default: follow OpenMP's setting, i.e. ``OMP_NUM_THREADS`` and
+    any ``threadpoolctl`` limit.  Small inputs always run on one thread.
+    """
+    if n is None:
+        n = 0
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected an int >= 0 or None, got {n!r}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of threads the kernels use for large inputs."""
+    return int(_core.get_num_threads())

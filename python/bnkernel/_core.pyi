@@ -1,0 +1,55 @@
+# Stub for the compiled module (csrc/bindings.cpp).  Each kernel is bound once per dtype
+# (float32, float64); arrays are taken exactly as given (C-contiguous, no conversion).
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+_F = NDArray[Any]
+_D = NDArray[np.float64]
+
+have_openmp: bool
+version: str
+native_build: bool
+
+def channel_stats(x: _F, mean: _D, m2: _D) -> None: ...
+def merge_stats(counts: NDArray[np.int64], means: _D, m2s: _D, mean: _D, m2: _D) -> int: ...
+def normalize(x: _F, mean: _D, invstd: _D, gamma: _F | None, beta: _F | None, out: _F) -> None: ...
+def forward_train(
+    x: _F,
+    gamma: _F | None,
+    beta: _F | None,
+    eps: float,
+    out: _F,
+    mean: _D,
+    invstd: _D,
+    running_mean: _F | None,
+    running_var: _F | None,
+    momentum: float,
+    unbiased: bool,
+) -> None: ...
+def backward_reduce(dy: _F, x: _F, mean: _D, invstd: _D, sum_dy: _D, sum_dy_xhat: _D) -> None: ...
+def backward_elementwise(
+    dy: _F,
+    x: _F,
+    mean: _D,
+    invstd: _D,
+    gamma: _F | None,
+    sum_dy: _D,
+    sum_dy_xhat: _D,
+    count: int,
+    out: _F,
+) -> None: ...
+def backward(
+    training: bool,
+    dy: _F,
+    x: _F,
+    mean: _D,
+    invstd: _D,
+    gamma: _F | None,
+    out: _F,
+    dgamma: _F,
+    dbeta: _F,
+) -> None: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...

@@ -1,0 +1,342 @@
+"""The functional API: batch normalization on NumPy arrays.
+
+Conventions shared by every function here:
+
+* ``x`` has ndim >= 2 and its channel axis is ``axis`` (default 1, as in PyTorch; ``axis=-1`` is
+  channels-last, as in Keras).  Statistics reduce over every other axis.
+* ``x`` is float32 or float64.  ``gamma``, ``beta`` and the running statistics have x's dtype and
+  shape ``(C,)``.  Saved statistics (``mean``, ``invstd``, the backward sums, ``M2``) are float64
+  whatever x's dtype is, so that a float32 backward recovers ``xhat`` exactly.
+* A non-contiguous ``x`` is copied once (explicitly, in Python).  ``out=`` must be exactly right
+  (shape, dtype, C-contiguous, writeable, not overlapping an input) or the call raises: a silent
+  copy would drop the writes.
+* The compiled kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _checks as chk
+from . import _core
+
+__all__ = [
+    "backward_elementwise",
+    "backward_reduce",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "channel_stats",
+    "invstd_from_stats",
+    "merge_stats",
+    "normalize",
+    "update_running_stats",
+]
+
+Stats = tuple[int, NDArray[np.float64], NDArray[np.float64]]
+
+
+def _one_value_check(x: NDArray[Any], axis: int) -> int:
+    count = x.size // x.shape[axis]
+    if count < 2:
+        raise ValueError(
+            "x: expected more than 1 value per channel when training "
+            f"(shape {x.shape}, channel axis {axis}); use training=False for single samples"
+        )
+    return count
+
+
+def batch_norm_forward(
+    x: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    beta: NDArray[Any] | None = None,
+    *,
+    running_mean: NDArray[Any] | None = None,
+    running_var: NDArray[Any] | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    running_var_unbiased: bool = True,
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
+    """Batch-normalize ``x`` along channel ``axis``; returns ``(y, mean, invstd)``.
+
+    Training (``training=True``), per channel over its m values::
+
+        mean = sum(x) / m;  var = sum((x - mean)**2) / m;  invstd = 1 / sqrt(var + eps)
+        y = (x - mean) * (gamma * invstd) + beta
+
+    and, when given, the running statistics are updated in place (PyTorch's rule)::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * var * (m / (m - 1))
+
+    where the ``m / (m - 1)`` correction applies when ``running_var_unbiased`` (PyTorch); pass
+    ``running_var_unbiased=False`` and ``momentum = 1 - keras_momentum`` for Keras' rule.
+
+    Inference (``training=False``) normalizes with ``running_mean`` / ``running_var`` (both
+    required) and returns them as ``mean`` and ``invstd = 1 / sqrt(running_var + eps)``.
+
+    ``mean`` and ``invstd`` are float64 arrays of shape (C,), what :func:`batch_norm_backward` needs.
+    """
+    xa = chk.as_input(x, "x")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
+    b = chk.channel_param(beta, "beta", C, xa.dtype)
+    eps_f = chk.real_number(eps, "eps", minimum=0.0)
+    x3 = chk.view3(xa, ax)
+    if training:
+        _one_value_check(xa, ax)
+        mom = chk.real_number(momentum, "momentum")
+        rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
+        rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
+        y = chk.output(out, "out", xa, (xa, g, b, rm, rv))
+        mean = np.empty(C, dtype=np.float64)
+        invstd = np.empty(C, dtype=np.float64)
+        _core.forward_train(
+            x3, g, b, eps_f, y.reshape(x3.shape), mean, invstd, rm, rv, mom,
+            bool(running_var_unbiased),
+        )  # fmt: skip
+        return y, mean, invstd
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "running_mean, running_var: both are required when training=False "
+            "(inference normalizes with the running statistics)"
+        )
+    rm_in = chk.channel_param(running_mean, "running_mean", C, xa.dtype)
+    rv_in = chk.channel_param(running_var, "running_var", C, xa.dtype)
+    assert rm_in is not None and rv_in is not None
+    mean = rm_in.astype(np.float64)
+    invstd = 1.0 / np.sqrt(rv_in.astype(np.float64) + eps_f)
+    y = chk.output(out, "out", xa, (xa, g, b, rm_in, rv_in))
+    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape))
+    return y, mean, invstd
+
+
+def batch_norm_backward(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
+    """Gradients ``(dx, dgamma, dbeta)`` of batch normalization given ``dy = dL/dy``.
+
+    With ``xhat = (x - mean) * invstd`` and m values per channel::
+
+        dbeta  = sum(dy)
+        dgamma = sum(dy * xhat)
+        dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)   # training=True
+        dx     = gamma * invstd * dy                                     # training=False (frozen)
+
+    ``mean`` and ``invstd`` are what :func:`batch_norm_forward` returned.  ``training=False`` is the
+    backward of inference / frozen-statistics mode, where mean and invstd do not depend on x.
+    ``dgamma`` and ``dbeta`` have x's dtype; they are returned also when ``gamma`` is None (as the
+    gradients a gamma of ones and a beta of zeros would get).
+    """
+    xa = chk.as_input(x, "x")
+    dya = chk.as_input(dy, "dy")
+    chk.check_same_shape(dya, xa, "dy")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    if training:
+        _one_value_check(xa, ax)
+    m = chk.saved_stat(mean, "mean", C)
+    s = chk.saved_stat(invstd, "invstd", C)
+    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
+    dx = chk.output(out, "out", xa, (xa, dya, g))
+    x3 = chk.view3(xa, ax)
+    dgamma = np.empty(C, dtype=xa.dtype)
+    dbeta = np.empty(C, dtype=xa.dtype)
+    _core.backward(
+        bool(training), chk.view3(dya, ax), x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta
+    )
+    return dx, dgamma, dbeta
+
+
+# ---- split phases -------------------------------------------------------------------------------
+
+
+def channel_stats(x: NDArray[Any], *, axis: int = 1) -> Stats:
+    """Per-channel ``(count, mean, M2)`` with ``M2 = sum((x - mean)**2)``, the first phase of the
+    forward.  ``count`` is the number of values per channel (an int); mean and M2 are float64.
+
+    A batch with no samples (a zero-length non-channel axis) is allowed and gives ``(0, 0, 0)``,
+    the neutral element of :func:`merge_stats` (a process of a data-parallel job may get none).
+    """
+    xa = chk.as_input(x, "x", allow_empty=True)
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    mean = np.empty(C, dtype=np.float64)
+    m2 = np.empty(C, dtype=np.float64)
+    _core.channel_stats(chk.view3(xa, ax), mean, m2)
+    return xa.size // C, mean, m2
+
+
+def merge_stats(*stats: Stats) -> Stats:
+    """Merge partial ``(count, mean, M2)`` statistics of disjoint parts of a batch.
+
+    Chan et al.'s pairwise formula, applied left to right; exact for uneven counts, and a part with
+    count 0 changes nothing::
+
+        n = nA + nB;  d = meanB - meanA;  mean = meanA + d * nB / n;  M2 = M2A + M2B + d**2 * nA * nB / n
+    """
+    if not stats:
+        raise ValueError("merge_stats: expected at least one (count, mean, M2) tuple")
+    counts = []
+    means = []
+    m2s = []
+    channels = None
+    for i, st in enumerate(stats):
+        if not isinstance(st, tuple) or len(st) != 3:
+            raise TypeError(f"stats[{i}]: expected a (count, mean, M2) tuple")
+        n, mu, m2 = st
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"stats[{i}]: count must be an int >= 0, got {n!r}")
+        if channels is None:
+            channels = int(np.asarray(mu).shape[0]) if np.ndim(mu) == 1 else -1
+        means.append(chk.saved_stat(mu, f"stats[{i}] mean", channels))
+        m2s.append(chk.saved_stat(m2, f"stats[{i}] M2", channels))
+        counts.append(int(n))
+    assert channels is not None
+    mean = np.empty(channels, dtype=np.float64)
+    m2 = np.empty(channels, dtype=np.float64)
+    count = _core.merge_stats(
+        np.asarray(counts, dtype=np.int64), np.stack(means), np.stack(m2s), mean, m2
+    )
+    return int(count), mean, m2
+
+
+def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArray[np.float64]:
+    """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation, exactly as
+    the fused forward computes it (same float64 operations, so the results are bit-identical)."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    m2a = np.asarray(m2, dtype=np.float64)
+    eps_f = chk.real_number(eps, "eps", minimum=0.0)
+    result: NDArray[np.float64] = 1.0 / np.sqrt(m2a / float(count) + eps_f)
+    return result
+
+
+def update_running_stats(
+    running_mean: NDArray[Any] | None,
+    running_var: NDArray[Any] | None,
+    count: int,
+    mean: NDArray[Any],
+    m2: NDArray[Any],
+    *,
+    momentum: float = 0.1,
+    unbiased: bool = True,
+) -> None:
+    """Update running statistics in place from merged batch statistics, as the fused forward does::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1 if unbiased else count)
+    """
+    mom = chk.real_number(momentum, "momentum")
+    mu = np.asarray(mean, dtype=np.float64)
+    C = mu.shape[0]
+    if running_mean is not None:
+        rm = chk.running_buffer(running_mean, "running_mean", C, running_mean.dtype)
+        assert rm is not None
+        rm[...] = (1.0 - mom) * rm.astype(np.float64) + mom * mu
+    if running_var is not None:
+        rv = chk.running_buffer(running_var, "running_var", C, running_var.dtype)
+        assert rv is not None
+        denom = float(count - 1 if unbiased and count > 1 else count)
+        rv[...] = (1.0 - mom) * rv.astype(np.float64) + mom * (np.asarray(m2, np.float64) / denom)
+
+
+def normalize(
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    beta: NDArray[Any] | None = None,
+    *,
+    axis: int = 1,
+    out: NDArray[Any] | None = None,
+) -> NDArray[Any]:
+    """``y = (x - mean) * (gamma * invstd) + beta`` with given per-channel statistics."""
+    xa = chk.as_input(x, "x", allow_empty=True)
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    m = chk.saved_stat(mean, "mean", C)
+    s = chk.saved_stat(invstd, "invstd", C)
+    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
+    b = chk.channel_param(beta, "beta", C, xa.dtype)
+    y = chk.output(out, "out", xa, (xa, g, b))
+    x3 = chk.view3(xa, ax)
+    _core.normalize(x3, m, s, g, b, y.reshape(x3.shape))
+    return y
+
+
+def backward_reduce(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    *,
+    axis: int = 1,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(sum(dy), sum(dy * xhat))`` per channel, float64, in one read of (dy, x): the reduction
+    phase of the backward.  A batch with no samples gives zeros."""
+    xa = chk.as_input(x, "x", allow_empty=True)
+    dya = chk.as_input(dy, "dy", allow_empty=True)
+    chk.check_same_shape(dya, xa, "dy")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    m = chk.saved_stat(mean, "mean", C)
+    s = chk.saved_stat(invstd, "invstd", C)
+    sum_dy = np.empty(C, dtype=np.float64)
+    sum_dy_xhat = np.empty(C, dtype=np.float64)
+    _core.backward_reduce(chk.view3(dya, ax), chk.view3(xa, ax), m, s, sum_dy, sum_dy_xhat)
+    return sum_dy, sum_dy_xhat
+
+
+def backward_elementwise(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None,
+    sum_dy: NDArray[Any],
+    sum_dy_xhat: NDArray[Any],
+    count: int,
+    *,
+    axis: int = 1,
+    out: NDArray[Any] | None = None,
+) -> NDArray[Any]:
+    """The elementwise phase of the training backward::
+
+        dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
+
+    ``count`` is the number of values per channel the sums were taken over (across all processes
+    in data-parallel training).  ``gamma`` may be None (ones).
+    """
+    xa = chk.as_input(x, "x", allow_empty=True)
+    dya = chk.as_input(dy, "dy", allow_empty=True)
+    chk.check_same_shape(dya, xa, "dy")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    m = chk.saved_stat(mean, "mean", C)
+    s = chk.saved_stat(invstd, "invstd", C)
+    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
+    sdy = chk.saved_stat(sum_dy, "sum_dy", C)
+    sdyx = chk.saved_stat(sum_dy_xhat, "sum_dy_xhat", C)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    dx = chk.output(out, "out", xa, (xa, dya, g))
+    x3 = chk.view3(xa, ax)
+    _core.backward_elementwise(
+        chk.view3(dya, ax), x3, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape)
+    )
+    return dx
