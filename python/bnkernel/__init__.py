@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import _core
 from ._version import __version__
+from .layer import CONVENTIONS, BatchNorm
 from .functional import (
     backward_elementwise,
     backward_reduce,
@@ -22,6 +23,8 @@ from .functional import (
 )
 
 __all__ = [
+    "CONVENTIONS",
+    "BatchNorm",
     "__version__",
     "backward_elementwise",
     "backward_reduce",

@@ -1,0 +1,133 @@
+"""Command line: ``python -m bnkernel {check,info}``.
+
+``check`` runs every kernel on a set of shapes and layouts, compares each with the float64 NumPy
+reference (:mod:`bnkernel.reference`) and times both; it exits non-zero if any result is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _core, functional, reference
+from ._version import __version__
+from .functional import batch_norm_backward, batch_norm_forward
+
+# (label, shape, axis)
+CHECK_CASES: list[tuple[str, tuple[int, ...], int]] = [
+    ("(N, C)", (256, 64), 1),
+    ("(N, C) C=1", (512, 1), 1),
+    ("NCL C=17", (16, 17, 100), 1),
+    ("NCHW", (16, 32, 28, 28), 1),
+    ("NHWC axis=-1", (16, 28, 28, 32), -1),
+    ("NCDHW", (4, 8, 6, 10, 10), 1),
+]
+
+# Worst error allowed relative to max(1, |reference|): float32 results are computed in double and
+# rounded once (0.5 ulp = 6e-8), so 1e-6 leaves room for the inputs' own rounding; float64 results
+# differ from the reference only by summation order.
+TOLERANCE = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
+
+
+def _median_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up: page faults, lazy init
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rel_err(got: NDArray[Any], ref: NDArray[Any]) -> float:
+    ref64 = np.asarray(ref, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(ref64))))
+    return float(np.max(np.abs(got.astype(np.float64) - ref64))) / scale
+
+
+def run_check(repeat: int = 5, out: Any = None) -> bool:
+    """Print the agreement/timing table; return True when every result is within tolerance."""
+    write = (out or sys.stdout).write
+    rng = np.random.default_rng(0)
+    header = (
+        f"{'case':<14} {'shape':<20} {'dtype':<8} {'op':<9} {'max rel err':>11} {'bnkernel':>10} "
+        f"{'numpy ref':>10} {'speedup':>8}\n"
+    )
+    write(f"bnkernel {__version__}: agreement with the float64 NumPy reference, and timings "
+          f"(median of {repeat}, {functional_threads()} threads)\n")
+    write(header)
+    write("-" * (len(header) - 1) + "\n")
+    ok = True
+    for label, shape, axis in CHECK_CASES:
+        for dtype in (np.float32, np.float64):
+            x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            c = shape[axis]
+            gamma = rng.uniform(0.5, 1.5, c).astype(dtype)
+            beta = rng.standard_normal(c).astype(dtype)
+            y, mean, invstd = batch_norm_forward(x, gamma, beta, axis=axis)
+            ry, rmean, rinvstd = reference.forward_train(x, gamma, beta, 1e-5, axis)
+            dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)
+            rdx, rdgamma, rdbeta = reference.backward_train(dy, x, rmean, rinvstd, gamma, axis)
+            rows = [
+                ("forward", _rel_err(y, ry),
+                 lambda: batch_norm_forward(x, gamma, beta, axis=axis),
+                 lambda: reference.forward_train(x, gamma, beta, 1e-5, axis)),
+                ("backward", max(_rel_err(dx, rdx), _rel_err(dgamma, rdgamma),
+                                 _rel_err(dbeta, rdbeta)),
+                 lambda: batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis),
+                 lambda: reference.backward_train(dy, x, rmean, rinvstd, gamma, axis)),
+            ]  # fmt: skip
+            for op, err, fast, slow in rows:
+                t_fast = _median_time(fast, repeat)
+                t_slow = _median_time(slow, repeat)
+                bad = err > TOLERANCE[np.dtype(dtype)]
+                ok &= not bad
+                write(
+                    f"{label:<14} {'x'.join(map(str, shape)):<20} {np.dtype(dtype).name:<8} "
+                    f"{op:<9} {err:>11.2e} {t_fast * 1e3:>8.3f}ms {t_slow * 1e3:>8.3f}ms "
+                    f"{t_slow / t_fast:>7.1f}x{'  <-- FAILED' if bad else ''}\n"
+                )
+    write("all results within tolerance\n" if ok else "SOME RESULTS ARE OUT OF TOLERANCE\n")
+    return ok
+
+
+def functional_threads() -> int:
+    return int(_core.get_num_threads())
+
+
+def info_lines() -> list[str]:
+    return [
+        f"bnkernel {__version__}",
+        f"numpy {np.__version__}",
+        f"OpenMP: {'yes' if _core.have_openmp else 'no'}",
+        f"threads: {_core.get_num_threads()}",
+        f"native build (-march=native): {'yes' if _core.native_build else 'no'}",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnkernel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_check = sub.add_parser("check", help="agreement with the reference, and timings")
+    p_check.add_argument("--repeat", type=int, default=5, help="timed repeats per case (median)")
+    p_check.add_argument("--threads", type=int, default=None, help="kernel threads (default: all)")
+    sub.add_parser("info", help="version and build options")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+        return 0
+    if args.threads is not None:
+        _core.set_num_threads(args.threads)
+    return 0 if run_check(repeat=max(1, args.repeat)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""``BatchNorm``: a batch-normalization layer for hand-written NumPy training loops."""
+
+from __future__ import annotations
+
+import enum
+import numbers
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import DTypeLike, NDArray
+
+from . import _checks as chk
+from .functional import batch_norm_backward, batch_norm_forward
+
+__all__ = ["CONVENTIONS", "BatchNorm"]
+
+Convention = Literal["torch", "keras"]
+
+
+class _Default(enum.Enum):
+    DEFAULT = "default"
+
+    def __repr__(self) -> str:
+        return "<convention default>"
+
+
+DEFAULT = _Default.DEFAULT
+
+# What each framework does, by name.  momentum is in the framework's own direction:
+#   torch: running = (1 - momentum) * running + momentum * batch, unbiased running variance
+#   keras: moving  = momentum * moving + (1 - momentum) * batch,  biased moving variance
+CONVENTIONS: dict[str, dict[str, Any]] = {
+    "torch": {"momentum": 0.1, "eps": 1e-5, "unbiased_running_var": True},
+    "keras": {"momentum": 0.99, "eps": 1e-3, "unbiased_running_var": False},
+}
+
+_STATE_KEYS = {
+    "torch": ("weight", "bias", "running_mean", "running_var"),
+    "keras": ("gamma", "beta", "moving_mean", "moving_variance"),
+}
+
+
+class BatchNorm:
+    """Batch normalization over ``num_features`` channels along ``axis``.
+
+    Holds ``4 * C`` numbers: ``gamma`` (ones) and ``beta`` (zeros) are trainable, the running mean
+    and variance are not.  Modes:
+
+    * ``train()``: normalize with the batch statistics, update the running statistics, and
+      backpropagate through the batch statistics.
+    * ``eval()``: normalize with the running statistics (batch statistics if
+      ``track_running_stats=False``); ``backward`` then treats them as constants.
+    * ``freeze()``: for fine-tuning with frozen BN: running statistics in the forward, constant in
+      the backward, gamma and beta still receive gradients.
+
+    ``convention`` picks the defaults and the meaning of ``momentum``:
+
+    ============  ========  =====  ===================================  ===============
+    convention    momentum  eps    running update                        running var
+    ============  ========  =====  ===================================  ===============
+    ``"torch"``   0.1       1e-5   ``(1 - m) * running + m * batch``    unbiased
+    ``"keras"``   0.99      1e-3   ``m * moving + (1 - m) * batch``     biased
+    ============  ========  =====  ===================================  ===============
+
+    ``momentum=None`` is a cumulative average: the batch's weight is ``1 / num_batches_tracked``.
+
+    ``params`` and ``grads`` are dicts of the arrays themselves (``"gamma"``, ``"beta"``), so an
+    optimizer can update ``params[k]`` in place from ``grads[k]``.  ``backward`` overwrites
+    ``grads``; it does not accumulate.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        convention: Convention = "torch",
+        eps: float | None = None,
+        momentum: float | None | _Default = DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features: expected an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features: expected an int >= 1, got {num_features}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in chk.SUPPORTED_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
+        defaults = CONVENTIONS[convention]
+        self.num_features = int(num_features)
+        self.axis = int(axis)
+        self.convention: Convention = convention
+        self.eps = chk.real_number(defaults["eps"] if eps is None else eps, "eps", minimum=0.0)
+        if momentum is DEFAULT:
+            momentum = defaults["momentum"]
+        if momentum is not None:
+            momentum = chk.real_number(momentum, "momentum")
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"momentum: expected a number in [0, 1] or None, got {momentum}")
+        self.momentum: float | None = momentum
+        self.unbiased_running_var: bool = defaults["unbiased_running_var"]
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+
+        C = self.num_features
+        self.params: dict[str, NDArray[Any]] = {}
+        self.grads: dict[str, NDArray[Any]] = {}
+        if self.affine:
+            self.params = {"gamma": np.ones(C, self.dtype), "beta": np.zeros(C, self.dtype)}
+            self.grads = {"gamma": np.zeros(C, self.dtype), "beta": np.zeros(C, self.dtype)}
+        self.running_mean: NDArray[Any] | None = None
+        self.running_var: NDArray[Any] | None = None
+        self.num_batches_tracked = 0
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, self.dtype)
+            self.running_var = np.ones(C, self.dtype)
+        self.mode: Literal["train", "eval", "frozen"] = "train"
+        self._saved: tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64], bool] | None
+        self._saved = None
+
+    # ---- parameters ----------------------------------------------------------------------------
+
+    @property
+    def gamma(self) -> NDArray[Any] | None:
+        return self.params.get("gamma")
+
+    @property
+    def beta(self) -> NDArray[Any] | None:
+        return self.params.get("beta")
+
+    def count_params(self) -> dict[str, int]:
+        """``{"total", "trainable", "non_trainable"}``: 4C, 2C, 2C with the defaults."""
+        trainable = 2 * self.num_features if self.affine else 0
+        non_trainable = 2 * self.num_features if self.track_running_stats else 0
+        return {
+            "total": trainable + non_trainable,
+            "trainable": trainable,
+            "non_trainable": non_trainable,
+        }
+
+    def summary(self) -> str:
+        """A parameter summary in the style Keras prints."""
+        counts = self.count_params()
+        return "\n".join(
+            [
+                repr(self),
+                f"Total params: {counts['total']:,}",
+                f"Trainable params: {counts['trainable']:,}",
+                f"Non-trainable params: {counts['non_trainable']:,}",
+            ]
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, convention={self.convention!r}, "
+            f"eps={self.eps:g}, momentum={self.momentum!r}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}, "
+            f"mode={self.mode!r})"
+        )
+
+    # ---- modes ---------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Training mode (``train(False)`` is ``eval()``)."""
+        self.mode = "train" if mode else "eval"
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Inference mode: normalize with the running statistics."""
+        self.mode = "eval"
+        return self
+
+    def freeze(self) -> BatchNorm:
+        """Frozen-statistics mode for fine-tuning: like eval, but gamma/beta still get gradients
+        (which they do in every mode; the name says what the statistics do)."""
+        if not self.track_running_stats:
+            raise ValueError("freeze: the layer has no running statistics (track_running_stats=False)")
+        self.mode = "frozen"
+        return self
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "train"
+
+    # ---- forward / backward ----------------------------------------------------------------------
+
+    def _kernel_momentum(self, batches: int) -> float:
+        """The weight of the batch statistics in the running update of batch number ``batches``."""
+        if self.momentum is None:
+            return 1.0 / batches
+        if self.convention == "keras":
+            return 1.0 - self.momentum
+        return self.momentum
+
+    def _check_input(self, x: Any) -> NDArray[Any]:
+        xa = chk.as_input(x, "x")
+        ax = chk.channel_axis(xa.ndim, self.axis)
+        if xa.shape[ax] != self.num_features:
+            raise ValueError(
+                f"x: expected {self.num_features} channels on axis {self.axis}, "
+                f"got shape {xa.shape}"
+            )
+        if xa.dtype != self.dtype:
+            raise TypeError(
+                f"x: expected dtype {self.dtype} (the layer's dtype), got {xa.dtype}; "
+                "cast x or create the layer with a matching dtype"
+            )
+        return xa
+
+    def forward(self, x: NDArray[Any]) -> NDArray[Any]:
+        """Normalize ``x``; in training mode also update the running statistics."""
+        xa = self._check_input(x)
+        use_batch_stats = self.mode == "train" or not self.track_running_stats
+        if use_batch_stats:
+            updating = self.mode == "train" and self.track_running_stats
+            momentum = self._kernel_momentum(self.num_batches_tracked + 1) if updating else 0.0
+            y, mean, invstd = batch_norm_forward(
+                xa,
+                self.gamma,
+                self.beta,
+                running_mean=self.running_mean if self.mode == "train" else None,
+                running_var=self.running_var if self.mode == "train" else None,
+                training=True,
+                momentum=momentum,
+                eps=self.eps,
+                axis=self.axis,
+                running_var_unbiased=self.unbiased_running_var,
+            )
+            if updating:
+                self.num_batches_tracked += 1
+        else:
+            y, mean, invstd = batch_norm_forward(
+                xa,
+                self.gamma,
+                self.beta,
+                running_mean=self.running_mean,
+                running_var=self.running_var,
+                training=False,
+                eps=self.eps,
+                axis=self.axis,
+            )
+        # backward goes through the batch statistics only when they were used
+        self._saved = (xa, mean, invstd, use_batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy: NDArray[Any]) -> NDArray[Any]:
+        """``dx`` for ``dy = dL/dy`` of the last forward; stores dgamma/dbeta in ``grads``."""
+        if self._saved is None:
+            raise RuntimeError("backward: call forward first")
+        x, mean, invstd, through_batch_stats = self._saved
+        dya = chk.as_input(dy, "dy")
+        chk.check_same_shape(dya, x, "dy", "the last forward's x")
+        dx, dgamma, dbeta = batch_norm_backward(
+            dya, x, mean, invstd, self.gamma, training=through_batch_stats, axis=self.axis
+        )
+        if self.affine:
+            self.grads["gamma"][...] = dgamma
+            self.grads["beta"][...] = dbeta
+        return dx
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def state_dict(self, style: Convention | None = None) -> dict[str, NDArray[Any]]:
+        """Copies of the layer's numbers under PyTorch's names (``weight, bias, running_mean,
+        running_var, num_batches_tracked``) or Keras' (``gamma, beta, moving_mean,
+        moving_variance``).  ``style`` defaults to the layer's convention."""
+        style = self.convention if style is None else style
+        if style not in _STATE_KEYS:
+            raise ValueError(f"style: expected 'torch' or 'keras', got {style!r}")
+        k_gamma, k_beta, k_mean, k_var = _STATE_KEYS[style]
+        state: dict[str, NDArray[Any]] = {}
+        if self.affine:
+            state[k_gamma] = self.params["gamma"].copy()
+            state[k_beta] = self.params["beta"].copy()
+        if self.running_mean is not None and self.running_var is not None:
+            state[k_mean] = self.running_mean.copy()
+            state[k_var] = self.running_var.copy()
+            if style == "torch":
+                state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], style: Convention | None = None, *, strict: bool = True
+    ) -> None:
+        """Load a state saved by :meth:`state_dict` (or by PyTorch / Keras, as arrays).  ``style``
+        is guessed from the keys when not given.  Values are copied into the layer's arrays (cast
+        to its dtype); with ``strict`` the keys must be exactly the expected ones."""
+        if style is None:
+            style = "keras" if "moving_mean" in state or "gamma" in state else "torch"
+        if style not in _STATE_KEYS:
+            raise ValueError(f"style: expected 'torch' or 'keras', got {style!r}")
+        expected = set(self.state_dict(style))
+        given = set(state)
+        if strict and given != expected:
+            raise KeyError(
+                f"state: expected keys {sorted(expected)}, got {sorted(given)} "
+                f"(missing {sorted(expected - given)}, unexpected {sorted(given - expected)})"
+            )
+        k_gamma, k_beta, k_mean, k_var = _STATE_KEYS[style]
+        targets: list[tuple[str, NDArray[Any] | None]] = [
+            (k_gamma, self.params.get("gamma")),
+            (k_beta, self.params.get("beta")),
+            (k_mean, self.running_mean),
+            (k_var, self.running_var),
+        ]
+        for key, target in targets:
+            if key not in state or target is None:
+                continue
+            value = np.asarray(state[key])
+            if value.shape != target.shape:
+                raise ValueError(f"state[{key!r}]: expected shape {target.shape}, got {value.shape}")
+            target[...] = value.astype(self.dtype, copy=False)
+        if "num_batches_tracked" in state:
+            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))

@@ -1,0 +1,251 @@
+"""The BatchNorm layer: modes, both running-statistics conventions, state dicts, errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bnkernel as bk
+from bnkernel import reference as ref
+
+# float32 layer outputs are computed in double and rounded once; the running statistics are
+# rounded to float32 after each update, so after k updates they carry ~k half-ulps: 1e-6 relative
+# covers the handful of steps these tests take.
+TOL = {np.float32: dict(rtol=1e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def batches(shape, count, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(shape) * (1 + i) + i).astype(dtype) for i in range(count)]
+
+
+@pytest.mark.parametrize("C", [1, 3, 64])
+def test_parameter_counts(C):
+    layer = bk.BatchNorm(C)
+    assert layer.count_params() == {"total": 4 * C, "trainable": 2 * C, "non_trainable": 2 * C}
+    assert f"Total params: {4 * C:,}" in layer.summary()
+    assert f"Trainable params: {2 * C:,}" in layer.summary()
+    assert bk.BatchNorm(C, affine=False).count_params()["trainable"] == 0
+    assert bk.BatchNorm(C, track_running_stats=False).count_params()["non_trainable"] == 0
+
+
+def test_initial_values():
+    layer = bk.BatchNorm(5, dtype=np.float64)
+    np.testing.assert_array_equal(layer.params["gamma"], np.ones(5))
+    np.testing.assert_array_equal(layer.params["beta"], np.zeros(5))
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(5))
+    np.testing.assert_array_equal(layer.running_var, np.ones(5))
+    assert layer.params["gamma"].dtype == np.float64
+    assert layer.num_batches_tracked == 0 and layer.mode == "train"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "shape,axis", [((16, 4), 1), ((8, 4, 5, 3), 1), ((8, 5, 3, 4), -1)], ids=["NC", "NCHW", "NHWC"]
+)
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_running_stats_follow_the_convention(convention, shape, axis, dtype):
+    layer = bk.BatchNorm(4, axis=axis, convention=convention, dtype=dtype)
+    rm = np.zeros(4)
+    rv = np.ones(4)
+    for x in batches(shape, 4, dtype):
+        count, mean, var = ref.batch_stats(x, axis)
+        if convention == "torch":
+            rm, rv = ref.update_running_torch(rm, rv, mean, var, count, momentum=0.1)
+        else:
+            rm, rv = ref.update_running_keras(rm, rv, mean, var, momentum=0.99)
+        y = layer.forward(x)
+        ry, _, _ = ref.forward_train(x, None, None, layer.eps, axis)
+        np.testing.assert_allclose(y, ry, **TOL[dtype])
+    assert layer.eps == (1e-5 if convention == "torch" else 1e-3)
+    np.testing.assert_allclose(layer.running_mean, rm, **TOL[dtype])
+    np.testing.assert_allclose(layer.running_var, rv, **TOL[dtype])
+    assert layer.num_batches_tracked == 4
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_momentum_none_is_a_cumulative_average(convention):
+    layer = bk.BatchNorm(3, convention=convention, momentum=None, dtype=np.float64)
+    means, variances = [], []
+    for x in batches((10, 3, 4), 5, np.float64, seed=3):
+        count, mean, var = ref.batch_stats(x, 1)
+        means.append(mean)
+        unbiased = convention == "torch"
+        variances.append(var * count / (count - 1) if unbiased else var)
+        layer.forward(x)
+    np.testing.assert_allclose(layer.running_mean, np.mean(means, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, np.mean(variances, axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_train_backward_matches_reference(dtype):
+    rng = np.random.default_rng(1)
+    layer = bk.BatchNorm(6, dtype=dtype)
+    layer.params["gamma"][...] = rng.uniform(0.5, 2, 6)
+    layer.params["beta"][...] = rng.standard_normal(6)
+    x = rng.standard_normal((7, 6, 3, 2)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    ry, rmean, rinvstd = ref.forward_train(x, layer.gamma, layer.beta, 1e-5, 1)
+    rdx, rdg, rdb = ref.backward_train(dy, x, rmean, rinvstd, layer.gamma, 1)
+    np.testing.assert_allclose(y, ry, **TOL[dtype])
+    np.testing.assert_allclose(dx, rdx, **TOL[dtype])
+    # dgamma, dbeta are sums of 42 terms of size ~1: compare relative to their scale
+    np.testing.assert_allclose(layer.grads["gamma"], rdg, rtol=TOL[dtype]["rtol"], atol=1e-5)
+    np.testing.assert_allclose(layer.grads["beta"], rdb, rtol=TOL[dtype]["rtol"], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["eval", "freeze"])
+def test_eval_and_frozen_use_running_stats(mode):
+    rng = np.random.default_rng(2)
+    layer = bk.BatchNorm(4, dtype=np.float64)
+    for x in batches((32, 4), 3, np.float64):
+        layer.forward(x)
+    layer.params["gamma"][...] = rng.uniform(0.5, 2, 4)
+    getattr(layer, mode)()
+    rm, rv = layer.running_mean.copy(), layer.running_var.copy()
+    x = rng.standard_normal((5, 4)) * 3
+    dy = rng.standard_normal(x.shape)
+    y = layer.forward(x)
+    np.testing.assert_allclose(
+        y, ref.forward_infer(x, rm, rv, layer.gamma, layer.beta, 1e-5, 1), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_array_equal(layer.running_mean, rm)  # not updated outside training
+    np.testing.assert_array_equal(layer.running_var, rv)
+    assert layer.num_batches_tracked == 3
+    dx = layer.backward(dy)
+    rdx, rdg, rdb = ref.backward_frozen(dy, x, rm, 1 / np.sqrt(rv + 1e-5), layer.gamma, 1)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["gamma"], rdg, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["beta"], rdb, rtol=1e-12, atol=1e-12)
+
+
+def test_eval_on_a_single_sample_and_train_rejects_it():
+    layer = bk.BatchNorm(3)
+    one = np.ones((1, 3), np.float32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer.forward(one)
+    assert layer.num_batches_tracked == 0  # a failed step does not count
+    layer.eval()
+    np.testing.assert_allclose(layer.forward(one), np.ones((1, 3)) / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_without_running_stats_eval_uses_batch_stats():
+    layer = bk.BatchNorm(2, track_running_stats=False, dtype=np.float64).eval()
+    x = np.random.default_rng(4).standard_normal((9, 2)) * 5 + 3
+    np.testing.assert_allclose(layer.forward(x), ref.forward_train(x, None, None, 1e-5, 1)[0])
+    assert layer.running_mean is None and layer.running_var is None
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    with pytest.raises(ValueError, match="track_running_stats"):
+        layer.freeze()
+
+
+def test_affine_false_has_no_params_and_still_backpropagates():
+    layer = bk.BatchNorm(3, affine=False, dtype=np.float64)
+    x = np.random.default_rng(5).standard_normal((6, 3))
+    dy = np.random.default_rng(6).standard_normal((6, 3))
+    layer.forward(x)
+    _, mean, invstd = ref.forward_train(x, None, None, 1e-5, 1)
+    np.testing.assert_allclose(layer.backward(dy), ref.backward_train(dy, x, mean, invstd, None, 1)[0])
+    assert layer.params == {} and layer.grads == {}
+    assert set(layer.state_dict()) == {"running_mean", "running_var", "num_batches_tracked"}
+
+
+@pytest.mark.parametrize("style", ["torch", "keras"])
+def test_state_dict_round_trip(style):
+    src = bk.BatchNorm(4, convention=style)
+    for x in batches((8, 4, 3), 3, np.float32):
+        src.forward(x)
+    src.params["gamma"][...] = [1.5, 0.5, 2.0, 1.0]
+    state = src.state_dict()
+    names = {"torch": {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"},
+             "keras": {"gamma", "beta", "moving_mean", "moving_variance"}}[style]  # fmt: skip
+    assert set(state) == names
+    dst = bk.BatchNorm(4, convention=style)
+    dst.load_state_dict(state)
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        np.testing.assert_array_equal(a, b)
+    x = batches((5, 4, 3), 1, np.float32, seed=9)[0]
+    np.testing.assert_array_equal(src.eval().forward(x), dst.eval().forward(x))
+    # state_dict hands out copies: changing one does not change the layer
+    state[next(iter(state))][...] = 123
+    assert not np.any(src.params["gamma"] == 123)
+
+
+def test_state_dict_cross_style_and_errors():
+    src = bk.BatchNorm(2)
+    src.forward(np.arange(8, dtype=np.float32).reshape(4, 2))
+    keras_state = src.state_dict(style="keras")
+    dst = bk.BatchNorm(2)
+    dst.load_state_dict(keras_state)  # style guessed from the names
+    np.testing.assert_array_equal(dst.running_mean, src.running_mean)
+    with pytest.raises(KeyError, match="missing"):
+        dst.load_state_dict({"weight": np.ones(2)})
+    with pytest.raises(ValueError, match=r"state\['running_mean'\]: expected shape"):
+        dst.load_state_dict({**src.state_dict(), "running_mean": np.zeros(3)})
+    with pytest.raises(ValueError, match="style"):
+        src.state_dict(style="jax")
+
+
+def test_bad_arguments_raise_clearly():
+    with pytest.raises(ValueError, match="num_features"):
+        bk.BatchNorm(0)
+    with pytest.raises(TypeError, match="num_features"):
+        bk.BatchNorm(2.5)
+    with pytest.raises(ValueError, match="convention"):
+        bk.BatchNorm(3, convention="tf")
+    with pytest.raises(ValueError, match="momentum"):
+        bk.BatchNorm(3, momentum=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        bk.BatchNorm(3, eps=-1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        bk.BatchNorm(3, dtype=np.int32)
+    layer = bk.BatchNorm(3)
+    with pytest.raises(RuntimeError, match="forward first"):
+        layer.backward(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        layer.forward(np.zeros((4, 5), np.float32))
+    with pytest.raises(TypeError, match="layer's dtype"):
+        layer.forward(np.zeros((4, 3), np.float64))
+    layer.forward(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match="dy"):
+        layer.backward(np.zeros((5, 3), np.float32))
+
+
+def test_matches_torch_batchnorm_over_steps():
+    torch = pytest.importorskip("torch")
+    for momentum in (0.1, None):
+        ours = bk.BatchNorm(5, momentum=momentum, dtype=np.float64)
+        theirs = torch.nn.BatchNorm2d(5, momentum=momentum).double()
+        for x in batches((4, 5, 3, 3), 4, np.float64, seed=11):
+            xt = torch.from_numpy(x).requires_grad_()
+            yt = theirs(xt)
+            dy = np.cos(x)
+            yt.backward(torch.from_numpy(dy))
+            y = ours.forward(x)
+            dx = ours.backward(dy)
+            np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(ours.grads["gamma"], theirs.weight.grad.numpy(), rtol=1e-10)
+            theirs.zero_grad()
+        np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=1e-12)
+        assert ours.num_batches_tracked == int(theirs.num_batches_tracked)
+        # the state dict loads into torch under torch's names
+        theirs.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in ours.state_dict().items()})
+
+
+def test_readme_example_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not beside the tests (installed-package run)")
+    code = re.search(r"```python\n(.*?)```", readme.read_text(), re.S)
+    assert code is not None
+    namespace: dict[str, object] = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    bn = namespace["bn"]
+    assert isinstance(bn, bk.BatchNorm) and bn.mode == "eval" and bn.num_batches_tracked == 100
