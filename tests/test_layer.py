@@ -150,7 +150,8 @@ def test_affine_false_has_no_params_and_still_backpropagates():
     dy = np.random.default_rng(6).standard_normal((6, 3))
     layer.forward(x)
     _, mean, invstd = ref.forward_train(x, None, None, 1e-5, 1)
-    np.testing.assert_allclose(layer.backward(dy), ref.backward_train(dy, x, mean, invstd, None, 1)[0])
+    rdx = ref.backward_train(dy, x, mean, invstd, None, 1)[0]
+    np.testing.assert_allclose(layer.backward(dy), rdx)
     assert layer.params == {} and layer.grads == {}
     assert set(layer.state_dict()) == {"running_mean", "running_var", "num_batches_tracked"}
 
@@ -167,7 +168,7 @@ def test_state_dict_round_trip(style):
     assert set(state) == names
     dst = bk.BatchNorm(4, convention=style)
     dst.load_state_dict(state)
-    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True):
         np.testing.assert_array_equal(a, b)
     x = batches((5, 4, 3), 1, np.float32, seed=9)[0]
     np.testing.assert_array_equal(src.eval().forward(x), dst.eval().forward(x))
@@ -236,7 +237,8 @@ def test_matches_torch_batchnorm_over_steps():
         np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=1e-12)
         assert ours.num_batches_tracked == int(theirs.num_batches_tracked)
         # the state dict loads into torch under torch's names
-        theirs.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in ours.state_dict().items()})
+        state = {k: torch.from_numpy(np.asarray(v)) for k, v in ours.state_dict().items()}
+        theirs.load_state_dict(state)
 
 
 def test_readme_example_runs():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from . import _core
 from ._version import __version__
-from .layer import CONVENTIONS, BatchNorm
 from .functional import (
     backward_elementwise,
     backward_reduce,
@@ -21,6 +20,7 @@ from .functional import (
     normalize,
     update_running_stats,
 )
+from .layer import CONVENTIONS, BatchNorm
 
 __all__ = [
     "CONVENTIONS",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import _core, functional, reference
+from . import _core, reference
 from ._version import __version__
 from .functional import batch_norm_backward, batch_norm_forward
 
@@ -60,8 +60,10 @@ def run_check(repeat: int = 5, out: Any = None) -> bool:
         f"{'case':<14} {'shape':<20} {'dtype':<8} {'op':<9} {'max rel err':>11} {'bnkernel':>10} "
         f"{'numpy ref':>10} {'speedup':>8}\n"
     )
-    write(f"bnkernel {__version__}: agreement with the float64 NumPy reference, and timings "
-          f"(median of {repeat}, {functional_threads()} threads)\n")
+    write(
+        f"bnkernel {__version__}: agreement with the float64 NumPy reference, and timings "
+        f"(median of {repeat}, {functional_threads()} threads)\n"
+    )
     write(header)
     write("-" * (len(header) - 1) + "\n")
     ok = True
@@ -72,19 +74,7 @@ def run_check(repeat: int = 5, out: Any = None) -> bool:
             c = shape[axis]
             gamma = rng.uniform(0.5, 1.5, c).astype(dtype)
             beta = rng.standard_normal(c).astype(dtype)
-            y, mean, invstd = batch_norm_forward(x, gamma, beta, axis=axis)
-            ry, rmean, rinvstd = reference.forward_train(x, gamma, beta, 1e-5, axis)
-            dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)
-            rdx, rdgamma, rdbeta = reference.backward_train(dy, x, rmean, rinvstd, gamma, axis)
-            rows = [
-                ("forward", _rel_err(y, ry),
-                 lambda: batch_norm_forward(x, gamma, beta, axis=axis),
-                 lambda: reference.forward_train(x, gamma, beta, 1e-5, axis)),
-                ("backward", max(_rel_err(dx, rdx), _rel_err(dgamma, rdgamma),
-                                 _rel_err(dbeta, rdbeta)),
-                 lambda: batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis),
-                 lambda: reference.backward_train(dy, x, rmean, rinvstd, gamma, axis)),
-            ]  # fmt: skip
+            rows = _check_rows(x, dy, gamma, beta, axis)
             for op, err, fast, slow in rows:
                 t_fast = _median_time(fast, repeat)
                 t_slow = _median_time(slow, repeat)
@@ -97,6 +87,28 @@ def run_check(repeat: int = 5, out: Any = None) -> bool:
                 )
     write("all results within tolerance\n" if ok else "SOME RESULTS ARE OUT OF TOLERANCE\n")
     return ok
+
+
+Row = tuple[str, float, Callable[[], object], Callable[[], object]]
+
+
+def _check_rows(
+    x: NDArray[Any], dy: NDArray[Any], gamma: NDArray[Any], beta: NDArray[Any], axis: int
+) -> list[Row]:
+    """(op, error vs the reference, bnkernel call, reference call) for forward and backward."""
+    y, mean, invstd = batch_norm_forward(x, gamma, beta, axis=axis)
+    ry, rmean, rinvstd = reference.forward_train(x, gamma, beta, 1e-5, axis)
+    dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)
+    rdx, rdgamma, rdbeta = reference.backward_train(dy, x, rmean, rinvstd, gamma, axis)
+    backward_err = max(_rel_err(dx, rdx), _rel_err(dgamma, rdgamma), _rel_err(dbeta, rdbeta))
+    return [
+        ("forward", _rel_err(y, ry),
+         lambda: batch_norm_forward(x, gamma, beta, axis=axis),
+         lambda: reference.forward_train(x, gamma, beta, 1e-5, axis)),
+        ("backward", backward_err,
+         lambda: batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis),
+         lambda: reference.backward_train(dy, x, rmean, rinvstd, gamma, axis)),
+    ]  # fmt: skip
 
 
 def functional_threads() -> int:

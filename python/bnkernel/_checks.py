@@ -71,9 +71,7 @@ def check_same_shape(a: NDArray[Any], x: NDArray[Any], name: str, x_name: str = 
     if a.shape != x.shape:
         raise ValueError(f"{name}: expected the shape of {x_name} {x.shape}, got {a.shape}")
     if a.dtype != x.dtype:
-        raise TypeError(
-            f"{name}: expected dtype {x.dtype} (the dtype of {x_name}), got {a.dtype}"
-        )
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of {x_name}), got {a.dtype}")
 
 
 def channel_param(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDArray[Any] | None:

@@ -39,7 +39,7 @@ Stats = tuple[int, NDArray[np.float64], NDArray[np.float64]]
 
 
 def _one_value_check(x: NDArray[Any], axis: int) -> int:
-    count = x.size // x.shape[axis]
+    count = int(x.size // x.shape[axis])
     if count < 2:
         raise ValueError(
             "x: expected more than 1 value per channel when training "
@@ -80,7 +80,8 @@ def batch_norm_forward(
     Inference (``training=False``) normalizes with ``running_mean`` / ``running_var`` (both
     required) and returns them as ``mean`` and ``invstd = 1 / sqrt(running_var + eps)``.
 
-    ``mean`` and ``invstd`` are float64 arrays of shape (C,), what :func:`batch_norm_backward` needs.
+    ``mean`` and ``invstd`` are float64 arrays of shape (C,): what :func:`batch_norm_backward`
+    needs.
     """
     xa = chk.as_input(x, "x")
     ax = chk.channel_axis(xa.ndim, axis)
@@ -187,7 +188,8 @@ def merge_stats(*stats: Stats) -> Stats:
     Chan et al.'s pairwise formula, applied left to right; exact for uneven counts, and a part with
     count 0 changes nothing::
 
-        n = nA + nB;  d = meanB - meanA;  mean = meanA + d * nB / n;  M2 = M2A + M2B + d**2 * nA * nB / n
+        n = nA + nB;  d = meanB - meanA
+        mean = meanA + d * nB / n;  M2 = M2A + M2B + d**2 * nA * nB / n
     """
     if not stats:
         raise ValueError("merge_stats: expected at least one (count, mean, M2) tuple")
@@ -238,8 +240,9 @@ def update_running_stats(
 ) -> None:
     """Update running statistics in place from merged batch statistics, as the fused forward does::
 
-        running_mean = (1 - momentum) * running_mean + momentum * mean
-        running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1 if unbiased else count)
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1)  # unbiased
+    running_var  = (1 - momentum) * running_var  + momentum * M2 / count        # biased
     """
     mom = chk.real_number(momentum, "momentum")
     mu = np.asarray(mean, dtype=np.float64)

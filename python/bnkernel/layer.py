@@ -70,6 +70,14 @@ class BatchNorm:
     ``grads``; it does not accumulate.
     """
 
+    num_features: int
+    axis: int
+    eps: float
+    affine: bool
+    track_running_stats: bool
+    dtype: np.dtype[Any]
+    num_batches_tracked: int
+
     def __init__(
         self,
         num_features: int,
@@ -77,7 +85,7 @@ class BatchNorm:
         axis: int = 1,
         convention: Convention = "torch",
         eps: float | None = None,
-        momentum: float | None | _Default = DEFAULT,
+        momentum: float | _Default | None = DEFAULT,
         affine: bool = True,
         track_running_stats: bool = True,
         dtype: DTypeLike = np.float32,
@@ -181,7 +189,9 @@ class BatchNorm:
         """Frozen-statistics mode for fine-tuning: like eval, but gamma/beta still get gradients
         (which they do in every mode; the name says what the statistics do)."""
         if not self.track_running_stats:
-            raise ValueError("freeze: the layer has no running statistics (track_running_stats=False)")
+            raise ValueError(
+                "freeze: the layer has no running statistics (track_running_stats=False)"
+            )
         self.mode = "frozen"
         return self
 
@@ -317,7 +327,9 @@ class BatchNorm:
                 continue
             value = np.asarray(state[key])
             if value.shape != target.shape:
-                raise ValueError(f"state[{key!r}]: expected shape {target.shape}, got {value.shape}")
+                raise ValueError(
+                    f"state[{key!r}]: expected shape {target.shape}, got {value.shape}"
+                )
             target[...] = value.astype(self.dtype, copy=False)
         if "num_batches_tracked" in state:
             self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
