@@ -36,9 +36,9 @@ Shape view3(const carray<T>& x, const char* name) {
 
 template <typename T>
 void same_shape(const carray<T>& a, Shape s, const char* name) {
-  require(a.ndim() == 3 && a.shape(0) == s.outer && a.shape(1) == s.channels &&
-              a.shape(2) == s.inner,
-          std::string(name) + ": expected the same (outer, C, inner) shape as x");
+  require(
+      a.ndim() == 3 && a.shape(0) == s.outer && a.shape(1) == s.channels && a.shape(2) == s.inner,
+      std::string(name) + ": expected the same (outer, C, inner) shape as x");
 }
 
 template <typename T>
@@ -194,7 +194,8 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
   if (training) {
     bnkernel::backward_train(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg, pdb);
   } else {
-    bnkernel::backward_frozen(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg, pdb);
+    bnkernel::backward_frozen(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg,
+                              pdb);
   }
 }
 
@@ -209,11 +210,10 @@ void register_dtype(py::module_& m) {
         py::arg("gamma").noconvert().none(true), py::arg("beta").noconvert().none(true),
         py::arg("eps"), py::arg("out").noconvert(), py::arg("mean").noconvert(),
         py::arg("invstd").noconvert(), py::arg("running_mean").noconvert().none(true),
-        py::arg("running_var").noconvert().none(true), py::arg("momentum"),
-        py::arg("unbiased"));
-  m.def("backward_reduce", &backward_reduce<T>, py::arg("dy").noconvert(),
-        py::arg("x").noconvert(), py::arg("mean").noconvert(), py::arg("invstd").noconvert(),
-        py::arg("sum_dy").noconvert(), py::arg("sum_dy_xhat").noconvert());
+        py::arg("running_var").noconvert().none(true), py::arg("momentum"), py::arg("unbiased"));
+  m.def("backward_reduce", &backward_reduce<T>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
+        py::arg("mean").noconvert(), py::arg("invstd").noconvert(), py::arg("sum_dy").noconvert(),
+        py::arg("sum_dy_xhat").noconvert());
   m.def("backward_elementwise", &backward_elementwise<T>, py::arg("dy").noconvert(),
         py::arg("x").noconvert(), py::arg("mean").noconvert(), py::arg("invstd").noconvert(),
         py::arg("gamma").noconvert().none(true), py::arg("sum_dy").noconvert(),

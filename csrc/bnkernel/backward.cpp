@@ -12,8 +12,8 @@ namespace {
 
 // (sum dy, sum dy * (x - mean)) for every channel, deterministic in the thread count.
 template <typename T>
-void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int threads,
-                  double* sum_dy, double* sum_dyd) {
+void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int threads, double* sum_dy,
+                  double* sum_dyd) {
   if (s.inner == 1) {
     detail::interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd);
   } else if (detail::whole_channels_per_thread(s, threads)) {
@@ -37,8 +37,8 @@ struct GradCoefficients {
 
 template <typename T>
 inline GradCoefficients grad_coefficients(const T* gamma, const double* invstd,
-                                          const double* sum_dy, const double* sum_dy_xhat,
-                                          double m, int64_t c) {
+                                          const double* sum_dy, const double* sum_dy_xhat, double m,
+                                          int64_t c) {
   return {detail::gamma_of(gamma, c) * invstd[c], sum_dy[c] / m, invstd[c] * sum_dy_xhat[c] / m};
 }
 
@@ -60,8 +60,8 @@ enum class Mode { train, frozen };
  *   frozen: dx = gamma * invstd * dy
  */
 template <typename T>
-void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean,
-              const double* invstd, const T* gamma, T* dx, T* dgamma, T* dbeta) {
+void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
+              const T* gamma, T* dx, T* dgamma, T* dbeta) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = detail::threads_for(s.size());

@@ -24,7 +24,9 @@ constexpr int64_t kParallelMinElements = int64_t{1} << 15;
 // Threads to use for `elements` elements of work: 1 for small inputs.
 int threads_for(int64_t elements);
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 inline int64_t interleaved_leaf_rows(int64_t channels) {
   return std::max(kInterleavedMinRows, ceil_div(kPlanarLeaf, std::max<int64_t>(channels, 1)));
@@ -168,7 +170,8 @@ void for_each_run(Shape s, int threads, F&& f) {
 // Interleaved pattern (inner == 1): calls f(row0, row1) on blocks of whole rows of C values.
 template <class F>
 void for_each_row_block(Shape s, int threads, F&& f) {
-  const int64_t block = std::max<int64_t>(1, ceil_div(kPlanarLeaf * 4, std::max<int64_t>(s.channels, 1)));
+  const int64_t block =
+      std::max<int64_t>(1, ceil_div(kPlanarLeaf * 4, std::max<int64_t>(s.channels, 1)));
   const int64_t blocks = ceil_div(s.outer, block);
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)

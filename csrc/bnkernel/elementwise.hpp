@@ -32,8 +32,8 @@ inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, 
 }
 
 template <typename T>
-void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift,
-            T* y, int threads) {
+void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
+            int threads) {
   if (s.inner > 1) {
     for_each_run(s, threads, [&](int64_t c, int64_t offset, int64_t len) {
       affine_run(x + offset, y + offset, len, mean[c], scale[c], shift[c]);
@@ -111,7 +111,8 @@ void scale(const T* dy, Shape s, const double* k_scale, T* dx, int threads) {
       const T* __restrict__ gr = dy + r * C;
       T* __restrict__ dxr = dx + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dxr[c] = static_cast<T>(static_cast<double>(gr[c]) * k_scale[c]);
+      for (int64_t c = 0; c < C; ++c)
+        dxr[c] = static_cast<T>(static_cast<double>(gr[c]) * k_scale[c]);
     }
   });
 }

@@ -19,8 +19,8 @@ void update_running(RunningUpdate<T> running, Shape s, const double* mean, const
   const double denom = static_cast<double>(running.unbiased && m > 1 ? m - 1 : m);
   for (int64_t c = 0; c < s.channels; ++c) {
     if (running.mean) {
-      running.mean[c] = static_cast<T>(keep * static_cast<double>(running.mean[c]) +
-                                       running.momentum * mean[c]);
+      running.mean[c] =
+          static_cast<T>(keep * static_cast<double>(running.mean[c]) + running.momentum * mean[c]);
     }
     if (running.var) {
       running.var[c] = static_cast<T>(keep * static_cast<double>(running.var[c]) +
@@ -84,10 +84,10 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
   update_running(running, s, mean, m2.data());
 }
 
-#define BNKERNEL_INSTANTIATE(T)                                                                  \
-  template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*,  \
-                             T*);                                                                \
-  template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,       \
+#define BNKERNEL_INSTANTIATE(T)                                                                 \
+  template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*, \
+                             T*);                                                               \
+  template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,      \
                                  double*, RunningUpdate<T>);
 BNKERNEL_INSTANTIATE(float)
 BNKERNEL_INSTANTIATE(double)

@@ -5,12 +5,12 @@
 // channels-last is outer = N*H*W, inner = 1.  The kernels know nothing of Python.
 //
 // Statistics and the per-channel reductions are always carried in double, whatever T is, and are
-// exchanged in double (mean, M2, invstd, the backward sums) so that composing the split phases loses
-// nothing against the fused paths.
+// exchanged in double (mean, M2, invstd, the backward sums) so that composing the split phases
+// loses nothing against the fused paths.
 //
-// Determinism: each channel's values are cut into fixed leaves (their size depends only on the shape)
-// and the leaves are combined along a fixed pairwise tree.  Threads only decide who computes which
-// subtree, so 1 and N threads give bit-identical results.
+// Determinism: each channel's values are cut into fixed leaves (their size depends only on the
+// shape) and the leaves are combined along a fixed pairwise tree.  Threads only decide who computes
+// which subtree, so 1 and N threads give bit-identical results.
 #pragma once
 
 #include <cstdint>
@@ -44,7 +44,8 @@ template <typename T>
 void channel_stats(const T* x, Shape s, double* mean, double* m2);
 
 // Chan et al.'s pairwise merge of `parts` partial statistics, applied left to right:
-//   n = nA + nB;  d = meanB - meanA;  mean = meanA + d * nB / n;  M2 = M2A + M2B + d^2 * nA * nB / n
+//   n = nA + nB;  d = meanB - meanA;  mean = meanA + d * nB / n;  M2 = M2A + M2B + d^2 * nA * nB /
+//   n
 // means and m2s are (parts, channels) row-major.  Parts with a count of 0 are neutral.
 void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const double* means,
                  const double* m2s, int64_t* count, double* mean, double* m2);

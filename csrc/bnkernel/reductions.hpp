@@ -236,8 +236,7 @@ struct InterleavedSums {
 
 // Moments of one channel (planar pattern), with `threads` sharing its subtrees.
 template <typename T>
-void planar_channel_moments(const T* x, Shape s, int64_t c, int threads, double& mean,
-                            double& m2) {
+void planar_channel_moments(const T* x, Shape s, int64_t c, int threads, double& mean, double& m2) {
   const int64_t leaves = ceil_div(s.per_channel(), kPlanarLeaf);
   if (leaves == 0) {
     mean = 0.0;

@@ -16,7 +16,9 @@ namespace {
 std::atomic<int> pinned_threads{0};
 }
 
-void set_num_threads(int n) { pinned_threads.store(n > 0 ? n : 0); }
+void set_num_threads(int n) {
+  pinned_threads.store(n > 0 ? n : 0);
+}
 
 int get_num_threads() {
   const int pinned = pinned_threads.load();
@@ -28,7 +30,9 @@ int get_num_threads() {
 #endif
 }
 
-bool have_openmp() { return BNKERNEL_HAVE_OPENMP != 0; }
+bool have_openmp() {
+  return BNKERNEL_HAVE_OPENMP != 0;
+}
 
 namespace detail {
 int threads_for(int64_t elements) {
