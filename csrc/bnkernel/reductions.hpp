@@ -25,6 +25,10 @@ inline void for_channel_runs(const T* base, Shape s, int64_t c, int64_t j0, int6
   }
 }
 
+// The corrected M2 can come out a rounding error below zero; clamp that, but let NaN through
+// (std::max(0.0, NaN) would turn a NaN channel into a variance of 0).
+inline double clamp_m2(double m2) { return m2 < 0.0 ? 0.0 : m2; }
+
 // ---- moments, planar pattern (inner > 1): one channel, accumulator (n, mean, M2) ----------------
 //
 // A leaf uses the corrected two-pass algorithm (Chan, Golub & LeVeque): mean from a first pass,
@@ -63,7 +67,7 @@ struct PlanarMoments {
     });
     out[0] = n;
     out[1] = mean + corr / n;
-    out[2] = std::max(0.0, m2 - corr * corr / n);
+    out[2] = clamp_m2(m2 - corr * corr / n);
   }
 
   void merge(double* into, const double* other) const {
@@ -118,7 +122,7 @@ struct InterleavedMoments {
     }
     for (int64_t c = 0; c < C; ++c) {
       mean[c] += corr[c] / n;
-      m2[c] = std::max(0.0, m2[c] - corr[c] * corr[c] / n);
+      m2[c] = clamp_m2(m2[c] - corr[c] * corr[c] / n);
     }
     out[0] = n;
   }
