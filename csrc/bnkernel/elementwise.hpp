@@ -34,7 +34,8 @@ inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, 
 template <typename T>
 void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
             int threads) {
-  if (s.inner > 1) {
+  if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
+  if (s.inner != 1) {
     for_each_run(s, threads, [&](int64_t c, int64_t offset, int64_t len) {
       affine_run(x + offset, y + offset, len, mean[c], scale[c], shift[c]);
     });
@@ -69,7 +70,8 @@ inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, T* __res
 template <typename T>
 void grad(const T* dy, const T* x, Shape s, const double* mean, const double* k_scale,
           const double* k_dy, const double* k_x, T* dx, int threads) {
-  if (s.inner > 1) {
+  if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
+  if (s.inner != 1) {
     for_each_run(s, threads, [&](int64_t c, int64_t offset, int64_t len) {
       grad_run(dy + offset, x + offset, dx + offset, len, mean[c], k_scale[c], k_dy[c], k_x[c]);
     });
@@ -99,7 +101,8 @@ inline void scale_run(const T* __restrict__ dy, T* __restrict__ dx, int64_t len,
 
 template <typename T>
 void scale(const T* dy, Shape s, const double* k_scale, T* dx, int threads) {
-  if (s.inner > 1) {
+  if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
+  if (s.inner != 1) {
     for_each_run(s, threads, [&](int64_t c, int64_t offset, int64_t len) {
       scale_run(dy + offset, dx + offset, len, k_scale[c]);
     });

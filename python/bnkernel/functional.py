@@ -220,8 +220,7 @@ def merge_stats(*stats: Stats) -> Stats:
 def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArray[np.float64]:
     """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation, exactly as
     the fused forward computes it (same float64 operations, so the results are bit-identical)."""
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    count = _count_arg(count, "count")
     m2a = np.asarray(m2, dtype=np.float64)
     eps_f = chk.real_number(eps, "eps", minimum=0.0)
     result: NDArray[np.float64] = 1.0 / np.sqrt(m2a / float(count) + eps_f)
@@ -245,17 +244,36 @@ def update_running_stats(
     running_var  = (1 - momentum) * running_var  + momentum * M2 / count        # biased
     """
     mom = chk.real_number(momentum, "momentum")
-    mu = np.asarray(mean, dtype=np.float64)
-    C = mu.shape[0]
+    count = _count_arg(count, "count")
+    buffers = {"running_mean": running_mean, "running_var": running_var}
+    given = {k: v for k, v in buffers.items() if v is not None}
+    if not given:
+        return
+    for name, v in given.items():
+        if not isinstance(v, np.ndarray):
+            raise TypeError(
+                f"{name}: expected a numpy array (it is updated in place), got {type(v).__name__}"
+            )
+        if v.dtype not in chk.SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {v.dtype}")
+    first = next(iter(given.values()))
+    C = first.shape[0] if first.ndim == 1 else -1
+    for name, v in given.items():
+        chk.running_buffer(v, name, C, first.dtype)
+    mu = chk.saved_stat(mean, "mean", C)
+    m2a = chk.saved_stat(m2, "m2", C)
+    # the same float64 operations as the fused kernel's update, so the results are bit-identical
     if running_mean is not None:
-        rm = chk.running_buffer(running_mean, "running_mean", C, running_mean.dtype)
-        assert rm is not None
-        rm[...] = (1.0 - mom) * rm.astype(np.float64) + mom * mu
+        running_mean[...] = (1.0 - mom) * running_mean.astype(np.float64) + mom * mu
     if running_var is not None:
-        rv = chk.running_buffer(running_var, "running_var", C, running_var.dtype)
-        assert rv is not None
         denom = float(count - 1 if unbiased and count > 1 else count)
-        rv[...] = (1.0 - mom) * rv.astype(np.float64) + mom * (np.asarray(m2, np.float64) / denom)
+        running_var[...] = (1.0 - mom) * running_var.astype(np.float64) + mom * (m2a / denom)
+
+
+def _count_arg(count: Any, name: str) -> int:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {count!r}")
+    return int(count)
 
 
 def normalize(
@@ -335,8 +353,7 @@ def backward_elementwise(
     g = chk.channel_param(gamma, "gamma", C, xa.dtype)
     sdy = chk.saved_stat(sum_dy, "sum_dy", C)
     sdyx = chk.saved_stat(sum_dy_xhat, "sum_dy_xhat", C)
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    count = _count_arg(count, "count")
     dx = chk.output(out, "out", xa, (xa, dya, g))
     x3 = chk.view3(xa, ax)
     _core.backward_elementwise(

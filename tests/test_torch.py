@@ -1,0 +1,156 @@
+"""bnkernel against torch.nn.functional.batch_norm on the same data: forward (training and eval),
+backward through autograd (dx, dgamma, dbeta), running statistics.
+
+Tolerances: in float64 both are exact to ~1e-15 (1e-12 is a wide margin).  In float32 torch
+computes in float32 with its own summation order, so its own results carry a few ulps of error
+(measured: up to ~5e-7 of the largest magnitude on these shapes); bnkernel's are within half an
+ulp of the float64 result.  5e-6 (relative, and absolute on the quantity's magnitude) is "a few
+1e-6": an order of magnitude above torch's error, far below any formula difference (a biased vs
+unbiased running variance differs by 1/m ~ 1e-3 here, eps 1e-5 vs 1e-3 by ~1e-3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import (
+    DTYPE_IDS,
+    DTYPES,
+    Layout,
+    assert_close,
+    channel_abs_sum,
+    make_case,
+    xhat_of,
+)
+
+import bnkernel as bk
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+TORCH_TOL = {np.dtype(np.float32): 5e-6, np.dtype(np.float64): 1e-12}
+
+LAYOUTS = [
+    Layout("NCHW-C17", (8, 17, 6, 5), 1),
+    Layout("NCHW-C1", (16, 1, 8, 8), 1),
+    Layout("NHWC-C17", (8, 6, 5, 17), -1),
+    Layout("NHWC-C1", (16, 8, 8, 1), -1),
+    Layout("NC-C17", (64, 17), 1),
+    Layout("NCL-C3", (8, 3, 40), 1),
+    Layout("mt-NCHW-C3", (64, 3, 32, 32), 1),
+    Layout("mt-NHWC-C32", (8, 16, 16, 32), -1),
+]
+
+
+@pytest.fixture(params=[pytest.param(lay, id=lay.name) for lay in LAYOUTS])
+def tcase(request, dtype):
+    return make_case(request.param, dtype)
+
+
+def to_torch(a, axis, grad=False):
+    """A torch tensor with the channel axis moved to 1 (torch's convention)."""
+    t = torch.tensor(np.ascontiguousarray(np.moveaxis(a, axis, 1)))
+    return t.requires_grad_(grad)
+
+
+def from_torch(t, axis):
+    return np.moveaxis(t.detach().numpy(), 1, axis)
+
+
+def torch_run(case, training, momentum=0.1, eps=1e-5):
+    """torch's (y, dx, dgamma, dbeta, running_mean, running_var) with dL/dy = case.dy."""
+    x = to_torch(case.x, case.axis, grad=True)
+    g = torch.tensor(case.gamma, requires_grad=True)
+    b = torch.tensor(case.beta, requires_grad=True)
+    rm = torch.tensor(case.running_mean.copy())
+    rv = torch.tensor(case.running_var.copy())
+    y = F.batch_norm(x, rm, rv, g, b, training=training, momentum=momentum, eps=eps)
+    y.backward(to_torch(case.dy, case.axis))
+    return (
+        from_torch(y, case.axis),
+        from_torch(x.grad, case.axis),
+        g.grad.numpy(),
+        b.grad.numpy(),
+        rm.numpy(),
+        rv.numpy(),
+    )
+
+
+def check_grads(case, mean, invstd, dx, dgamma, dbeta, t_dx, t_dgamma, t_dbeta):
+    t = TORCH_TOL[case.dtype]
+    assert_close(dx, t_dx, t, what="dx")
+    # parameter gradients are sums: their error is relative to the summed magnitudes
+    scale_b = channel_abs_sum(case.dy, case.axis).max()
+    scale_g = channel_abs_sum(case.dy * xhat_of(case.x, mean, invstd, case.axis), case.axis).max()
+    assert_close(dbeta, t_dbeta, t, scale=scale_b, what="dbeta")
+    assert_close(dgamma, t_dgamma, t, scale=scale_g, what="dgamma")
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_training_matches_torch(tcase, affine):
+    case = tcase
+    if not affine:
+        case.gamma = np.ones(case.C, case.dtype)
+        case.beta = np.zeros(case.C, case.dtype)
+    t_y, t_dx, t_dgamma, t_dbeta, t_rm, t_rv = torch_run(case, training=True)
+    rm, rv = case.running_mean.copy(), case.running_var.copy()
+    g, b = (case.gamma, case.beta) if affine else (None, None)
+    y, mean, invstd = bk.batch_norm_forward(
+        case.x, g, b, running_mean=rm, running_var=rv, momentum=0.1, eps=1e-5, axis=case.axis
+    )
+    dx, dgamma, dbeta = bk.batch_norm_backward(case.dy, case.x, mean, invstd, g, axis=case.axis)
+    t = TORCH_TOL[case.dtype]
+    assert_close(y, t_y, t, what="y")
+    assert_close(rm, t_rm, t, what="running_mean")
+    assert_close(rv, t_rv, t, what="running_var")
+    check_grads(case, mean, invstd, dx, dgamma, dbeta, t_dx, t_dgamma, t_dbeta)
+
+
+def test_eval_matches_torch(tcase):
+    case = tcase
+    t_y, t_dx, t_dgamma, t_dbeta, t_rm, t_rv = torch_run(case, training=False, eps=1e-3)
+    y, mean, invstd = bk.batch_norm_forward(
+        case.x,
+        case.gamma,
+        case.beta,
+        running_mean=case.running_mean,
+        running_var=case.running_var,
+        training=False,
+        eps=1e-3,
+        axis=case.axis,
+    )
+    dx, dgamma, dbeta = bk.batch_norm_backward(
+        case.dy, case.x, mean, invstd, case.gamma, training=False, axis=case.axis
+    )
+    assert_close(y, t_y, TORCH_TOL[case.dtype], what="y")
+    check_grads(case, mean, invstd, dx, dgamma, dbeta, t_dx, t_dgamma, t_dbeta)
+    # eval leaves the running statistics alone in both
+    np.testing.assert_array_equal(t_rm, case.running_mean)
+    np.testing.assert_array_equal(t_rv, case.running_var)
+
+
+def test_saved_statistics_match_torch(tcase):
+    """torch.native_batch_norm's save_mean / save_invstd: what bnkernel returns as mean, invstd."""
+    case = tcase
+    x = to_torch(case.x, case.axis)
+    _, t_mean, t_invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    _, mean, invstd = bk.batch_norm_forward(case.x, axis=case.axis)
+    t = TORCH_TOL[case.dtype]
+    assert_close(mean, t_mean.double().numpy(), t, scale=float(np.abs(case.x).max()))
+    assert_close(invstd, t_invstd.double().numpy(), t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cumulative_average_matches_torch_momentum_none(dtype):
+    """torch's momentum=None (cumulative average) is momentum = 1 / num_batches_tracked."""
+    C = 5
+    module = torch.nn.BatchNorm2d(C, momentum=None, dtype=getattr(torch, np.dtype(dtype).name))
+    module.train()
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    for k in range(1, 5):
+        case = make_case(Layout("NCHW", (4, C, 3, 3), 1), dtype, seed=k)
+        x = case.x * k + k  # batches with different statistics
+        with torch.no_grad():
+            module(torch.tensor(x))
+        bk.batch_norm_forward(x, running_mean=rm, running_var=rv, momentum=1.0 / k)
+        assert_close(rm, module.running_mean.numpy(), TORCH_TOL[np.dtype(dtype)], what="mean")
+        assert_close(rv, module.running_var.numpy(), TORCH_TOL[np.dtype(dtype)], what="var")
