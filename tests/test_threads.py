@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import os
 import subprocess
 import sys
 import threading
@@ -189,3 +190,16 @@ def test_threadpoolctl_lists_the_openmp_that_bnkernel_loads():
     before, after = ast.literal_eval(run.stdout)
     assert after, "no OpenMP runtime visible to threadpoolctl after importing bnkernel"
     assert set(before) <= set(after)
+
+
+@pytest.mark.parametrize("value", ["1", "3"])
+def test_omp_num_threads_sets_the_default(value):
+    """OMP_NUM_THREADS, read by OpenMP at start-up, is the default thread count."""
+    if not bk._core.have_openmp:
+        pytest.skip("built without OpenMP")
+    env = {**os.environ, "OMP_NUM_THREADS": value}
+    code = "import bnkernel; print(bnkernel.get_num_threads())"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert run.stdout.strip() == value
