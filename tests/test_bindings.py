@@ -1,0 +1,82 @@
+"""The compiled module takes arrays exactly as the kernels need them, or refuses them.
+
+pybind11's default would convert: a float64 array passed where float32 is expected, or a strided
+one, would be copied silently, and an output written into that copy would be lost.  These tests call
+``bnkernel._core`` directly to pin that the bindings never convert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bnkernel import _core
+
+
+def arrays(dtype=np.float32, shape=(4, 3, 5)):
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    C = shape[1]
+    return x, np.zeros(C), np.ones(C), np.empty_like(x)
+
+
+def test_output_of_another_dtype_is_refused_not_copied():
+    x, mean, invstd, _ = arrays()
+    out = np.zeros(x.shape, np.float64)
+    with pytest.raises(TypeError):
+        _core.normalize(x, mean, invstd, None, None, out)
+    assert not out.any()
+
+
+def test_strided_output_is_refused_not_copied():
+    x, mean, invstd, _ = arrays()
+    big = np.zeros((4, 3, 10), np.float32)
+    out = big[:, :, ::2]
+    with pytest.raises(TypeError):
+        _core.normalize(x, mean, invstd, None, None, out)
+    assert not big.any()
+
+
+def test_float32_statistics_are_refused():
+    x, mean, invstd, out = arrays()
+    with pytest.raises(TypeError):
+        _core.normalize(x, mean.astype(np.float32), invstd, None, None, out)
+
+
+def test_mixed_dtypes_are_refused():
+    x, mean, invstd, out = arrays(np.float64)
+    with pytest.raises(TypeError):
+        _core.normalize(x, mean, invstd, np.ones(3, np.float32), None, out)
+
+
+def test_read_only_output_is_refused():
+    x, mean, invstd, out = arrays()
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out: must be writeable"):
+        _core.normalize(x, mean, invstd, None, None, out)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda x, m, s, o: _core.normalize(x.reshape(12, 5), m, s, None, None, o), "3-d"),
+        (lambda x, m, s, o: _core.normalize(x, m[:2], s, None, None, o), "mean: expected"),
+        (lambda x, m, s, o: _core.normalize(x, m, s, None, None, o[:2]), "out: expected"),
+        (lambda x, m, s, o: _core.normalize(x, m, s, np.ones(4, np.float32), None, o), "gamma"),
+    ],
+    ids=["not-3d", "mean-length", "out-shape", "gamma-length"],
+)
+def test_shapes_are_checked_before_the_kernel_runs(call, message):
+    x, mean, invstd, out = arrays()
+    with pytest.raises(ValueError, match=message):
+        call(x, mean, invstd, out)
+
+
+def test_merge_stats_rejects_negative_counts():
+    with pytest.raises(ValueError, match="counts"):
+        _core.merge_stats(
+            np.array([1, -1], np.int64),
+            np.zeros((2, 3)),
+            np.zeros((2, 3)),
+            np.empty(3),
+            np.empty(3),
+        )
