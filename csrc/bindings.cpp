@@ -236,6 +236,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &bnkernel::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &bnkernel::get_num_threads);
   m.attr("have_openmp") = bnkernel::have_openmp();
+  m.attr("isa") = bnkernel::isa_name();
   m.attr("version") = BNKERNEL_VERSION;
   m.attr("native_build") = static_cast<bool>(BNKERNEL_NATIVE_BUILD);
 }

@@ -3,10 +3,10 @@
 #include <vector>
 
 #include "bnkernel/elementwise.hpp"
-#include "bnkernel/kernels.hpp"
+#include "bnkernel/isa_kernels.hpp"
 #include "bnkernel/reductions.hpp"
 
-namespace bnkernel {
+namespace bnkernel::BNKERNEL_ISA_NS {
 
 namespace {
 
@@ -64,7 +64,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
               const T* gamma, T* dx, T* dgamma, T* dbeta) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
-  const int threads = detail::threads_for(s.size());
+  const int threads = threads_for(s.size());
   std::vector<double> sum_dy(static_cast<size_t>(C)), sum_dy_xhat(static_cast<size_t>(C));
 
   if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
@@ -113,7 +113,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
 template <typename T>
 void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
                      double* sum_dy, double* sum_dy_xhat) {
-  channel_sums(dy, x, s, mean, detail::threads_for(s.size()), sum_dy, sum_dy_xhat);
+  channel_sums(dy, x, s, mean, threads_for(s.size()), sum_dy, sum_dy_xhat);
   for (int64_t c = 0; c < s.channels; ++c) sum_dy_xhat[c] *= invstd[c];
 }
 
@@ -132,8 +132,7 @@ void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
     k_dy[i] = k.k_dy;
     k_x[i] = k.k_x;
   }
-  detail::grad(dy, x, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
-               detail::threads_for(s.size()));
+  detail::grad(dy, x, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx, threads_for(s.size()));
 }
 
 template <typename T>
@@ -161,4 +160,4 @@ BNKERNEL_INSTANTIATE(float)
 BNKERNEL_INSTANTIATE(double)
 #undef BNKERNEL_INSTANTIATE
 
-}  // namespace bnkernel
+}  // namespace bnkernel::BNKERNEL_ISA_NS

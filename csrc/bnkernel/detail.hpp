@@ -7,9 +7,9 @@
 #include <utility>
 #include <vector>
 
-#include "bnkernel/kernels.hpp"
+#include "bnkernel/isa_kernels.hpp"
 
-namespace bnkernel::detail {
+namespace bnkernel::BNKERNEL_ISA_NS::detail {
 
 // Values per leaf of a channel when the channel's values are contiguous runs (inner > 1).  Small
 // enough that the corrected two-pass over a leaf re-reads it from L1, large enough that the merges
@@ -18,12 +18,6 @@ constexpr int64_t kPlanarLeaf = 4096;
 // Rows per leaf for the interleaved pattern (inner == 1): at least this many, more when C is small,
 // so that a leaf holds about kPlanarLeaf values of the row-block.
 constexpr int64_t kInterleavedMinRows = 16;
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kParallelMinElements = int64_t{1} << 15;
-
-// Threads to use for `elements` elements of work: 1 for small inputs.
-int threads_for(int64_t elements);
-
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -181,4 +175,4 @@ void for_each_row_block(Shape s, int threads, F&& f) {
   }
 }
 
-}  // namespace bnkernel::detail
+}  // namespace bnkernel::BNKERNEL_ISA_NS::detail

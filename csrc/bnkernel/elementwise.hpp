@@ -6,7 +6,7 @@
 
 #include "bnkernel/detail.hpp"
 
-namespace bnkernel::detail {
+namespace bnkernel::BNKERNEL_ISA_NS::detail {
 
 // gamma and beta are optional (affine=False): 1 and 0 then.
 template <typename T>
@@ -126,4 +126,4 @@ inline void for_channel_rows(Shape s, int64_t c, F&& f) {
   for (int64_t o = 0; o < s.outer; ++o) f((o * s.channels + c) * s.inner);
 }
 
-}  // namespace bnkernel::detail
+}  // namespace bnkernel::BNKERNEL_ISA_NS::detail

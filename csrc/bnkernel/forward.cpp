@@ -4,10 +4,10 @@
 #include <vector>
 
 #include "bnkernel/elementwise.hpp"
-#include "bnkernel/kernels.hpp"
+#include "bnkernel/isa_kernels.hpp"
 #include "bnkernel/reductions.hpp"
 
-namespace bnkernel {
+namespace bnkernel::BNKERNEL_ISA_NS {
 
 namespace {
 
@@ -40,7 +40,7 @@ void normalize(const T* x, Shape s, const double* mean, const double* invstd, co
     scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
     shift[static_cast<size_t>(c)] = detail::beta_of(beta, c);
   }
-  detail::affine(x, s, mean, scale.data(), shift.data(), y, detail::threads_for(s.size()));
+  detail::affine(x, s, mean, scale.data(), shift.data(), y, threads_for(s.size()));
 }
 
 /*
@@ -53,7 +53,7 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
                    double* mean, double* invstd, RunningUpdate<T> running) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
-  const int threads = detail::threads_for(s.size());
+  const int threads = threads_for(s.size());
   std::vector<double> m2(static_cast<size_t>(C));
 
   if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
@@ -72,7 +72,8 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
       });
     }
   } else {
-    channel_stats(x, s, mean, m2.data());
+    BNKERNEL_ISA_NS::channel_stats(x, s, mean,
+                                   m2.data());  // qualified: Shape brings bnkernel:: in by ADL
     std::vector<double> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c) {
       invstd[c] = 1.0 / std::sqrt(m2[static_cast<size_t>(c)] / m + eps);
@@ -93,4 +94,4 @@ BNKERNEL_INSTANTIATE(float)
 BNKERNEL_INSTANTIATE(double)
 #undef BNKERNEL_INSTANTIATE
 
-}  // namespace bnkernel
+}  // namespace bnkernel::BNKERNEL_ISA_NS

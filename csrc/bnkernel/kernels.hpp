@@ -17,6 +17,12 @@
 
 namespace bnkernel {
 
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelMinElements = int64_t{1} << 15;
+
+// Number of threads for `elements` elements of work: 1 below the parallel threshold.
+int threads_for(int64_t elements);
+
 struct Shape {
   int64_t outer = 0;
   int64_t channels = 0;
@@ -37,62 +43,24 @@ struct RunningUpdate {
   bool unbiased = true;
 };
 
-// ---- statistics ---------------------------------------------------------------------------------
-
-// Per-channel mean and M2 = sum((x - mean)^2) over the outer * inner values of each channel.
-template <typename T>
-void channel_stats(const T* x, Shape s, double* mean, double* m2);
+#include "bnkernel/kernel_api.inc"
 
 // Chan et al.'s pairwise merge of `parts` partial statistics, applied left to right:
-//   n = nA + nB;  d = meanB - meanA;  mean = meanA + d * nB / n;  M2 = M2A + M2B + d^2 * nA * nB /
-//   n
+//   n = nA + nB;  d = meanB - meanA
+//   mean = meanA + d * nB / n;  M2 = M2A + M2B + d^2 * nA * nB / n
 // means and m2s are (parts, channels) row-major.  Parts with a count of 0 are neutral.
 void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const double* means,
                  const double* m2s, int64_t* count, double* mean, double* m2);
 
-// ---- forward ------------------------------------------------------------------------------------
-
-// y = (x - mean) * (gamma * invstd) + beta, computed in double.  gamma/beta may be null (1 and 0).
-template <typename T>
-void normalize(const T* x, Shape s, const double* mean, const double* invstd, const T* gamma,
-               const T* beta, T* y);
-
-// Training forward: batch statistics, invstd = 1 / sqrt(var + eps) with the biased var, then
-// normalize; writes the saved mean / invstd (double, length channels) and updates running stats.
-template <typename T>
-void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double eps, T* y,
-                   double* mean, double* invstd, RunningUpdate<T> running);
-
-// ---- backward -----------------------------------------------------------------------------------
-
-// sum_dy = sum(dy),  sum_dy_xhat = sum(dy * (x - mean) * invstd), both in one read of (dy, x).
-template <typename T>
-void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     double* sum_dy, double* sum_dy_xhat);
-
-// dx = gamma * invstd * (dy - sum_dy / m - xhat * sum_dy_xhat / m), m = count (the global count
-// when the sums come from several processes).  gamma may be null (1).
-template <typename T>
-void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
-                          const double* invstd, const T* gamma, const double* sum_dy,
-                          const double* sum_dy_xhat, int64_t count, T* dx);
-
-// Training backward (statistics depend on x): reduce + elementwise, dgamma = sum_dy_xhat,
-// dbeta = sum_dy.  dgamma / dbeta may be null.
-template <typename T>
-void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                    const T* gamma, T* dx, T* dgamma, T* dbeta);
-
-// Frozen-statistics backward: dx = dy * gamma * invstd, dgamma / dbeta as in training.
-template <typename T>
-void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     const T* gamma, T* dx, T* dgamma, T* dbeta);
-
-// ---- threads ------------------------------------------------------------------------------------
+// ---- threads and dispatch -----------------------------------------------------------------------
 
 // 0 means "follow OpenMP" (OMP_NUM_THREADS, threadpoolctl limits); n > 0 pins the count.
 void set_num_threads(int n);
 int get_num_threads();
 bool have_openmp();
+
+// The instruction set the kernels run with: "avx512", "avx2" or "baseline" (chosen at import from
+// what the CPU supports; BNKERNEL_ISA=<name> in the environment asks for a lower one).
+const char* isa_name();
 
 }  // namespace bnkernel

@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "bnkernel/detail.hpp"
+#include "bnkernel/lanes.hpp"
 
-namespace bnkernel::detail {
+namespace bnkernel::BNKERNEL_ISA_NS::detail {
 
 // Calls f(pointer, length) on the contiguous runs holding values [j0, j1) of channel c, where a
 // channel's j-th value is (o, i) = (j / inner, j % inner).
@@ -20,20 +22,33 @@ inline void for_channel_runs(const T* base, Shape s, int64_t c, int64_t j0, int6
     const int64_t o = j / s.inner;
     const int64_t i = j - o * s.inner;
     const int64_t len = std::min(s.inner - i, j1 - j);
-    f(base + (o * s.channels + c) * s.inner + i, len);
+    const T* run = base + (o * s.channels + c) * s.inner + i;
+    if (j + len < j1 && i + len == s.inner) {
+      // the next run starts a channel stride away, where the hardware prefetcher has no stream
+      // yet: ask for its first lines now, so they arrive while this run is summed
+      const char* next = reinterpret_cast<const char*>(run + len + (s.channels - 1) * s.inner);
+      for (int line = 0; line < 8; ++line) __builtin_prefetch(next + 64 * line);
+    }
+    f(run, len);
     j += len;
   }
 }
 
 // The corrected M2 can come out a rounding error below zero; clamp that, but let NaN through
 // (std::max(0.0, NaN) would turn a NaN channel into a variance of 0).
-inline double clamp_m2(double m2) { return m2 < 0.0 ? 0.0 : m2; }
+inline double clamp_m2(double m2) {
+  return m2 < 0.0 ? 0.0 : m2;
+}
 
 // ---- moments, planar pattern (inner > 1): one channel, accumulator (n, mean, M2) ----------------
 //
-// A leaf uses the corrected two-pass algorithm (Chan, Golub & LeVeque): mean from a first pass,
-// then M2 = sum(d^2) - (sum d)^2 / n with d = x - mean; the second term removes the first-order
-// error of the rounded mean.  Leaves are cache-resident, so the second pass is cheap.
+// A leaf accumulates d = x - center in double: mean = center + sum(d) / n and
+// M2 = sum(d^2) - sum(d)^2 / n.  For float64 data the center is the leaf's mean from a first pass
+// (the corrected two-pass algorithm of Chan, Golub & LeVeque; the second term removes the error of
+// the rounded mean).  For float32 data one pass suffices: the center is the leaf's first value,
+// and since (center - mean)^2 <= M2 for any value of the leaf, the cancellation in M2 costs at
+// most a factor 2n (n <= kPlanarLeaf) on double precision, ~1e-12 relative: far below float32's
+// resolution, at half the arithmetic.
 template <typename T>
 struct PlanarMoments {
   static constexpr int64_t width = 3;
@@ -41,33 +56,56 @@ struct PlanarMoments {
   Shape s;
   int64_t c;
 
+  double first_value(int64_t j) const {
+    const int64_t o = j / s.inner;
+    return static_cast<double>(x[(o * s.channels + c) * s.inner + (j - o * s.inner)]);
+  }
+
+  // mean of values [j0, j1) (a tail padded with 0, which adds nothing)
+  double leaf_mean(int64_t j0, int64_t j1, double* tail) const {
+    Lanes sum;
+    auto add = [&](const auto* b) {
+      for_each_vec([&](int v, int64_t o) { sum.v[v] += loadv(b + o); });
+    };
+    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) add(p + i);
+      if (i < len) {
+        pad_tail(p + i, len - i, 0.0, tail);
+        add(tail);
+      }
+    });
+    return sum.total() / static_cast<double>(j1 - j0);
+  }
+
   void leaf(int64_t k, double* out) const {
     const int64_t j0 = k * kPlanarLeaf;
     const int64_t j1 = std::min(s.per_channel(), j0 + kPlanarLeaf);
-    double sum = 0.0;
-    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
-      double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < len; ++i) acc += static_cast<double>(p[i]);
-      sum += acc;
-    });
+    alignas(64) double tail[kLanes];
     const auto n = static_cast<double>(j1 - j0);
-    const double mean = sum / n;
-    double m2 = 0.0, corr = 0.0;
+    const double center = std::is_same_v<T, float> ? first_value(j0) : leaf_mean(j0, j1, tail);
+    // sums of d^2 and of d, d = x - center (a tail padded with center: d = 0)
+    const vd vcenter = splat(center);
+    Lanes m2, corr;
+    auto add2 = [&](const auto* b) {
+      for_each_vec([&](int v, int64_t o) {
+        const vd d = loadv(b + o) - vcenter;
+        m2.v[v] += d * d;
+        corr.v[v] += d;
+      });
+    };
     for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
-      double acc2 = 0.0, acc1 = 0.0;
-#pragma omp simd reduction(+ : acc2, acc1)
-      for (int64_t i = 0; i < len; ++i) {
-        const double d = static_cast<double>(p[i]) - mean;
-        acc2 += d * d;
-        acc1 += d;
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) add2(p + i);
+      if (i < len) {
+        pad_tail(p + i, len - i, center, tail);
+        add2(tail);
       }
-      m2 += acc2;
-      corr += acc1;
     });
+    const double dsum = corr.total();
     out[0] = n;
-    out[1] = mean + corr / n;
-    out[2] = clamp_m2(m2 - corr * corr / n);
+    out[1] = center + dsum / n;
+    out[2] = clamp_m2(m2.total() - dsum * dsum / n);
   }
 
   void merge(double* into, const double* other) const {
@@ -102,14 +140,20 @@ struct InterleavedMoments {
     double* __restrict__ mean = out + 1;
     double* __restrict__ m2 = out + 1 + C;
     double* __restrict__ corr = out + 1 + 2 * C;
-    std::fill(mean, mean + C, 0.0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = x + r * C;
+    // the center of each channel (see PlanarMoments): the first row for float32, else the mean
+    if constexpr (std::is_same_v<T, float>) {
+      const T* first = x + r0 * C;
+      for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<double>(first[c]);
+    } else {
+      std::fill(mean, mean + C, 0.0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* row = x + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(row[c]);
+        for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(row[c]);
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) mean[c] /= n;
     }
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) mean[c] /= n;
     std::fill(m2, m2 + 2 * C, 0.0);  // m2 and corr
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = x + r * C;
@@ -165,20 +209,30 @@ struct PlanarSums {
   void leaf(int64_t k, double* out) const {
     const int64_t j0 = k * kPlanarLeaf;
     const int64_t j1 = std::min(s.per_channel(), j0 + kPlanarLeaf);
-    // dy and x share the layout, so a run of x at offset p - x is the same run of dy
-    double sdy = 0.0, sdyd = 0.0;
+    // dy and x share the layout, so a run of x at offset p - x is the same run of dy.  Tails are
+    // padded with dy = 0 and x = mean, which add nothing.
+    alignas(64) double tail_dy[kLanes], tail_x[kLanes];
+    const vd vmean = splat(mean);
+    Lanes a, b;
+    auto add = [&](const auto* g, const auto* xs) {
+      for_each_vec([&](int v, int64_t o) {
+        const vd gv = loadv(g + o);
+        a.v[v] += gv;
+        b.v[v] += gv * (loadv(xs + o) - vmean);
+      });
+    };
     for_channel_runs(x, s, c, j0, j1, [&](const T* px, int64_t len) {
       const T* pdy = dy + (px - x);
-      double a = 0.0, b = 0.0;
-#pragma omp simd reduction(+ : a, b)
-      for (int64_t i = 0; i < len; ++i) {
-        const double g = static_cast<double>(pdy[i]);
-        a += g;
-        b += g * (static_cast<double>(px[i]) - mean);
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) add(pdy + i, px + i);
+      if (i < len) {
+        pad_tail(pdy + i, len - i, 0.0, tail_dy);
+        pad_tail(px + i, len - i, mean, tail_x);
+        add(tail_dy, tail_x);
       }
-      sdy += a;
-      sdyd += b;
     });
+    const double sdy = a.total();
+    const double sdyd = b.total();
     out[0] = sdy;
     out[1] = sdyd;
   }
@@ -305,4 +359,4 @@ inline bool whole_channels_per_thread(Shape s, int threads) {
   return threads <= 1 || s.channels >= int64_t{4} * threads;
 }
 
-}  // namespace bnkernel::detail
+}  // namespace bnkernel::BNKERNEL_ISA_NS::detail

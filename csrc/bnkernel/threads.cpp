@@ -3,7 +3,6 @@
 // every calling thread.
 #include <atomic>
 
-#include "bnkernel/detail.hpp"
 #include "bnkernel/kernels.hpp"
 
 #if BNKERNEL_HAVE_OPENMP
@@ -34,7 +33,6 @@ bool have_openmp() {
   return BNKERNEL_HAVE_OPENMP != 0;
 }
 
-namespace detail {
 int threads_for(int64_t elements) {
 #if BNKERNEL_HAVE_OPENMP
   return elements < kParallelMinElements ? 1 : get_num_threads();
@@ -43,6 +41,5 @@ int threads_for(int64_t elements) {
   return 1;
 #endif
 }
-}  // namespace detail
 
 }  // namespace bnkernel

@@ -9,6 +9,7 @@ _F = NDArray[Any]
 _D = NDArray[np.float64]
 
 have_openmp: bool
+isa: str
 version: str
 native_build: bool
 

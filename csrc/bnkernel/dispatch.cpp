@@ -1,0 +1,147 @@
+// The public kernel entry points: each forwards to the copy compiled for the best instruction set
+// this CPU supports (see isa.hpp).
+#include <cstdlib>
+#include <cstring>
+
+#include "bnkernel/kernels.hpp"
+
+namespace bnkernel::baseline {
+#include "bnkernel/kernel_api.inc"
+}  // namespace bnkernel::baseline
+#if BNKERNEL_HAVE_AVX2
+namespace bnkernel::avx2 {
+#include "bnkernel/kernel_api.inc"
+}  // namespace bnkernel::avx2
+#endif
+#if BNKERNEL_HAVE_AVX512
+namespace bnkernel::avx512 {
+#include "bnkernel/kernel_api.inc"
+}  // namespace bnkernel::avx512
+#endif
+
+namespace bnkernel {
+
+namespace {
+
+enum class Isa { baseline, avx2, avx512 };
+
+Isa detect() {
+  Isa best = Isa::baseline;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+#if BNKERNEL_HAVE_AVX2
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
+#endif
+#if BNKERNEL_HAVE_AVX512
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    best = Isa::avx512;
+  }
+#endif
+#endif
+  // BNKERNEL_ISA=baseline|avx2 asks for a lower level (for testing every copy on one machine);
+  // a level the CPU lacks is never taken.
+  if (const char* want = std::getenv("BNKERNEL_ISA")) {
+    if (std::strcmp(want, "baseline") == 0) best = Isa::baseline;
+    if (std::strcmp(want, "avx2") == 0 && best == Isa::avx512) best = Isa::avx2;
+  }
+  return best;
+}
+
+const Isa active = detect();
+
+}  // namespace
+
+const char* isa_name() {
+  switch (active) {
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+#if BNKERNEL_HAVE_AVX512
+#define BNKERNEL_CASE_AVX512(call) \
+  case Isa::avx512:                \
+    return avx512::call;
+#else
+#define BNKERNEL_CASE_AVX512(call)
+#endif
+#if BNKERNEL_HAVE_AVX2
+#define BNKERNEL_CASE_AVX2(call) \
+  case Isa::avx2:                \
+    return avx2::call;
+#else
+#define BNKERNEL_CASE_AVX2(call)
+#endif
+#define BNKERNEL_DISPATCH(call) \
+  switch (active) {             \
+    BNKERNEL_CASE_AVX512(call)  \
+    BNKERNEL_CASE_AVX2(call)    \
+    default:                    \
+      return baseline::call;    \
+  }
+
+template <typename T>
+void channel_stats(const T* x, Shape s, double* mean, double* m2) {
+  BNKERNEL_DISPATCH(channel_stats(x, s, mean, m2))
+}
+
+template <typename T>
+void normalize(const T* x, Shape s, const double* mean, const double* invstd, const T* gamma,
+               const T* beta, T* y) {
+  BNKERNEL_DISPATCH(normalize(x, s, mean, invstd, gamma, beta, y))
+}
+
+template <typename T>
+void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double eps, T* y,
+                   double* mean, double* invstd, RunningUpdate<T> running) {
+  BNKERNEL_DISPATCH(forward_train(x, s, gamma, beta, eps, y, mean, invstd, running))
+}
+
+template <typename T>
+void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
+                     double* sum_dy, double* sum_dy_xhat) {
+  BNKERNEL_DISPATCH(backward_reduce(dy, x, s, mean, invstd, sum_dy, sum_dy_xhat))
+}
+
+template <typename T>
+void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
+                          const double* invstd, const T* gamma, const double* sum_dy,
+                          const double* sum_dy_xhat, int64_t count, T* dx) {
+  BNKERNEL_DISPATCH(
+      backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, dx))
+}
+
+template <typename T>
+void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
+                    const T* gamma, T* dx, T* dgamma, T* dbeta) {
+  BNKERNEL_DISPATCH(backward_train(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta))
+}
+
+template <typename T>
+void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
+                     const T* gamma, T* dx, T* dgamma, T* dbeta){
+    BNKERNEL_DISPATCH(backward_frozen(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta))}
+
+#define BNKERNEL_INSTANTIATE(T)                                                                  \
+  template void channel_stats<T>(const T*, Shape, double*, double*);                             \
+  template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*,  \
+                             T*);                                                                \
+  template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,       \
+                                 double*, RunningUpdate<T>);                                     \
+  template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
+                                   double*, double*);                                            \
+  template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
+                                        const T*, const double*, const double*, int64_t, T*);    \
+  template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
+                                  const T*, T*, T*, T*);                                         \
+  template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
+                                   const T*, T*, T*, T*);
+BNKERNEL_INSTANTIATE(float) BNKERNEL_INSTANTIATE(double)
+#undef BNKERNEL_INSTANTIATE
+
+}  // namespace bnkernel

@@ -1,0 +1,30 @@
+// merge_stats: scalar code, compiled once (no instruction-set variants).
+#include <algorithm>
+#include <cstdint>
+
+#include "bnkernel/detail.hpp"
+#include "bnkernel/kernels.hpp"
+
+namespace bnkernel {
+
+void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const double* means,
+                 const double* m2s, int64_t* count, double* mean, double* m2) {
+  std::fill(mean, mean + channels, 0.0);
+  std::fill(m2, m2 + channels, 0.0);
+  int64_t total = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t nb = counts[p];
+    if (nb == 0) continue;
+    const double* meanb = means + p * channels;
+    const double* m2b = m2s + p * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      double n = static_cast<double>(total);
+      BNKERNEL_ISA_NS::detail::chan_merge(n, mean[c], m2[c], static_cast<double>(nb), meanb[c],
+                                          m2b[c]);
+    }
+    total += nb;
+  }
+  *count = total;
+}
+
+}  // namespace bnkernel

@@ -1,0 +1,73 @@
+"""Every instruction-set copy of the kernels gives correct results.
+
+The kernels are compiled for several instruction sets and one is chosen at import (see
+csrc/bnkernel/isa.hpp); BNKERNEL_ISA asks for a lower one.  The rest of the suite runs the copy
+this CPU picks; here each available copy runs a sample of every kernel in a fresh interpreter and is
+checked against the float64 reference.  Results may differ between copies in the last bits (their
+sums use different numbers of lanes), never by more than the tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bnkernel as bk
+
+ORDER = ["baseline", "avx2", "avx512"]
+AVAILABLE = ORDER[: ORDER.index(bk._core.isa) + 1]
+
+SCRIPT = r"""
+import json, numpy as np, bnkernel as bk
+from bnkernel import reference as ref
+rng = np.random.default_rng(0)
+worst = {}
+cases = [((6, 5, 7, 9), 1), ((9, 7, 5), -1), ((40, 3), 1), ((3, 2, 8, 4), 2), ((64, 2, 300), 1)]
+for shape, axis in cases:
+    for dtype, tol in ((np.float32, 1e-6), (np.float64, 1e-12)):
+        x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        C = shape[axis]
+        g = rng.uniform(0.5, 2, C).astype(dtype)
+        b = rng.standard_normal(C).astype(dtype)
+        y, mean, invstd = bk.batch_norm_forward(x, g, b, axis=axis)
+        ry, rmean, rinvstd = ref.forward_train(x, g, b, 1e-5, axis)
+        dx, dg, db = bk.batch_norm_backward(dy, x, mean, invstd, g, axis=axis)
+        rdx, rdg, rdb = ref.backward_train(dy, x, rmean, rinvstd, g, axis)
+        n, m, m2 = bk.channel_stats(x, axis=axis)
+        _, rm, rm2 = ref.channel_stats(x, axis)
+        def err(a, r):
+            r = np.asarray(r, np.float64)
+            return float(np.max(np.abs(a - r)) / max(1.0, float(np.max(np.abs(r)))))
+        e = max(err(y, ry), err(dx, rdx), err(dg, rdg), err(db, rdb), err(mean, rmean),
+                err(invstd, rinvstd), err(m2, rm2))
+        worst[np.dtype(dtype).name] = max(worst.get(np.dtype(dtype).name, 0.0), e / tol)
+print(json.dumps({"isa": bk._core.isa, "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("isa", AVAILABLE)
+def test_each_instruction_set_matches_the_reference(isa):
+    env = {**os.environ, "BNKERNEL_ISA": isa}
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, env=env
+    )
+    result = json.loads(run.stdout)
+    assert result["isa"] == isa
+    # worst error as a fraction of the tolerance (float32 1e-6, float64 1e-12, relative to
+    # max(1, |reference|)): below 1 means within tolerance
+    for dtype, fraction in result["worst"].items():
+        assert fraction < 1.0, (isa, dtype, fraction)
+
+
+def test_unknown_request_keeps_the_best_copy():
+    env = {**os.environ, "BNKERNEL_ISA": "sse9"}
+    code = "import bnkernel; print(bnkernel._core.isa)"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert run.stdout.strip() == bk._core.isa
