@@ -1,7 +1,9 @@
-"""Command line: ``python -m bnkernel {check,info}``.
+"""Command line: ``python -m bnkernel {check,bench,info}``.
 
 ``check`` runs every kernel on a set of shapes and layouts, compares each with the float64 NumPy
 reference (:mod:`bnkernel.reference`) and times both; it exits non-zero if any result is off.
+``bench`` times the kernels against textbook NumPy and (when importable) torch, as times, GB/s and
+passes over memory next to the machine's copy bandwidth (:mod:`bnkernel._bench`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import _core, reference
+from . import _bench, _core, reference
 from ._version import __version__
 from .functional import batch_norm_backward, batch_norm_forward
 
@@ -121,6 +123,7 @@ def info_lines() -> list[str]:
         f"numpy {np.__version__}",
         f"OpenMP: {'yes' if _core.have_openmp else 'no'}",
         f"threads: {_core.get_num_threads()}",
+        f"SIMD kernels (chosen at run time): {_core.isa}",
         f"native build (-march=native): {'yes' if _core.native_build else 'no'}",
     ]
 
@@ -131,11 +134,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="agreement with the reference, and timings")
     p_check.add_argument("--repeat", type=int, default=5, help="timed repeats per case (median)")
     p_check.add_argument("--threads", type=int, default=None, help="kernel threads (default: all)")
+    p_bench = sub.add_parser(
+        "bench",
+        help="benchmark table: bnkernel vs NumPy textbook and torch, GB/s, passes over memory",
+        description="Time bnkernel's kernels against textbook NumPy and torch (checking every "
+        "result against the float64 reference first): median times, speedups, GB/s, and passes "
+        "over x next to the machine's measured copy bandwidth.",
+    )
+    _bench.add_arguments(p_bench)
     sub.add_parser("info", help="version and build options")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
+    if args.command == "bench":
+        return _bench.main_from_args(args)
     if args.threads is not None:
         _core.set_num_threads(args.threads)
     return 0 if run_check(repeat=max(1, args.repeat)) else 1
