@@ -17,12 +17,9 @@ void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int thre
   if (s.inner == 1) {
     detail::interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd);
   } else if (detail::whole_channels_per_thread(s, threads)) {
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-#endif
-    for (int64_t c = 0; c < s.channels; ++c) {
+    detail::for_each_channel(s.channels, threads, false, [&](int64_t c) {
       detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sum_dy[c], sum_dyd[c]);
-    }
+    });
   } else {
     for (int64_t c = 0; c < s.channels; ++c) {
       detail::planar_channel_sums(dy, x, s, c, mean[c], threads, sum_dy[c], sum_dyd[c]);
@@ -65,14 +62,12 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
+  const bool stream = detail::stream_output(s.size(), sizeof(T));
   std::vector<double> sum_dy(static_cast<size_t>(C)), sum_dy_xhat(static_cast<size_t>(C));
 
   if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
     // one channel per task: its sums, then its dx while (dy, x) are still in cache
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-#endif
-    for (int64_t c = 0; c < C; ++c) {
+    detail::for_each_channel(C, threads, stream, [&](int64_t c) {
       double& sdy = sum_dy[static_cast<size_t>(c)];
       double& sdyx = sum_dy_xhat[static_cast<size_t>(c)];
       detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sdy, sdyx);
@@ -81,12 +76,12 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
       detail::for_channel_rows(s, c, [&](int64_t offset) {
         if (mode == Mode::train) {
           detail::grad_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k.k_scale,
-                           k.k_dy, k.k_x);
+                           k.k_dy, k.k_x, stream);
         } else {
-          detail::scale_run(dy + offset, dx + offset, s.inner, k.k_scale);
+          detail::scale_run(dy + offset, dx + offset, s.inner, k.k_scale, stream);
         }
       });
-    }
+    });
   } else {
     channel_sums(dy, x, s, mean, threads, sum_dy.data(), sum_dy_xhat.data());
     std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),

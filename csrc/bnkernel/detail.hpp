@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 #include <utility>
 #include <vector>
 
@@ -139,10 +142,36 @@ inline void chan_merge(double& n, double& mean, double& m2, double nb, double me
 
 // ---- parallel drivers for elementwise passes ----------------------------------------------------
 
+// Streaming (non-temporal) stores are weakly ordered: each thread that may have issued some fences
+// once, after its share of a pass and before the region ends, so that the output is complete for
+// whoever reads it next.
+inline void stream_fence(bool stream) {
+#if defined(__SSE2__)
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
+
+// f(c) for every channel, a channel per task (planar kernels that keep a channel in cache).
+template <class F>
+void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(dynamic, 1) nowait
+#endif
+    for (int64_t c = 0; c < channels; ++c) f(c);
+    stream_fence(stream);
+  }
+}
+
 // Planar pattern (inner > 1): calls f(channel, element offset, length) on contiguous runs that
 // cover the array once.  Rows (o, c) are split further when there are too few rows to share.
 template <class F>
-void for_each_run(Shape s, int threads, F&& f) {
+void for_each_run(Shape s, int threads, bool stream, F&& f) {
   const int64_t rows = s.outer * s.channels;
   int64_t splits = 1;
   if (threads > 1 && rows < int64_t{4} * threads) {
@@ -150,28 +179,40 @@ void for_each_run(Shape s, int threads, F&& f) {
   }
   const int64_t tasks = rows * splits;
 #if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t row = t / splits;
-    const int64_t part = t % splits;
-    const int64_t i0 = s.inner * part / splits;
-    const int64_t i1 = s.inner * (part + 1) / splits;
-    f(row % s.channels, row * s.inner + i0, i1 - i0);
+  {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t row = t / splits;
+      const int64_t part = t % splits;
+      const int64_t i0 = s.inner * part / splits;
+      const int64_t i1 = s.inner * (part + 1) / splits;
+      f(row % s.channels, row * s.inner + i0, i1 - i0);
+    }
+    stream_fence(stream);
   }
 }
 
 // Interleaved pattern (inner == 1): calls f(row0, row1) on blocks of whole rows of C values.
 template <class F>
-void for_each_row_block(Shape s, int threads, F&& f) {
+void for_each_row_block(Shape s, int threads, bool stream, F&& f) {
   const int64_t block =
       std::max<int64_t>(1, ceil_div(kPlanarLeaf * 4, std::max<int64_t>(s.channels, 1)));
   const int64_t blocks = ceil_div(s.outer, block);
 #if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
-  for (int64_t b = 0; b < blocks; ++b) {
-    f(b * block, std::min(s.outer, (b + 1) * block));
+  {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+    for (int64_t b = 0; b < blocks; ++b) {
+      f(b * block, std::min(s.outer, (b + 1) * block));
+    }
+    stream_fence(stream);
   }
 }
 

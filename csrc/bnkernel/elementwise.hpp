@@ -2,7 +2,11 @@
 // once to T at the store.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "bnkernel/detail.hpp"
 
@@ -18,38 +22,102 @@ inline double beta_of(const T* beta, int64_t c) {
   return beta ? static_cast<double>(beta[c]) : 0.0;
 }
 
+// ---- stores -------------------------------------------------------------------------------------
+//
+// An output larger than the caches is written with streaming (non-temporal) stores: a plain store
+// to a line that is not cached first reads that line (write-allocate), so a plain-store output
+// costs a read and a write of DRAM, a streaming one only the write.  Smaller outputs stay in cache
+// for whoever reads them next, so they get plain stores.
+constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
+
+inline bool stream_output(int64_t elements, int64_t element_size) {
+  return elements * element_size >= kStreamMinBytes;
+}
+
+#if defined(__AVX512F__)
+constexpr int64_t kStreamAlign = 64;
+inline void stream_block(void* dst, const void* src) {  // kStreamAlign bytes, both aligned
+  _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(src));
+}
+#elif defined(__AVX__)
+constexpr int64_t kStreamAlign = 32;
+inline void stream_block(void* dst, const void* src) {
+  _mm256_stream_si256(static_cast<__m256i*>(dst),
+                      _mm256_load_si256(static_cast<const __m256i*>(src)));
+}
+#elif defined(__SSE2__)
+constexpr int64_t kStreamAlign = 16;
+inline void stream_block(void* dst, const void* src) {
+  _mm_stream_si128(static_cast<__m128i*>(dst), _mm_load_si128(static_cast<const __m128i*>(src)));
+}
+#else
+constexpr int64_t kStreamAlign = 0;  // no streaming stores here: plain stores only
+inline void stream_block(void*, const void*) {}
+#endif
+
+// y[i] = T(value(i)) for i < len, value computed in double.  With `stream`, the aligned middle of
+// the run is computed block by block into an L1 buffer and copied out with streaming stores (the
+// caller fences, see stream_fence in detail.hpp).
+template <typename T, class F>
+inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value) {
+  (void)stream;  // unused where there are no streaming stores
+  int64_t i = 0;
+  if constexpr (kStreamAlign > 0) {
+    if (stream) {
+      constexpr auto kSize = static_cast<int64_t>(sizeof(T));
+      constexpr int64_t kBlock = 256 / kSize;  // 256 bytes a block
+      const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % kStreamAlign);
+      // values up to the first aligned address get plain stores (all of them, if none is aligned)
+      int64_t head = misaligned == 0 ? 0 : (kStreamAlign - misaligned) / kSize;
+      if (misaligned % kSize != 0) head = len;
+      head = std::min(head, len);
+      for (; i < head; ++i) y[i] = static_cast<T>(value(i));
+      if (i + kBlock <= len) {
+        alignas(64) T buffer[kBlock];
+        for (; i + kBlock <= len; i += kBlock) {
+#pragma omp simd
+          for (int64_t j = 0; j < kBlock; ++j) buffer[j] = static_cast<T>(value(i + j));
+          for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
+            stream_block(reinterpret_cast<char*>(y + i) + b,
+                         reinterpret_cast<const char*>(buffer) + b);
+          }
+        }
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t j = i; j < len; ++j) y[j] = static_cast<T>(value(j));
+}
+
 // y = (x - mean[c]) * scale[c] + shift[c] over a contiguous run of one channel.
 //
 // (x - mean) first, not x * scale + (shift - mean * scale): when |mean| >> std the folded form
 // cancels catastrophically, while x - mean is exact or nearly so.
 template <typename T>
 inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
-                       double scale, double shift) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    y[i] = static_cast<T>((static_cast<double>(x[i]) - mean) * scale + shift);
-  }
+                       double scale, double shift, bool stream) {
+  write_run(y, len, stream,
+            [&](int64_t i) { return (static_cast<double>(x[i]) - mean) * scale + shift; });
 }
 
 template <typename T>
 void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
             int threads) {
   if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
+  const bool stream = stream_output(s.size(), sizeof(T));
   if (s.inner != 1) {
-    for_each_run(s, threads, [&](int64_t c, int64_t offset, int64_t len) {
-      affine_run(x + offset, y + offset, len, mean[c], scale[c], shift[c]);
+    for_each_run(s, threads, stream, [&](int64_t c, int64_t offset, int64_t len) {
+      affine_run(x + offset, y + offset, len, mean[c], scale[c], shift[c], stream);
     });
     return;
   }
   const int64_t C = s.channels;
-  for_each_row_block(s, threads, [&](int64_t r0, int64_t r1) {
+  for_each_row_block(s, threads, stream, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* __restrict__ xr = x + r * C;
-      T* __restrict__ yr = y + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        yr[c] = static_cast<T>((static_cast<double>(xr[c]) - mean[c]) * scale[c] + shift[c]);
-      }
+      write_run(y + r * C, C, stream, [&](int64_t c) {
+        return (static_cast<double>(xr[c]) - mean[c]) * scale[c] + shift[c];
+      });
     }
   });
 }
@@ -59,63 +127,62 @@ void affine(const T* x, Shape s, const double* mean, const double* scale, const 
 //   dx = k_scale * (dy - k_dy - (x - mean) * k_x)
 template <typename T>
 inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                     int64_t len, double mean, double k_scale, double k_dy, double k_x) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
+                     int64_t len, double mean, double k_scale, double k_dy, double k_x,
+                     bool stream) {
+  write_run(dx, len, stream, [&](int64_t i) {
     const double d = static_cast<double>(x[i]) - mean;
-    dx[i] = static_cast<T>(k_scale * (static_cast<double>(dy[i]) - k_dy - d * k_x));
-  }
+    return k_scale * (static_cast<double>(dy[i]) - k_dy - d * k_x);
+  });
 }
 
 template <typename T>
 void grad(const T* dy, const T* x, Shape s, const double* mean, const double* k_scale,
           const double* k_dy, const double* k_x, T* dx, int threads) {
   if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
+  const bool stream = stream_output(s.size(), sizeof(T));
   if (s.inner != 1) {
-    for_each_run(s, threads, [&](int64_t c, int64_t offset, int64_t len) {
-      grad_run(dy + offset, x + offset, dx + offset, len, mean[c], k_scale[c], k_dy[c], k_x[c]);
+    for_each_run(s, threads, stream, [&](int64_t c, int64_t offset, int64_t len) {
+      grad_run(dy + offset, x + offset, dx + offset, len, mean[c], k_scale[c], k_dy[c], k_x[c],
+               stream);
     });
     return;
   }
   const int64_t C = s.channels;
-  for_each_row_block(s, threads, [&](int64_t r0, int64_t r1) {
+  for_each_row_block(s, threads, stream, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* __restrict__ gr = dy + r * C;
       const T* __restrict__ xr = x + r * C;
-      T* __restrict__ dxr = dx + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      write_run(dx + r * C, C, stream, [&](int64_t c) {
         const double d = static_cast<double>(xr[c]) - mean[c];
-        dxr[c] = static_cast<T>(k_scale[c] * (static_cast<double>(gr[c]) - k_dy[c] - d * k_x[c]));
-      }
+        return k_scale[c] * (static_cast<double>(gr[c]) - k_dy[c] - d * k_x[c]);
+      });
     }
   });
 }
 
 // Frozen statistics: dx = dy * k_scale[c].
 template <typename T>
-inline void scale_run(const T* __restrict__ dy, T* __restrict__ dx, int64_t len, double k) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) dx[i] = static_cast<T>(static_cast<double>(dy[i]) * k);
+inline void scale_run(const T* __restrict__ dy, T* __restrict__ dx, int64_t len, double k,
+                      bool stream) {
+  write_run(dx, len, stream, [&](int64_t i) { return static_cast<double>(dy[i]) * k; });
 }
 
 template <typename T>
 void scale(const T* dy, Shape s, const double* k_scale, T* dx, int threads) {
   if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
+  const bool stream = stream_output(s.size(), sizeof(T));
   if (s.inner != 1) {
-    for_each_run(s, threads, [&](int64_t c, int64_t offset, int64_t len) {
-      scale_run(dy + offset, dx + offset, len, k_scale[c]);
+    for_each_run(s, threads, stream, [&](int64_t c, int64_t offset, int64_t len) {
+      scale_run(dy + offset, dx + offset, len, k_scale[c], stream);
     });
     return;
   }
   const int64_t C = s.channels;
-  for_each_row_block(s, threads, [&](int64_t r0, int64_t r1) {
+  for_each_row_block(s, threads, stream, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* __restrict__ gr = dy + r * C;
-      T* __restrict__ dxr = dx + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c)
-        dxr[c] = static_cast<T>(static_cast<double>(gr[c]) * k_scale[c]);
+      write_run(dx + r * C, C, stream,
+                [&](int64_t c) { return static_cast<double>(gr[c]) * k_scale[c]; });
     }
   });
 }

@@ -54,23 +54,21 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
+  const bool stream = detail::stream_output(s.size(), sizeof(T));
   std::vector<double> m2(static_cast<size_t>(C));
 
   if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
     // one channel per task: its statistics, then its normalize while it is still in cache
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-#endif
-    for (int64_t c = 0; c < C; ++c) {
+    detail::for_each_channel(C, threads, stream, [&](int64_t c) {
       double& m2c = m2[static_cast<size_t>(c)];
       detail::planar_channel_moments(x, s, c, 1, mean[c], m2c);
       invstd[c] = 1.0 / std::sqrt(m2c / m + eps);
       const double scale = detail::gamma_of(gamma, c) * invstd[c];
       const double shift = detail::beta_of(beta, c);
       detail::for_channel_rows(s, c, [&](int64_t offset) {
-        detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift);
+        detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift, stream);
       });
-    }
+    });
   } else {
     BNKERNEL_ISA_NS::channel_stats(x, s, mean,
                                    m2.data());  // qualified: Shape brings bnkernel:: in by ADL

@@ -28,8 +28,8 @@ constexpr int kVecBytes = 16;
 #endif
 using vd = double __attribute__((vector_size(kVecBytes)));
 using vf = float __attribute__((vector_size(kVecBytes / 2)));
-constexpr int64_t kVecLen = kVecBytes / 8;  // doubles per vector
-constexpr int kVecs = 4;                    // vectors per accumulator
+constexpr int64_t kVecLen = kVecBytes / 8;   // doubles per vector
+constexpr int kVecs = 4;                     // vectors per accumulator
 constexpr int64_t kLanes = kVecs * kVecLen;  // partial sums per accumulator
 
 inline vd loadv(const double* p) {

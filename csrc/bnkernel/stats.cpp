@@ -13,12 +13,9 @@ void channel_stats(const T* x, Shape s, double* mean, double* m2) {
   if (s.inner == 1) {
     detail::interleaved_moments(x, s, threads, mean, m2);
   } else if (detail::whole_channels_per_thread(s, threads)) {
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-#endif
-    for (int64_t c = 0; c < s.channels; ++c) {
+    detail::for_each_channel(s.channels, threads, false, [&](int64_t c) {
       detail::planar_channel_moments(x, s, c, 1, mean[c], m2[c]);
-    }
+    });
   } else {
     for (int64_t c = 0; c < s.channels; ++c) {
       detail::planar_channel_moments(x, s, c, threads, mean[c], m2[c]);
