@@ -62,7 +62,10 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
-  const bool stream = detail::stream_output(s.size(), sizeof(T));
+  // streaming stores for the per-channel runs only when the runs are long: a short run shares its
+  // first and last cache lines with other channels, and mixing store kinds on a line is slow
+  const bool stream = detail::stream_output(s.size(), sizeof(T)) &&
+                      s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   std::vector<double> sum_dy(static_cast<size_t>(C)), sum_dy_xhat(static_cast<size_t>(C));
 
   if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {

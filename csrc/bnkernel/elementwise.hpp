@@ -89,102 +89,146 @@ inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value) {
   for (int64_t j = i; j < len; ++j) y[j] = static_cast<T>(value(j));
 }
 
-// y = (x - mean[c]) * scale[c] + shift[c] over a contiguous run of one channel.
+// ---- whole-array passes ------------------------------------------------------------------------
+
+// out[k] = T(value(e + k, c)) for the n values from flat index e on, c being each value's channel.
+// Walks the array's contiguous segments: a run of one channel (planar pattern), or a stretch of a
+// row of C channels (interleaved), so the inner loops vectorize.
+template <typename T, class F>
+inline void fill_values(Shape s, int64_t e, int64_t n, T* __restrict__ out, F&& value) {
+  int64_t k = 0;
+  if (s.inner == 1) {
+    int64_t c0 = e % s.channels;
+    while (k < n) {
+      const int64_t len = std::min(s.channels - c0, n - k);
+      const int64_t base = e + k;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) out[k + j] = static_cast<T>(value(base + j, c0 + j));
+      k += len;
+      c0 = 0;
+    }
+    return;
+  }
+  int64_t row = e / s.inner;
+  int64_t i = e - row * s.inner;
+  while (k < n) {
+    const int64_t len = std::min(s.inner - i, n - k);
+    const int64_t c = row % s.channels;
+    const int64_t base = e + k;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) out[k + j] = static_cast<T>(value(base + j, c));
+    k += len;
+    ++row;
+    i = 0;
+  }
+}
+
+// y[e] = T(value(e, channel of e)) over the whole array, in parallel over contiguous spans.  With
+// streaming stores the spans are cut at aligned addresses, so that no cache line gets both plain
+// and streaming stores except the array's first and last (mixing them on one line is slow).
+template <typename T, class F>
+void elementwise(Shape s, T* y, int threads, F&& value) {
+  const int64_t size = s.size();
+  if (size == 0) return;
+  const bool stream = kStreamAlign > 0 && stream_output(size, sizeof(T));
+  constexpr auto kSize = static_cast<int64_t>(sizeof(T));
+  constexpr int64_t kSpan = 16384;  // elements per task
+  constexpr int64_t kBlock = 256 / kSize;
+  // first element at an aligned address (0 if none can be)
+  int64_t first = 0;
+  if (stream) {
+    const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % 64);
+    if (misaligned % kSize == 0) first = std::min(size, ((64 - misaligned) % 64) / kSize);
+  }
+  const int64_t spans = 1 + ceil_div(size - first, kSpan);
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  {
+    alignas(64) T buffer[kBlock];
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+    for (int64_t t = 0; t < spans; ++t) {
+      // span 0 is the unaligned head [0, first); span t > 0 starts at an aligned element
+      const int64_t e0 = t == 0 ? 0 : first + (t - 1) * kSpan;
+      const int64_t e1 = t == 0 ? first : std::min(size, e0 + kSpan);
+      int64_t e = e0;
+      if (stream && t > 0) {
+        for (; e + kBlock <= e1; e += kBlock) {
+          fill_values(s, e, kBlock, buffer, value);
+          for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
+            stream_block(reinterpret_cast<char*>(y + e) + b,
+                         reinterpret_cast<const char*>(buffer) + b);
+          }
+        }
+      }
+      if (e < e1) fill_values(s, e, e1 - e, y + e, value);
+    }
+    stream_fence(stream);
+  }
+}
+
+// y = (x - mean[c]) * scale[c] + shift[c].
 //
 // (x - mean) first, not x * scale + (shift - mean * scale): when |mean| >> std the folded form
 // cancels catastrophically, while x - mean is exact or nearly so.
 template <typename T>
-inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
-                       double scale, double shift, bool stream) {
-  write_run(y, len, stream,
-            [&](int64_t i) { return (static_cast<double>(x[i]) - mean) * scale + shift; });
+inline double affine_value(T x, double mean, double scale, double shift) {
+  return (static_cast<double>(x) - mean) * scale + shift;
 }
 
 template <typename T>
 void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
             int threads) {
-  if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
-  const bool stream = stream_output(s.size(), sizeof(T));
-  if (s.inner != 1) {
-    for_each_run(s, threads, stream, [&](int64_t c, int64_t offset, int64_t len) {
-      affine_run(x + offset, y + offset, len, mean[c], scale[c], shift[c], stream);
-    });
-    return;
-  }
-  const int64_t C = s.channels;
-  for_each_row_block(s, threads, stream, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict__ xr = x + r * C;
-      write_run(y + r * C, C, stream, [&](int64_t c) {
-        return (static_cast<double>(xr[c]) - mean[c]) * scale[c] + shift[c];
-      });
-    }
+  elementwise(s, y, threads, [&](int64_t e, int64_t c) {
+    return affine_value(x[e], mean[c], scale[c], shift[c]);
   });
+}
+
+// one channel's contiguous run (the fused per-channel kernels)
+template <typename T>
+inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
+                       double scale, double shift, bool stream) {
+  write_run(y, len, stream, [&](int64_t i) { return affine_value(x[i], mean, scale, shift); });
 }
 
 // Training backward, per channel, with k_scale = gamma * invstd, k_dy = sum_dy / m and
 // k_x = invstd * sum_dy_xhat / m:
 //   dx = k_scale * (dy - k_dy - (x - mean) * k_x)
 template <typename T>
-inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                     int64_t len, double mean, double k_scale, double k_dy, double k_x,
-                     bool stream) {
-  write_run(dx, len, stream, [&](int64_t i) {
-    const double d = static_cast<double>(x[i]) - mean;
-    return k_scale * (static_cast<double>(dy[i]) - k_dy - d * k_x);
-  });
+inline double grad_value(T dy, T x, double mean, double k_scale, double k_dy, double k_x) {
+  const double d = static_cast<double>(x) - mean;
+  return k_scale * (static_cast<double>(dy) - k_dy - d * k_x);
 }
 
 template <typename T>
 void grad(const T* dy, const T* x, Shape s, const double* mean, const double* k_scale,
           const double* k_dy, const double* k_x, T* dx, int threads) {
-  if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
-  const bool stream = stream_output(s.size(), sizeof(T));
-  if (s.inner != 1) {
-    for_each_run(s, threads, stream, [&](int64_t c, int64_t offset, int64_t len) {
-      grad_run(dy + offset, x + offset, dx + offset, len, mean[c], k_scale[c], k_dy[c], k_x[c],
-               stream);
-    });
-    return;
-  }
-  const int64_t C = s.channels;
-  for_each_row_block(s, threads, stream, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict__ gr = dy + r * C;
-      const T* __restrict__ xr = x + r * C;
-      write_run(dx + r * C, C, stream, [&](int64_t c) {
-        const double d = static_cast<double>(xr[c]) - mean[c];
-        return k_scale[c] * (static_cast<double>(gr[c]) - k_dy[c] - d * k_x[c]);
-      });
-    }
+  elementwise(s, dx, threads, [&](int64_t e, int64_t c) {
+    return grad_value(dy[e], x[e], mean[c], k_scale[c], k_dy[c], k_x[c]);
   });
+}
+
+template <typename T>
+inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                     int64_t len, double mean, double k_scale, double k_dy, double k_x,
+                     bool stream) {
+  write_run(dx, len, stream,
+            [&](int64_t i) { return grad_value(dy[i], x[i], mean, k_scale, k_dy, k_x); });
 }
 
 // Frozen statistics: dx = dy * k_scale[c].
 template <typename T>
-inline void scale_run(const T* __restrict__ dy, T* __restrict__ dx, int64_t len, double k,
-                      bool stream) {
-  write_run(dx, len, stream, [&](int64_t i) { return static_cast<double>(dy[i]) * k; });
+void scale(const T* dy, Shape s, const double* k_scale, T* dx, int threads) {
+  elementwise(s, dx, threads,
+              [&](int64_t e, int64_t c) { return static_cast<double>(dy[e]) * k_scale[c]; });
 }
 
 template <typename T>
-void scale(const T* dy, Shape s, const double* k_scale, T* dx, int threads) {
-  if (s.size() == 0) return;  // nothing to do, and inner == 0 must not take the row loop
-  const bool stream = stream_output(s.size(), sizeof(T));
-  if (s.inner != 1) {
-    for_each_run(s, threads, stream, [&](int64_t c, int64_t offset, int64_t len) {
-      scale_run(dy + offset, dx + offset, len, k_scale[c], stream);
-    });
-    return;
-  }
-  const int64_t C = s.channels;
-  for_each_row_block(s, threads, stream, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict__ gr = dy + r * C;
-      write_run(dx + r * C, C, stream,
-                [&](int64_t c) { return static_cast<double>(gr[c]) * k_scale[c]; });
-    }
-  });
+inline void scale_run(const T* __restrict__ dy, T* __restrict__ dx, int64_t len, double k,
+                      bool stream) {
+  write_run(dx, len, stream, [&](int64_t i) { return static_cast<double>(dy[i]) * k; });
 }
 
 // Calls f(o, offset) for each of channel c's rows (planar pattern), offset = (o * C + c) * inner.

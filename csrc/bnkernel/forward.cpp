@@ -54,7 +54,10 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
-  const bool stream = detail::stream_output(s.size(), sizeof(T));
+  // streaming stores for the per-channel runs only when the runs are long: a short run shares its
+  // first and last cache lines with other channels, and mixing store kinds on a line is slow
+  const bool stream = detail::stream_output(s.size(), sizeof(T)) &&
+                      s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   std::vector<double> m2(static_cast<size_t>(C));
 
   if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
