@@ -25,7 +25,7 @@ def _describe_dtype(dtype: np.dtype[Any]) -> str:
 
 def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
     """x as an ndarray of a supported float dtype with ndim >= 2 (not copied unless it must be)."""
-    arr = np.asarray(x)
+    arr = x if type(x) is np.ndarray else np.asarray(x)
     if arr.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name}: expected a float32 or float64 array, got dtype {_describe_dtype(arr.dtype)}"
@@ -42,8 +42,9 @@ def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
 
 def channel_axis(ndim: int, axis: Any) -> int:
     """The channel axis normalized to 0 <= axis < ndim."""
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+    if type(axis) is not int:  # fast path first: this runs on every call
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
     a = int(axis)
     if not -ndim <= a < ndim:
         raise AxisError(a, ndim, "axis: channel axis out of range")
@@ -78,12 +79,12 @@ def channel_param(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDA
     """A read-only per-channel array (gamma, beta): 1-d, length C, exactly x's dtype."""
     if v is None:
         return None
-    arr = np.asarray(v)
+    arr = v if type(v) is np.ndarray else np.asarray(v)
     if arr.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != channels:
         raise ValueError(f"{name}: expected shape ({channels},), got {arr.shape}")
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def running_buffer(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDArray[Any] | None:
@@ -143,7 +144,7 @@ def output(
 
 
 def real_number(v: Any, name: str, *, minimum: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if type(v) is not float and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
         raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
     f = float(v)
     if not math.isfinite(f):
