@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -140,25 +141,59 @@ struct InterleavedMoments {
     double* __restrict__ mean = out + 1;
     double* __restrict__ m2 = out + 1 + C;
     double* __restrict__ corr = out + 1 + 2 * C;
+    // The channels are taken kLanes at a time with their sums in registers across the leaf's
+    // rows, then the few left over with their sums in memory.  Either way each channel's values
+    // are added row after row, so the results do not depend on which channels share a block.
+    const int64_t blocked = C - C % kLanes;
     // the center of each channel (see PlanarMoments): the first row for float32, else the mean
     if constexpr (std::is_same_v<T, float>) {
       const T* first = x + r0 * C;
       for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<double>(first[c]);
     } else {
-      std::fill(mean, mean + C, 0.0);
+      for (int64_t c = 0; c < blocked; c += kLanes) {
+        vd a[kVecs];
+        for_each_vec([&](int v, int64_t) { a[v] = splat(0.0); });
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* row = x + r * C + c;
+          for_each_vec([&](int v, int64_t o) { a[v] += loadv(row + o); });
+        }
+        for_each_vec([&](int v, int64_t o) { std::memcpy(mean + c + o, &a[v], sizeof(vd)); });
+      }
+      std::fill(mean + blocked, mean + C, 0.0);
       for (int64_t r = r0; r < r1; ++r) {
         const T* row = x + r * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(row[c]);
+        for (int64_t c = blocked; c < C; ++c) mean[c] += static_cast<double>(row[c]);
       }
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) mean[c] /= n;
     }
-    std::fill(m2, m2 + 2 * C, 0.0);  // m2 and corr
+    for (int64_t c = 0; c < blocked; c += kLanes) {
+      vd center[kVecs], a2[kVecs], a1[kVecs];
+      for_each_vec([&](int v, int64_t o) {
+        center[v] = loadv(mean + c + o);
+        a2[v] = splat(0.0);
+        a1[v] = splat(0.0);
+      });
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* row = x + r * C + c;
+        for_each_vec([&](int v, int64_t o) {
+          const vd d = loadv(row + o) - center[v];
+          a2[v] += d * d;
+          a1[v] += d;
+        });
+      }
+      for_each_vec([&](int v, int64_t o) {
+        std::memcpy(m2 + c + o, &a2[v], sizeof(vd));
+        std::memcpy(corr + c + o, &a1[v], sizeof(vd));
+      });
+    }
+    std::fill(m2 + blocked, m2 + C, 0.0);
+    std::fill(corr + blocked, corr + C, 0.0);
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = x + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = blocked; c < C; ++c) {
         const double d = static_cast<double>(row[c]) - mean[c];
         m2[c] += d * d;
         corr[c] += d;
@@ -271,12 +306,36 @@ struct InterleavedSums {
     const int64_t r1 = std::min(rows, r0 + leaf_rows);
     double* __restrict__ sdy = out;
     double* __restrict__ sdyd = out + C;
-    std::fill(out, out + 2 * C, 0.0);
+    // channel blocks in registers, then the rest in memory, as in InterleavedMoments
+    const int64_t blocked = C - C % kLanes;
+    for (int64_t c = 0; c < blocked; c += kLanes) {
+      vd mu[kVecs], a[kVecs], b[kVecs];
+      for_each_vec([&](int v, int64_t o) {
+        mu[v] = loadv(mean + c + o);
+        a[v] = splat(0.0);
+        b[v] = splat(0.0);
+      });
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * C + c;
+        const T* gr = dy + r * C + c;
+        for_each_vec([&](int v, int64_t o) {
+          const vd g = loadv(gr + o);
+          a[v] += g;
+          b[v] += g * (loadv(xr + o) - mu[v]);
+        });
+      }
+      for_each_vec([&](int v, int64_t o) {
+        std::memcpy(sdy + c + o, &a[v], sizeof(vd));
+        std::memcpy(sdyd + c + o, &b[v], sizeof(vd));
+      });
+    }
+    std::fill(sdy + blocked, sdy + C, 0.0);
+    std::fill(sdyd + blocked, sdyd + C, 0.0);
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * C;
       const T* gr = dy + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = blocked; c < C; ++c) {
         const double g = static_cast<double>(gr[c]);
         sdy[c] += g;
         sdyd[c] += g * (static_cast<double>(xr[c]) - mean[c]);
