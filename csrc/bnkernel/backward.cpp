@@ -10,23 +10,6 @@ namespace bnkernel::BNKERNEL_ISA_NS {
 
 namespace {
 
-// (sum dy, sum dy * (x - mean)) for every channel, deterministic in the thread count.
-template <typename T>
-void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int threads, double* sum_dy,
-                  double* sum_dyd) {
-  if (s.inner == 1) {
-    detail::interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd);
-  } else if (detail::whole_channels_per_thread(s, threads)) {
-    detail::for_each_channel(s.channels, threads, false, [&](int64_t c) {
-      detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sum_dy[c], sum_dyd[c]);
-    });
-  } else {
-    for (int64_t c = 0; c < s.channels; ++c) {
-      detail::planar_channel_sums(dy, x, s, c, mean[c], threads, sum_dy[c], sum_dyd[c]);
-    }
-  }
-}
-
 // Per-channel coefficients of dx = k_scale * (dy - k_dy - (x - mean) * k_x).
 struct GradCoefficients {
   double k_scale, k_dy, k_x;
@@ -68,7 +51,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
                       s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   std::vector<double> sum_dy(static_cast<size_t>(C)), sum_dy_xhat(static_cast<size_t>(C));
 
-  if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
+  if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its sums, then its dx while (dy, x) are still in cache
     detail::for_each_channel(C, threads, stream, [&](int64_t c) {
       double& sdy = sum_dy[static_cast<size_t>(c)];
@@ -86,7 +69,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
       });
     });
   } else {
-    channel_sums(dy, x, s, mean, threads, sum_dy.data(), sum_dy_xhat.data());
+    detail::channel_sums(dy, x, s, mean, threads, sum_dy.data(), sum_dy_xhat.data());
     std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
         k_x(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c) {
@@ -111,7 +94,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
 template <typename T>
 void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
                      double* sum_dy, double* sum_dy_xhat) {
-  channel_sums(dy, x, s, mean, threads_for(s.size()), sum_dy, sum_dy_xhat);
+  detail::channel_sums(dy, x, s, mean, threads_for(s.size()), sum_dy, sum_dy_xhat);
   for (int64_t c = 0; c < s.channels; ++c) sum_dy_xhat[c] *= invstd[c];
 }
 

@@ -60,7 +60,7 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
                       s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   std::vector<double> m2(static_cast<size_t>(C));
 
-  if (s.inner > 1 && detail::whole_channels_per_thread(s, threads)) {
+  if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its statistics, then its normalize while it is still in cache
     detail::for_each_channel(C, threads, stream, [&](int64_t c) {
       double& m2c = m2[static_cast<size_t>(c)];

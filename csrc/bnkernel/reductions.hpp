@@ -127,16 +127,18 @@ struct PlanarMoments {
 template <typename T>
 struct InterleavedMoments {
   int64_t width;
-  const T* x;
+  const T* x;  // the window's first column
   int64_t rows;
-  int64_t channels;
-  int64_t leaf_rows;
+  int64_t channels;   // columns in the window
+  int64_t stride;     // values per row of the array
+  int64_t leaf_rows;  // from the whole row, so every window has the same tree
 
-  InterleavedMoments(const T* x_, Shape s)
-      : width(1 + 3 * s.channels),
-        x(x_),
+  InterleavedMoments(const T* x_, Shape s, int64_t col0, int64_t cols)
+      : width(1 + 3 * cols),
+        x(x_ + col0),
         rows(s.outer),
-        channels(s.channels),
+        channels(cols),
+        stride(s.channels),
         leaf_rows(interleaved_leaf_rows(s.channels)) {}
 
   int64_t leaves() const { return ceil_div(rows, leaf_rows); }
@@ -146,8 +148,9 @@ struct InterleavedMoments {
     const int64_t r0 = k * leaf_rows;
     const int64_t r1 = std::min(rows, r0 + leaf_rows);
     const auto n = static_cast<double>(r1 - r0);
-    const int64_t next_rows = std::min(rows, r1 + leaf_rows) - r1;
-    prefetch_l2(x + r1 * C, next_rows * C * static_cast<int64_t>(sizeof(T)));
+    for (int64_t r = r1; r < std::min(rows, r1 + leaf_rows); ++r) {
+      prefetch_l2(x + r * stride, C * static_cast<int64_t>(sizeof(T)));
+    }
     double* __restrict__ mean = out + 1;
     double* __restrict__ m2 = out + 1 + C;
     double* __restrict__ corr = out + 1 + 2 * C;
@@ -157,21 +160,21 @@ struct InterleavedMoments {
     const int64_t blocked = C - C % kLanes;
     // the center of each channel (see PlanarMoments): the first row for float32, else the mean
     if constexpr (std::is_same_v<T, float>) {
-      const T* first = x + r0 * C;
+      const T* first = x + r0 * stride;
       for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<double>(first[c]);
     } else {
       for (int64_t c = 0; c < blocked; c += kLanes) {
         vd a[kVecs];
         for_each_vec([&](int v, int64_t) { a[v] = splat(0.0); });
         for (int64_t r = r0; r < r1; ++r) {
-          const T* row = x + r * C + c;
+          const T* row = x + r * stride + c;
           for_each_vec([&](int v, int64_t o) { a[v] += loadv(row + o); });
         }
         for_each_vec([&](int v, int64_t o) { std::memcpy(mean + c + o, &a[v], sizeof(vd)); });
       }
       std::fill(mean + blocked, mean + C, 0.0);
       for (int64_t r = r0; r < r1; ++r) {
-        const T* row = x + r * C;
+        const T* row = x + r * stride;
 #pragma omp simd
         for (int64_t c = blocked; c < C; ++c) mean[c] += static_cast<double>(row[c]);
       }
@@ -186,7 +189,7 @@ struct InterleavedMoments {
         a1[v] = splat(0.0);
       });
       for (int64_t r = r0; r < r1; ++r) {
-        const T* row = x + r * C + c;
+        const T* row = x + r * stride + c;
         for_each_vec([&](int v, int64_t o) {
           const vd d = loadv(row + o) - center[v];
           a2[v] += d * d;
@@ -201,7 +204,7 @@ struct InterleavedMoments {
     std::fill(m2 + blocked, m2 + C, 0.0);
     std::fill(corr + blocked, corr + C, 0.0);
     for (int64_t r = r0; r < r1; ++r) {
-      const T* row = x + r * C;
+      const T* row = x + r * stride;
 #pragma omp simd
       for (int64_t c = blocked; c < C; ++c) {
         const double d = static_cast<double>(row[c]) - mean[c];
@@ -292,20 +295,23 @@ struct PlanarSums {
 template <typename T>
 struct InterleavedSums {
   int64_t width;
-  const T* dy;
+  const T* dy;  // the window's first column, as x and mean
   const T* x;
   const double* mean;
   int64_t rows;
-  int64_t channels;
+  int64_t channels;  // columns in the window
+  int64_t stride;    // values per row of the array
   int64_t leaf_rows;
 
-  InterleavedSums(const T* dy_, const T* x_, const double* mean_, Shape s)
-      : width(2 * s.channels),
-        dy(dy_),
-        x(x_),
-        mean(mean_),
+  InterleavedSums(const T* dy_, const T* x_, const double* mean_, Shape s, int64_t col0,
+                  int64_t cols)
+      : width(2 * cols),
+        dy(dy_ + col0),
+        x(x_ + col0),
+        mean(mean_ + col0),
         rows(s.outer),
-        channels(s.channels),
+        channels(cols),
+        stride(s.channels),
         leaf_rows(interleaved_leaf_rows(s.channels)) {}
 
   int64_t leaves() const { return ceil_div(rows, leaf_rows); }
@@ -314,9 +320,10 @@ struct InterleavedSums {
     const int64_t C = channels;
     const int64_t r0 = k * leaf_rows;
     const int64_t r1 = std::min(rows, r0 + leaf_rows);
-    const int64_t next_rows = std::min(rows, r1 + leaf_rows) - r1;
-    prefetch_l2(x + r1 * C, next_rows * C * static_cast<int64_t>(sizeof(T)));
-    prefetch_l2(dy + r1 * C, next_rows * C * static_cast<int64_t>(sizeof(T)));
+    for (int64_t r = r1; r < std::min(rows, r1 + leaf_rows); ++r) {
+      prefetch_l2(x + r * stride, C * static_cast<int64_t>(sizeof(T)));
+      prefetch_l2(dy + r * stride, C * static_cast<int64_t>(sizeof(T)));
+    }
     double* __restrict__ sdy = out;
     double* __restrict__ sdyd = out + C;
     // channel blocks in registers, then the rest in memory, as in InterleavedMoments
@@ -329,8 +336,8 @@ struct InterleavedSums {
         b[v] = splat(0.0);
       });
       for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = x + r * C + c;
-        const T* gr = dy + r * C + c;
+        const T* xr = x + r * stride + c;
+        const T* gr = dy + r * stride + c;
         for_each_vec([&](int v, int64_t o) {
           const vd g = loadv(gr + o);
           a[v] += g;
@@ -345,8 +352,8 @@ struct InterleavedSums {
     std::fill(sdy + blocked, sdy + C, 0.0);
     std::fill(sdyd + blocked, sdyd + C, 0.0);
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * C;
-      const T* gr = dy + r * C;
+      const T* xr = x + r * stride;
+      const T* gr = dy + r * stride;
 #pragma omp simd
       for (int64_t c = blocked; c < C; ++c) {
         const double g = static_cast<double>(gr[c]);
@@ -379,19 +386,42 @@ void planar_channel_moments(const T* x, Shape s, int64_t c, int threads, double&
   m2 = out[2];
 }
 
-template <typename T>
-void interleaved_moments(const T* x, Shape s, int threads, double* mean, double* m2) {
-  const InterleavedMoments<T> ops(x, s);
-  const int64_t C = s.channels;
-  if (ops.leaves() == 0) {
-    std::fill(mean, mean + C, 0.0);
-    std::fill(m2, m2 + C, 0.0);
+// Columns per window of the interleaved reductions: a wide array (many channels, or the columns
+// of short planar runs) is reduced a window of columns at a time, the windows shared among the
+// threads, so that a leaf stays cache-sized.  A column's result does not depend on its window.
+constexpr int64_t kColumnWindow = 2048;
+
+// f(col0, cols) for the windows of s.channels columns: the whole row when it is narrow, else
+// windows shared among the threads (then each runs its tree on one thread).
+template <class F>
+void for_each_window(Shape s, int& threads, F&& f) {
+  if (s.channels <= kColumnWindow) {
+    f(int64_t{0}, s.channels);
     return;
   }
-  std::vector<double> out(static_cast<size_t>(ops.width));
-  parallel_tree(ops, ops.leaves(), out.data(), threads);
-  std::copy(out.begin() + 1, out.begin() + 1 + C, mean);
-  std::copy(out.begin() + 1 + C, out.begin() + 1 + 2 * C, m2);
+  const int64_t windows = ceil_div(s.channels, kColumnWindow);
+  const int outer_threads = threads;
+  threads = 1;
+  for_each_channel(windows, outer_threads, false, [&](int64_t w) {
+    const int64_t col0 = w * kColumnWindow;
+    f(col0, std::min(kColumnWindow, s.channels - col0));
+  });
+}
+
+template <typename T>
+void interleaved_moments(const T* x, Shape s, int threads, double* mean, double* m2) {
+  for_each_window(s, threads, [&](int64_t col0, int64_t cols) {
+    const InterleavedMoments<T> ops(x, s, col0, cols);
+    if (ops.leaves() == 0) {
+      std::fill(mean + col0, mean + col0 + cols, 0.0);
+      std::fill(m2 + col0, m2 + col0 + cols, 0.0);
+      return;
+    }
+    std::vector<double> out(static_cast<size_t>(ops.width));
+    parallel_tree(ops, ops.leaves(), out.data(), threads);
+    std::copy(out.begin() + 1, out.begin() + 1 + cols, mean + col0);
+    std::copy(out.begin() + 1 + cols, out.begin() + 1 + 2 * cols, m2 + col0);
+  });
 }
 
 template <typename T>
@@ -412,23 +442,105 @@ void planar_channel_sums(const T* dy, const T* x, Shape s, int64_t c, double mea
 template <typename T>
 void interleaved_sums(const T* dy, const T* x, Shape s, const double* mean, int threads,
                       double* sum_dy, double* sum_dyd) {
-  const InterleavedSums<T> ops(dy, x, mean, s);
-  const int64_t C = s.channels;
-  if (ops.leaves() == 0) {
-    std::fill(sum_dy, sum_dy + C, 0.0);
-    std::fill(sum_dyd, sum_dyd + C, 0.0);
-    return;
-  }
-  std::vector<double> out(static_cast<size_t>(ops.width));
-  parallel_tree(ops, ops.leaves(), out.data(), threads);
-  std::copy(out.begin(), out.begin() + C, sum_dy);
-  std::copy(out.begin() + C, out.begin() + 2 * C, sum_dyd);
+  for_each_window(s, threads, [&](int64_t col0, int64_t cols) {
+    const InterleavedSums<T> ops(dy, x, mean, s, col0, cols);
+    if (ops.leaves() == 0) {
+      std::fill(sum_dy + col0, sum_dy + col0 + cols, 0.0);
+      std::fill(sum_dyd + col0, sum_dyd + col0 + cols, 0.0);
+      return;
+    }
+    std::vector<double> out(static_cast<size_t>(ops.width));
+    parallel_tree(ops, ops.leaves(), out.data(), threads);
+    std::copy(out.begin(), out.begin() + cols, sum_dy + col0);
+    std::copy(out.begin() + cols, out.begin() + 2 * cols, sum_dyd + col0);
+  });
 }
 
 // Whether the planar kernels should give each thread whole channels (and fuse the passes of a
 // channel while it is in cache) rather than share every channel's subtrees among the threads.
 inline bool whole_channels_per_thread(Shape s, int threads) {
   return threads <= 1 || s.channels >= int64_t{4} * threads;
+}
+
+// Below this many values per (batch, channel) run the planar pattern reads short runs that share
+// their cache lines with other channels; such arrays are reduced as if interleaved instead:
+// (outer, C * inner) columns, whose statistics are then merged per channel.
+constexpr int64_t kMinPlanarRun = 256;
+
+inline bool short_runs(Shape s) {
+  return s.inner > 1 && s.inner < kMinPlanarRun;
+}
+
+// The fused per-channel kernels (statistics or sums, then the elementwise pass, a channel at a
+// time while it is in cache) pay off for long runs and enough channels to share.
+inline bool fuse_per_channel(Shape s, int threads) {
+  return s.inner >= kMinPlanarRun && whole_channels_per_thread(s, threads);
+}
+
+// Moments of every channel, by whichever pattern suits the shape; deterministic in the thread count
+// (the choice of pattern depends on the shape alone).
+template <typename T>
+void channel_moments(const T* x, Shape s, int threads, double* mean, double* m2) {
+  if (s.inner == 1) {
+    interleaved_moments(x, s, threads, mean, m2);
+  } else if (short_runs(s)) {
+    // per-column moments over the outer rows, then each channel's inner columns merged in order
+    const Shape wide{s.outer, s.channels * s.inner, 1};
+    std::vector<double> col_mean(static_cast<size_t>(wide.channels));
+    std::vector<double> col_m2(static_cast<size_t>(wide.channels));
+    interleaved_moments(x, wide, threads, col_mean.data(), col_m2.data());
+    const auto rows = static_cast<double>(s.outer);
+    for (int64_t c = 0; c < s.channels; ++c) {
+      double n = 0.0, mu = 0.0, q = 0.0;
+      for (int64_t i = 0; i < s.inner; ++i) {
+        const auto col = static_cast<size_t>(c * s.inner + i);
+        chan_merge(n, mu, q, rows, col_mean[col], col_m2[col]);
+      }
+      mean[c] = mu;
+      m2[c] = q;
+    }
+  } else if (whole_channels_per_thread(s, threads)) {
+    for_each_channel(s.channels, threads, false,
+                     [&](int64_t c) { planar_channel_moments(x, s, c, 1, mean[c], m2[c]); });
+  } else {
+    for (int64_t c = 0; c < s.channels; ++c) {
+      planar_channel_moments(x, s, c, threads, mean[c], m2[c]);
+    }
+  }
+}
+
+// (sum dy, sum dy * (x - mean)) of every channel, likewise.
+template <typename T>
+void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int threads, double* sum_dy,
+                  double* sum_dyd) {
+  if (s.inner == 1) {
+    interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd);
+  } else if (short_runs(s)) {
+    const Shape wide{s.outer, s.channels * s.inner, 1};
+    const auto cols = static_cast<size_t>(wide.channels);
+    std::vector<double> col_mean(cols), col_dy(cols), col_dyd(cols);
+    for (int64_t c = 0; c < s.channels; ++c) {
+      std::fill_n(col_mean.begin() + c * s.inner, s.inner, mean[c]);
+    }
+    interleaved_sums(dy, x, wide, col_mean.data(), threads, col_dy.data(), col_dyd.data());
+    for (int64_t c = 0; c < s.channels; ++c) {
+      double a = 0.0, b = 0.0;
+      for (int64_t i = 0; i < s.inner; ++i) {
+        a += col_dy[static_cast<size_t>(c * s.inner + i)];
+        b += col_dyd[static_cast<size_t>(c * s.inner + i)];
+      }
+      sum_dy[c] = a;
+      sum_dyd[c] = b;
+    }
+  } else if (whole_channels_per_thread(s, threads)) {
+    for_each_channel(s.channels, threads, false, [&](int64_t c) {
+      planar_channel_sums(dy, x, s, c, mean[c], 1, sum_dy[c], sum_dyd[c]);
+    });
+  } else {
+    for (int64_t c = 0; c < s.channels; ++c) {
+      planar_channel_sums(dy, x, s, c, mean[c], threads, sum_dy[c], sum_dyd[c]);
+    }
+  }
 }
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS::detail
