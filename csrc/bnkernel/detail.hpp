@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -37,6 +38,17 @@ inline int64_t interleaved_leaf_rows(int64_t channels) {
 // The tree over leaves [k0, k1) always splits at k0 + (k1 - k0) / 2, so its shape depends only on
 // the number of leaves.  scratch holds one accumulator per tree level.
 
+// Doubles left uninitialized: the tree writes every accumulator before it reads it, so zeroing
+// the scratch (wide for interleaved arrays: 1 + 3C doubles a level) would be wasted work.
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(new double[static_cast<size_t>(n)]) {}
+  double* data() { return data_.get(); }
+
+ private:
+  std::unique_ptr<double[]> data_;
+};
+
 inline int tree_levels(int64_t leaves) {
   int levels = 1;
   while ((int64_t{1} << (levels - 1)) < leaves) ++levels;
@@ -59,7 +71,7 @@ void tree_reduce(const Ops& ops, int64_t k0, int64_t k1, double* out, double* sc
 
 template <class Ops>
 void serial_tree(const Ops& ops, int64_t leaves, double* out) {
-  std::vector<double> scratch(static_cast<size_t>(tree_levels(leaves) * ops.width));
+  Scratch scratch(tree_levels(leaves) * ops.width);
   tree_reduce(ops, 0, leaves, out, scratch.data(), 0);
 }
 
@@ -103,12 +115,12 @@ void parallel_tree(const Ops& ops, int64_t leaves, double* out, int threads) {
   std::vector<std::pair<int64_t, int64_t>> nodes;
   collect_nodes(0, leaves, 0, depth, nodes);
   const auto count = static_cast<int64_t>(nodes.size());
-  std::vector<double> results(static_cast<size_t>(count * ops.width));
+  Scratch results(count * ops.width);
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    std::vector<double> scratch(static_cast<size_t>(tree_levels(leaves) * ops.width));
+    Scratch scratch(tree_levels(leaves) * ops.width);
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -117,7 +129,7 @@ void parallel_tree(const Ops& ops, int64_t leaves, double* out, int threads) {
                   results.data() + t * ops.width, scratch.data(), 0);
     }
   }
-  std::vector<double> scratch(static_cast<size_t>(tree_levels(leaves) * ops.width));
+  Scratch scratch(tree_levels(leaves) * ops.width);
   size_t next = 0;
   combine_nodes(ops, 0, leaves, 0, depth, results.data(), next, out, scratch.data());
 }
