@@ -47,13 +47,13 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
   const int threads = threads_for(s.size());
   // streaming stores for the per-channel runs only when the runs are long: a short run shares its
   // first and last cache lines with other channels, and mixing store kinds on a line is slow
-  const bool stream = detail::stream_output(s.size(), sizeof(T)) &&
-                      s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+  const bool stream_runs = detail::stream_output(s.size(), sizeof(T)) &&
+                           s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   std::vector<double> sum_dy(static_cast<size_t>(C)), sum_dy_xhat(static_cast<size_t>(C));
 
   if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its sums, then its dx while (dy, x) are still in cache
-    detail::for_each_channel(C, threads, stream, [&](int64_t c) {
+    detail::for_each_channel(C, threads, stream_runs, [&](int64_t c) {
       double& sdy = sum_dy[static_cast<size_t>(c)];
       double& sdyx = sum_dy_xhat[static_cast<size_t>(c)];
       detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sdy, sdyx);
@@ -62,27 +62,23 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
       detail::for_channel_rows(s, c, [&](int64_t offset) {
         if (mode == Mode::train) {
           detail::grad_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k.k_scale,
-                           k.k_dy, k.k_x, stream);
+                           k.k_dy, k.k_x, stream_runs);
         } else {
-          detail::scale_run(dy + offset, dx + offset, s.inner, k.k_scale, stream);
+          detail::scale_run(dy + offset, dx + offset, s.inner, k.k_scale, stream_runs);
         }
       });
     });
   } else {
-    detail::channel_sums(dy, x, s, mean, threads, sum_dy.data(), sum_dy_xhat.data());
-    std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
-        k_x(static_cast<size_t>(C));
-    for (int64_t c = 0; c < C; ++c) {
-      const auto i = static_cast<size_t>(c);
-      sum_dy_xhat[i] *= invstd[c];
-      const auto k = grad_coefficients(gamma, invstd, sum_dy.data(), sum_dy_xhat.data(), m, c);
-      k_scale[i] = k.k_scale;
-      k_dy[i] = k.k_dy;
-      k_x[i] = k.k_x;
-    }
+    // the split phases, in this namespace (qualified: Shape brings bnkernel:: in by ADL)
+    BNKERNEL_ISA_NS::backward_reduce(dy, x, s, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
     if (mode == Mode::train) {
-      detail::grad(dy, x, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx, threads);
+      BNKERNEL_ISA_NS::backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy.data(),
+                                            sum_dy_xhat.data(), s.per_channel(), dx);
     } else {
+      std::vector<double> k_scale(static_cast<size_t>(C));
+      for (int64_t c = 0; c < C; ++c) {
+        k_scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
+      }
       detail::scale(dy, s, k_scale.data(), dx, threads);
     }
   }

@@ -56,32 +56,28 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
   const int threads = threads_for(s.size());
   // streaming stores for the per-channel runs only when the runs are long: a short run shares its
   // first and last cache lines with other channels, and mixing store kinds on a line is slow
-  const bool stream = detail::stream_output(s.size(), sizeof(T)) &&
-                      s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+  const bool stream_runs = detail::stream_output(s.size(), sizeof(T)) &&
+                           s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   std::vector<double> m2(static_cast<size_t>(C));
 
   if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its statistics, then its normalize while it is still in cache
-    detail::for_each_channel(C, threads, stream, [&](int64_t c) {
+    detail::for_each_channel(C, threads, stream_runs, [&](int64_t c) {
       double& m2c = m2[static_cast<size_t>(c)];
       detail::planar_channel_moments(x, s, c, 1, mean[c], m2c);
       invstd[c] = 1.0 / std::sqrt(m2c / m + eps);
       const double scale = detail::gamma_of(gamma, c) * invstd[c];
       const double shift = detail::beta_of(beta, c);
       detail::for_channel_rows(s, c, [&](int64_t offset) {
-        detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift, stream);
+        detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift, stream_runs);
       });
     });
   } else {
-    BNKERNEL_ISA_NS::channel_stats(x, s, mean,
-                                   m2.data());  // qualified: Shape brings bnkernel:: in by ADL
-    std::vector<double> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
-    for (int64_t c = 0; c < C; ++c) {
+    // the split phases, in this namespace (qualified: Shape brings bnkernel:: in by ADL)
+    BNKERNEL_ISA_NS::channel_stats(x, s, mean, m2.data());
+    for (int64_t c = 0; c < C; ++c)
       invstd[c] = 1.0 / std::sqrt(m2[static_cast<size_t>(c)] / m + eps);
-      scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
-      shift[static_cast<size_t>(c)] = detail::beta_of(beta, c);
-    }
-    detail::affine(x, s, mean, scale.data(), shift.data(), y, threads);
+    BNKERNEL_ISA_NS::normalize(x, s, mean, invstd, gamma, beta, y);
   }
   update_running(running, s, mean, m2.data());
 }
