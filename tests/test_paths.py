@@ -2,8 +2,8 @@
 thread counts.
 
 The reductions pick a memory pattern from the shape alone: planar runs (per-channel leaves),
-interleaved rows, or, for short planar runs (inner < 256), the interleaved pattern over the
-(outer, C * inner) columns with the columns then merged per channel; rows wider than 2048 columns
+interleaved rows, or, for short planar runs (inner < 256, at least 8 rows), the interleaved pattern
+over the (outer, C * inner) columns with the columns then merged per channel; rows wider than 2048 columns
 are reduced a window of columns at a time.  Each case here lands on one of those paths.
 """
 
@@ -17,7 +17,8 @@ from bnkernel import reference as ref
 
 CASES = [
     # label, shape, axis
-    ("short-runs-7x7", (6, 300, 7, 7), 1),  # C*inner = 14700 columns: windowed
+    ("short-runs-7x7", (8, 300, 7, 7), 1),  # C*inner = 14700 columns: windowed
+    ("short-runs-few-rows", (7, 300, 7, 7), 1),  # under 8 rows: planar runs instead
     ("short-runs-inner2", (2000, 9, 2), 1),  # C*inner = 18: one window
     ("run-255", (130, 3, 255), 1),  # just below the planar threshold
     ("run-256", (130, 3, 256), 1),  # just at it

@@ -472,8 +472,10 @@ inline bool whole_channels_per_thread(Shape s, int threads) {
 // (outer, C * inner) columns, whose statistics are then merged per channel.
 constexpr int64_t kMinPlanarRun = 256;
 
+// (The per-column statistics take 24 bytes a column; with 8 or more rows that is less than the
+// input itself, so the column path is kept to those.)
 inline bool short_runs(Shape s) {
-  return s.inner > 1 && s.inner < kMinPlanarRun;
+  return s.inner > 1 && s.inner < kMinPlanarRun && s.outer >= 8;
 }
 
 // The fused per-channel kernels (statistics or sums, then the elementwise pass, a channel at a
