@@ -2,9 +2,9 @@
 thread counts.
 
 The reductions pick a memory pattern from the shape alone: planar runs (per-channel leaves),
-interleaved rows, or, for short planar runs (inner < 256, at least 8 rows), the interleaved pattern
-over the (outer, C * inner) columns with the columns then merged per channel; rows wider than 2048 columns
-are reduced a window of columns at a time.  Each case here lands on one of those paths.
+interleaved rows, or, for short planar runs (inner < 256, at least 8 rows), the interleaved
+pattern over the (outer, C * inner) columns with the columns then merged per channel; rows wider
+than 2048 columns are reduced a window of columns at a time.  Each case lands on one path.
 """
 
 from __future__ import annotations
