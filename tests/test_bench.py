@@ -6,6 +6,7 @@ use them are skipped without them)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import numpy as np
@@ -285,3 +286,187 @@ def test_torch_peer(op, layout, out_kernels, monkeypatch):
     if layout == "NHWC":
         xt = _bench._to_torch(torch, case.x, True)
         assert xt.shape == (4, 6, 3, 5) and xt.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---- size sweep ---------------------------------------------------------------------------------
+
+SWEEP_FAST = ["--sweep", "--sweep-max", "64K", "--repeat", "1", "--min-time", "0.001",
+              "--copy-mib", "1", "--no-torch", "--threads", "1"]  # fmt: skip
+
+
+def _fake_caches(root, entries):
+    """A sysfs-like cache directory: entries of (level, type, size)."""
+    for i, (level, kind, size) in enumerate(entries):
+        d = root / f"index{i}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    return str(root)
+
+
+def test_sweep_table_and_json(tmp_path, monkeypatch, capsys, restore_threads):
+    caches = [(1, "Data", "8K"), (1, "Instruction", "32K"), (2, "Unified", "16K"),
+              (3, "Unified", "32K")]  # fmt: skip
+    monkeypatch.setattr(_bench, "CACHE_SYSFS", _fake_caches(tmp_path / "cache", caches))
+    path = tmp_path / "sweep.json"
+    rc = main(["bench", *SWEEP_FAST, "--layouts", "NCHW,NHWC", "--ops",
+               "forward_train,backward_train", "--json", str(path)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "size sweep" in out and "caches (cpu0): L1d 8 KiB, L2 16 KiB, L3 32 KiB" in out
+    for column in ("size", "shape", "bnkernel", "ns/B", "GB/s", "passes", "ratio"):
+        assert column in out
+    assert "torch" not in out.split("\n\n", 1)[1] and "numpy" not in out.split("\n\n", 1)[1]
+    for line in ("----- L1d 8 KiB", "----- L2 16 KiB", "----- L3 32 KiB"):
+        assert out.count(line) == 4  # once per series: 2 layouts x 2 ops
+    assert "forward_train, NHWC, float32, 1 thread" in out
+    assert "[20/20]" in err  # progress on stderr: 5 sizes x 2 layouts x 2 ops
+
+    report = json.loads(path.read_text())
+    sizes = report["sweep"]["sizes"]
+    assert sizes == [4096 << i for i in range(5)]  # 4 KiB doubling to 64 KiB
+    assert report["sweep"]["baseline_above_bytes"] == 16 << 10
+    assert [c["name"] for c in report["caches"]] == ["L1d", "L2", "L3"]
+    assert report["config"]["sweep"] is True and report["config"]["numpy"] is False
+    results = report["results"]
+    assert len(results) == 20
+    series = report["sweep"]["series"]
+    assert len(series) == 4 and all(s["baseline_bytes"] == [32 << 10, 64 << 10] for s in series)
+    for s in series:
+        rows = sorted(
+            (r for r in results if (r["op"], r["layout"]) == (s["op"], s["layout"])),
+            key=lambda r: r["bytes"],
+        )
+        assert [r["bytes"] for r in rows] == sizes
+        base = float(np.median([r["ns_per_byte"] for r in rows[-2:]]))
+        assert s["baseline_ns_per_byte"]["bnkernel"] == pytest.approx(base)
+        assert [r["cache"] for r in rows] == ["L1d", "L1d", "L2", "L3", "memory"]
+        for r in rows:
+            n, c, h, w = map(int, r["shape"].split("x"))
+            assert c == 64 and h == w and n * c * h * w * 4 == r["bytes"]
+            t = r["bnkernel"]["median_s"]
+            assert r["ns_per_byte"] == pytest.approx(t / r["bytes"] * 1e9)
+            assert r["ns_per_element"] == pytest.approx(4 * r["ns_per_byte"])
+            assert r["cost_ratio"] == pytest.approx(r["ns_per_byte"] / base)
+            assert r["bnkernel"]["cost_ratio"] == r["cost_ratio"]
+            assert r["bnkernel"]["check"]["max_rel_err"] <= r["bnkernel"]["check"]["tolerance"]
+            assert r["numpy"] is None and r["torch"] is None
+            assert r["GBps"] > 0 and r["passes"] > 0
+
+
+def test_sweep_without_cache_info(tmp_path, monkeypatch, capsys):
+    """No cache sizes known: nothing marked, ratios against the largest size (none past 1 MiB)."""
+    monkeypatch.setattr(_bench, "CACHE_SYSFS", str(tmp_path / "missing"))
+    config = _bench.BenchConfig(
+        dtypes=["float64"], ops=["forward_infer"], layouts=["NCHW"], threads=[1], repeat=1,
+        min_time=0.0, numpy=True, torch=False, copy_mib=1, sweep=True, sweep_max=16 << 10,
+    )  # fmt: skip
+    report = _bench.run_sweep(config)
+    out = capsys.readouterr().out
+    assert report["caches"] == [] and "unknown" in out and "-----  " not in out
+    assert "ratio: ns/B / the ns/B of the largest size" in out
+    rows = report["results"]
+    assert [r["shape"] for r in rows] == ["2x64x2x2", "1x64x4x4", "2x64x4x4"]  # float64 sizes
+    assert rows[-1]["cost_ratio"] == 1.0 and rows[-1]["numpy"]["cost_ratio"] == 1.0
+    assert "numpy" in out and "vs numpy" in out  # --numpy: the textbook is timed too
+
+
+def test_sweep_sizes_and_shapes():
+    sizes = _bench.sweep_sizes()
+    assert sizes == [(4 << 10) << i for i in range(19)]  # 4 KiB doubling to 1 GiB
+    for dtype in (np.float32, np.float64):
+        itemsize = np.dtype(dtype).itemsize
+        for n in sizes:
+            shape = _bench.sweep_shape(n, dtype)
+            assert shape[1] == 64 and shape[2] == shape[3] <= 64
+            assert math.prod(shape) * itemsize == n
+            if n >= 64 * 64 * 64 * itemsize:
+                assert shape[2:] == (64, 64)  # past 1 MiB (float32): only N grows
+    assert _bench.sweep_shape(1 << 30) == (1024, 64, 64, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        _bench.sweep_shape(3 << 12)
+
+
+def test_parse_size():
+    assert _bench.parse_size("4096") == 4096
+    assert _bench.parse_size("64K") == _bench.parse_size("64KiB") == 64 << 10
+    assert _bench.parse_size("256m") == _bench.parse_size("256 MB") == 256 << 20
+    assert _bench.parse_size("1G") == 1 << 30
+    assert _bench.parse_size("1.5M") == 3 << 19
+    for bad in ("", "abc", "1X", "-4K", "0", "0.3", "1..5M", "K"):
+        with pytest.raises(ValueError, match="is not a size"):
+            _bench.parse_size(bad)
+
+
+def test_cache_sizes(tmp_path):
+    entries = [(1, "Instruction", "64K"), (1, "Data", "48K"), (2, "Unified", "2048K"),
+               (3, "Unified", "36M")]  # fmt: skip
+    root = _fake_caches(tmp_path / "c", entries)
+    caches = _bench.cache_sizes(root)
+    assert [(c.name, c.nbytes) for c in caches] == [("L1d", 48 << 10), ("L2", 2 << 20),
+                                                    ("L3", 36 << 20)]  # fmt: skip
+    assert _bench.fits_in(4 << 20, caches) == "L3" and _bench.fits_in(64 << 20, caches) == "memory"
+    assert _bench.baseline_threshold(caches) == (2 << 20, "L2 (2 MiB)")
+    (tmp_path / "c" / "index3" / "size").write_text("garbage\n")  # unreadable entries are skipped
+    assert [c.name for c in _bench.cache_sizes(root)] == ["L1d", "L2"]
+    assert _bench.cache_sizes(str(tmp_path / "nowhere")) == []
+    assert _bench.baseline_threshold([])[0] == _bench.ASSUMED_L2_BYTES
+
+
+def test_sweep_defaults():
+    config = _bench.config_from_args(_parse(["bench", "--sweep"]))
+    assert config.sweep and config.sweep_min == 4 << 10 and config.sweep_max == 1 << 30
+    assert config.layouts == ["NCHW"] and config.dtypes == ["float32"]
+    assert config.ops == list(_bench.OPS) and config.numpy is False and config.torch is True
+    assert config.max_time == _bench.SWEEP_MAX_TIME_S
+    config = _bench.config_from_args(_parse(["bench", "--sweep", "--numpy", "--sweep-max", "256M"]))
+    assert config.numpy is True and config.sweep_max == 256 << 20
+    config = _bench.config_from_args(_parse(["bench"]))
+    assert not config.sweep and config.numpy is True and config.max_time is None
+    assert config.layouts == list(_bench.LAYOUTS) and config.dtypes == list(_bench.DTYPES)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("abc", "'abc' is not a size: expected a whole number of bytes"),
+        ("0", "'0' is not a size"),
+        ("3M", "'3M' (3145728 bytes) is not a power of two"),
+        ("2K", "'2K' (2048 bytes) is too small: the sweep starts at 4K"),
+    ],
+)
+def test_sweep_max_parse_errors(value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--sweep", "--sweep-max", value])
+    assert e.value.code == 2
+    assert f"argument --sweep-max: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sweep", "--sweep-min", "64K", "--sweep-max", "16K"],
+         "--sweep-min 64 KiB is larger than --sweep-max 16 KiB"),
+        (["--sweep-max", "1G"], "--sweep-max only applies with --sweep"),
+        (["--numpy"], "--numpy only applies with --sweep"),
+        (["--sweep", "--numpy", "--no-numpy"], "contradict"),
+        (["--sweep", "--shapes", "8x3"], "--shapes does not apply to --sweep"),
+        (["--sweep", "--layouts", "NC"], "choose --layouts NCHW and/or NHWC"),
+        (["--sweep", "--sweep-max", "64T"], "of memory"),
+    ],
+)  # fmt: skip
+def test_sweep_config_errors(args, message, capsys):
+    assert main(["bench", "--no-torch", *args]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "bench: error:" in err
+    assert "ns/B" not in out  # failed before timing anything
+
+
+def test_sweep_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sweep.png"
+    rc = main(["bench", *SWEEP_FAST, "--sweep-max", "16K", "--ops", "forward_infer",
+               "--plot", str(path)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

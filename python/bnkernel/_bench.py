@@ -17,16 +17,25 @@ Batch norm is memory-bound, so besides times the table reports
 Peers are timed the way they run in a training loop: bnkernel with preallocated ``out=``; torch
 through its ATen kernels with preallocated outputs where torch has a real out= kernel (else the
 allocating call; the JSON says which); NumPy textbook code allocates, as such code does.
+
+``--sweep`` runs the same measurements over one shape family, (N, 64, H, W), whose byte size
+doubles from 4 KiB to ``--sweep-max`` (1 GiB by default), and reports the cost per byte of each
+size next to the median cost per byte of the sizes past the L2 cache, with the machine's cache
+sizes marked: a cache boundary the kernels fall off shows as a step in that ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import glob
 import importlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -51,17 +60,24 @@ __all__ = [
     "BenchCheckError",
     "BenchConfig",
     "BenchError",
+    "CacheLevel",
     "Case",
     "CopyBandwidth",
     "Prepared",
     "Timing",
     "add_arguments",
+    "cache_sizes",
     "check_outputs",
     "copy_bandwidth",
+    "format_sweep_table",
     "make_case",
     "parse_shapes",
+    "parse_size",
     "prepare",
     "run_bench",
+    "run_sweep",
+    "sweep_shape",
+    "sweep_sizes",
     "time_call",
 ]
 
@@ -104,6 +120,22 @@ MAX_SAMPLES = 2000
 SHORT_CALL_S = 2e-5  # calls shorter than this are timed in batches ...
 BATCH_TARGET_S = 2e-4  # ... of about this long
 PEER_MAX_TIME_S = 1.0  # the NumPy textbook stops after this much time (and >= 3 samples)
+
+# The size sweep (--sweep): logical shapes (N, SWEEP_CHANNELS, H, W) of 2**k bytes, H = W doubling
+# up to SWEEP_MAX_SIDE, then N doubling; sizes from SWEEP_MIN_BYTES to --sweep-max.  A measurement
+# in a sweep stops after SWEEP_MAX_TIME_S once it has 3 samples (slow peers on 1 GiB inputs).
+SWEEP_CHANNELS = 64
+SWEEP_MAX_SIDE = 64
+SWEEP_MIN_BYTES = 4 << 10
+SWEEP_MAX_BYTES = 1 << 30
+SWEEP_MAX_TIME_S = 2.0
+# Peak memory of a sweep step, in units of bytes(x): x, dy, one output, a peer's output and the
+# temporaries of the peers and of the reference check (the NumPy textbook allocates more).
+SWEEP_MEMORY_FACTOR = 5
+SWEEP_MEMORY_FACTOR_NUMPY = 9
+# Sizes of x past this are "past L2" when the machine does not say how large its L2 is.
+ASSUMED_L2_BYTES = 1 << 20
+CACHE_SYSFS = "/sys/devices/system/cpu/cpu0/cache"
 
 
 class BenchError(RuntimeError):
@@ -165,6 +197,36 @@ def parse_threads(text: str) -> list[int]:
         if n not in out:
             out.append(n)
     return out
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:([kmgt])(?:i?b)?|b)?")
+
+
+def parse_size(text: str) -> int:
+    """``"256M"`` -> 268435456: a whole number of bytes, with an optional K, M, G or T suffix in
+    powers of 1024 ("256MiB", "256MB" and "256m" read the same), e.g. 4096, 64K, 1.5M, 1G."""
+    m = _SIZE_RE.fullmatch(text.strip().lower().replace(" ", ""))
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""] if m else 0.0
+    if not (value >= 1 and value == int(value)):
+        raise ValueError(
+            f"{text!r} is not a size: expected a whole number of bytes with an optional K, M or G "
+            "suffix (powers of 1024), e.g. 64K, 256M or 1G"
+        )
+    return int(value)
+
+
+def parse_sweep_size(text: str) -> int:
+    """A size for ``--sweep-min`` / ``--sweep-max``: a power of two of at least 4 KiB."""
+    n = parse_size(text)
+    if n & (n - 1):
+        raise ValueError(
+            f"{text!r} ({n} bytes) is not a power of two: the sweep doubles the size of x, "
+            "e.g. 256M or 1G"
+        )
+    if n < SWEEP_MIN_BYTES:
+        raise ValueError(f"{text!r} ({n} bytes) is too small: the sweep starts at 4K or above")
+    return n
 
 
 def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -280,6 +342,117 @@ def make_case(
     count, mean, m2 = _fn.channel_stats(x, axis=ax)
     invstd = _fn.invstd_from_stats(count, m2, EPS)
     return Case(shape, layout, dt, x, dy, gamma, beta, running_mean, running_var, mean, invstd)
+
+
+# ---- the size sweep: shapes and caches ----------------------------------------------------------
+
+
+def sweep_sizes(min_bytes: int = SWEEP_MIN_BYTES, max_bytes: int = SWEEP_MAX_BYTES) -> list[int]:
+    """The sizes of x in a sweep: ``min_bytes``, doubling up to ``max_bytes`` (powers of two)."""
+    sizes = []
+    n = min_bytes
+    while n <= max_bytes:
+        sizes.append(n)
+        n *= 2
+    return sizes
+
+
+def sweep_shape(nbytes: int, dtype: Any = np.float32) -> tuple[int, int, int, int]:
+    """The logical (N, 64, H, W) shape of ``nbytes`` bytes: H = W grow (as powers of two) up to 64,
+    then N grows, so past 1 MiB (float32; 2 MiB float64) every size is (N, 64, 64, 64)."""
+    itemsize = np.dtype(dtype).itemsize
+    per_channel, rem = divmod(nbytes, SWEEP_CHANNELS * itemsize)
+    if rem or per_channel < 2 or per_channel & (per_channel - 1):
+        raise ValueError(
+            f"{nbytes} bytes: expected a power of two holding at least 2 {np.dtype(dtype).name} "
+            f"values in each of {SWEEP_CHANNELS} channels"
+        )
+    k = per_channel.bit_length() - 1  # N * H * W = 2**k
+    a = min(k // 2, SWEEP_MAX_SIDE.bit_length() - 1)  # H = W = 2**a
+    return (1 << (k - 2 * a), SWEEP_CHANNELS, 1 << a, 1 << a)
+
+
+@dataclass(frozen=True)
+class CacheLevel:
+    """One data (or unified) cache of CPU 0, as the kernel reports it."""
+
+    level: int
+    kind: str  # "Data" or "Unified"
+    nbytes: int
+    shared_cpu_list: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"L{self.level}{'d' if self.kind == 'Data' else ''}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "level": self.level,
+            "type": self.kind,
+            "bytes": self.nbytes,
+            "shared_cpu_list": self.shared_cpu_list,
+        }
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cache_sizes(root: str = CACHE_SYSFS) -> list[CacheLevel]:
+    """CPU 0's data and unified caches from ``root`` (Linux sysfs: ``index*/{level,type,size}``),
+    by level; instruction caches are left out.  An empty list where the machine does not say (not
+    Linux, no sysfs, unreadable entries): the sweep then marks no cache sizes."""
+    found: dict[int, CacheLevel] = {}
+    for index in sorted(glob.glob(os.path.join(root, "index*"))):
+        level_text = _read_text(os.path.join(index, "level"))
+        kind = _read_text(os.path.join(index, "type")) or "Unified"
+        size_text = _read_text(os.path.join(index, "size"))
+        if level_text is None or size_text is None or kind == "Instruction":
+            continue
+        try:
+            level = int(level_text)
+            nbytes = parse_size(size_text)
+        except ValueError:
+            continue
+        shared = _read_text(os.path.join(index, "shared_cpu_list"))
+        if level not in found or nbytes > found[level].nbytes:
+            found[level] = CacheLevel(level, kind, nbytes, shared)
+    return [found[k] for k in sorted(found)]
+
+
+def fits_in(nbytes: int, caches: Sequence[CacheLevel]) -> str:
+    """The name of the smallest cache that holds ``nbytes`` ("memory" when none does)."""
+    for c in caches:
+        if nbytes <= c.nbytes:
+            return c.name
+    return "memory"
+
+
+def baseline_threshold(caches: Sequence[CacheLevel]) -> tuple[int, str]:
+    """The size past which a sweep's sizes form the baseline of the cost ratio: the L2 cache's
+    size, else the largest cache known, else an assumed 1 MiB; and where that number comes from."""
+    l2 = [c for c in caches if c.level == 2]
+    if l2:
+        return l2[0].nbytes, f"L2 ({_fmt_bytes(l2[0].nbytes)})"
+    if caches:
+        last = caches[-1]
+        return last.nbytes, f"{last.name} ({_fmt_bytes(last.nbytes)}; no L2 known)"
+    return ASSUMED_L2_BYTES, f"{_fmt_bytes(ASSUMED_L2_BYTES)} (cache sizes unknown; assumed L2)"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
 
 
 # ---- the NumPy textbook -------------------------------------------------------------------------
@@ -906,6 +1079,12 @@ class BenchConfig:
     copy_mib: float = 256.0
     json_path: str | None = None
     plot_path: str | None = None
+    # a measurement stops after this many seconds once it has 3 samples (None: no cap)
+    max_time: float | None = None
+    # the size sweep (run_sweep): shapes are sweep_shape(size) for the sizes of sweep_sizes()
+    sweep: bool = False
+    sweep_min: int = SWEEP_MIN_BYTES
+    sweep_max: int = SWEEP_MAX_BYTES
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -971,16 +1150,11 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark, print the table to ``out`` (progress lines to ``progress``), write the
     JSON / plot files the config asks for, and return the report (the JSON's content)."""
+    if config.sweep:
+        return run_sweep(config, out, progress)
     out = sys.stdout if out is None else out
     progress = sys.stderr if progress is None else progress
-    threads_list = list(config.threads) or [int(_core.get_num_threads())]
-    if any(t < 1 for t in threads_list):
-        raise BenchError("threads: expected counts >= 1")
-    if config.plot_path is not None:
-        _require_matplotlib()
-    torch = _import_optional("torch") if config.torch else None
-    if config.torch and torch is None:
-        progress.write("torch is not importable: the torch columns are left empty\n")
+    threads_list, torch = _start_run(config, progress)
     torch_threads0 = int(torch.get_num_threads()) if torch is not None else None
 
     cases = [
@@ -1011,40 +1185,19 @@ def run_bench(
         "results": [],
     }
     try:
-        copy_bw: dict[int, CopyBandwidth] = {}
-        nbytes_copy = max(8, int(config.copy_mib * (1 << 20)))
-        for t in threads_list:
-            progress.write(f"measuring copy bandwidth, {t} thread(s), {nbytes_copy >> 20} MiB\n")
-            copy_bw[t] = copy_bandwidth(t, nbytes_copy)
-            report["copy_bandwidth"].append(copy_bw[t].to_json())
+        copy_bw = _measure_copy(config, threads_list, progress)
+        report["copy_bandwidth"] = [b.to_json() for b in copy_bw.values()]
         _print_header(out, report, copy_bw, torch)
         total = len(cases) * len(config.ops) * len(threads_list)
         done = 0
         for shape, lay, dtname in cases:
             case = make_case(shape, lay, dtname)
             for op in config.ops:
-                np_timing: Timing | None = None
-                np_check: dict[str, Any] | None = None
-                np_variant: str | None = None
-                if config.numpy:
-                    p = prepare(case, op, "numpy")
-                    np_check = check_outputs(case, op, p.outputs(), peer=True, who="numpy")
-                    np_timing = time_call(
-                        p.call, config.repeat, config.min_time, max_time=PEER_MAX_TIME_S
-                    )
-                    np_variant = p.variant
-                    del p
+                np_result = _run_numpy(case, op, config) if config.numpy else None
                 for t in threads_list:
                     done += 1
                     row = _run_threads(case, op, t, config, torch, copy_bw[t])
-                    row["numpy"] = None
-                    if np_timing is not None:
-                        row["numpy"] = {
-                            **np_timing.to_json(),
-                            "variant": np_variant,
-                            "check": np_check,
-                        }
-                        row["speedup_vs_numpy"] = np_timing.median / row["bnkernel"]["median_s"]
+                    _add_numpy(row, np_result)
                     report["results"].append(row)
                     progress.write(f"[{done}/{total}] {_row_line(row)}\n")
                     progress.flush()
@@ -1054,14 +1207,231 @@ def run_bench(
         if torch is not None and torch_threads0 is not None:
             torch.set_num_threads(torch_threads0)
     _print_table(out, report["results"])
+    _write_outputs(config, report, progress, plot_report)
+    return report
+
+
+def run_sweep(
+    config: BenchConfig, out: TextIO | None = None, progress: TextIO | None = None
+) -> dict[str, Any]:
+    """The size sweep (``bench --sweep``): every selected op, layout (NCHW, NHWC), dtype and thread
+    count on (N, 64, H, W) inputs of ``sweep_sizes(config.sweep_min, config.sweep_max)`` bytes,
+    each checked against the reference and timed as in :func:`run_bench`.  Prints one table per
+    series with the cost per byte and its ratio to the series' median cost per byte past L2, the
+    cache sizes marked between rows; writes the JSON / plot files asked for; returns the report."""
+    out = sys.stdout if out is None else out
+    progress = sys.stderr if progress is None else progress
+    if config.max_time is None:
+        config = dataclasses.replace(config, max_time=SWEEP_MAX_TIME_S)
+    sizes = sweep_sizes(config.sweep_min, config.sweep_max)
+    if not sizes:
+        raise BenchError(
+            f"--sweep-min {_fmt_bytes(config.sweep_min)} is larger than --sweep-max "
+            f"{_fmt_bytes(config.sweep_max)}"
+        )
+    for n, what in ((config.sweep_min, "--sweep-min"), (config.sweep_max, "--sweep-max")):
+        if n < SWEEP_MIN_BYTES or n & (n - 1):
+            raise BenchError(f"{what} {n}: expected a power of two of at least 4 KiB")
+    layouts = [lay for lay in config.layouts if lay in ("NCHW", "NHWC")]
+    if not layouts:
+        raise BenchError(
+            "--sweep times 4-D (N, 64, H, W) inputs: choose --layouts NCHW and/or NHWC"
+        )
+    _check_sweep_memory(config.sweep_max, config.numpy)
+    threads_list, torch = _start_run(config, progress)
+    torch_threads0 = int(torch.get_num_threads()) if torch is not None else None
+    caches = cache_sizes(CACHE_SYSFS)
+    threshold, threshold_source = baseline_threshold(caches)
+    report: dict[str, Any] = {
+        "config": config.to_json() | {"threads": threads_list, "layouts": layouts, "shapes": []},
+        "machine": machine_info(torch),
+        "caches": [c.to_json() for c in caches],
+        "caches_source": CACHE_SYSFS if caches else None,
+        "sweep": {
+            "sizes": sizes,
+            "channels": SWEEP_CHANNELS,
+            "shapes": {
+                dt: ["x".join(map(str, sweep_shape(n, dt))) for n in sizes] for dt in config.dtypes
+            },
+            "shape_rule": f"(N, {SWEEP_CHANNELS}, H, W): H = W doubling up to {SWEEP_MAX_SIDE}, "
+            "then N doubling",
+            "baseline_above_bytes": threshold,
+            "baseline": threshold_source,
+            "series": [],
+        },
+        "definitions": {
+            "time": "median seconds per call",
+            "ns_per_byte": "median time / bytes(x), in ns",
+            "ns_per_element": "median time / x.size, in ns",
+            "cost_ratio": "ns_per_byte / the median ns_per_byte of the same series (op, layout, "
+            "dtype, threads, implementation) over the sizes larger than baseline_above_bytes "
+            "(the L2 cache); the largest size alone when no size is that large",
+            "cache": "the smallest cache that holds x (the op also touches y, or dy and dx, each "
+            "as large as x)",
+            "GBps": "minimal traffic / time: forward 2*bytes(x), backward 3*bytes(x); 1e9 B/GB",
+            "passes": "time / (bytes(x) / copy bandwidth at the same thread count)",
+            "copy_bandwidth": "2 * bytes / median time of np.copyto",
+            "speedup": "peer time / bnkernel time",
+            "numpy": "textbook NumPy in x's dtype, one thread, timed once per case (not per "
+            "thread count)",
+        },
+        "copy_bandwidth": [],
+        "results": [],
+    }
+    try:
+        copy_bw = _measure_copy(config, threads_list, progress)
+        report["copy_bandwidth"] = [b.to_json() for b in copy_bw.values()]
+        _print_sweep_header(out, report, copy_bw, torch, config)
+        total = len(sizes) * len(layouts) * len(config.dtypes) * len(config.ops)
+        total *= len(threads_list)
+        done = 0
+        for nbytes in sizes:
+            for lay in layouts:
+                for dtname in config.dtypes:
+                    case = make_case(sweep_shape(nbytes, dtname), lay, dtname)
+                    for op in config.ops:
+                        np_result = _run_numpy(case, op, config) if config.numpy else None
+                        for t in threads_list:
+                            done += 1
+                            row = _run_threads(case, op, t, config, torch, copy_bw[t])
+                            _add_numpy(row, np_result)
+                            row["cache"] = fits_in(nbytes, caches)
+                            report["results"].append(row)
+                            progress.write(
+                                f"[{done}/{total}] {_fmt_bytes(nbytes)}: {_row_line(row)}\n"
+                            )
+                            progress.flush()
+                    del case, np_result
+                    gc.collect()  # the next size's arrays do not coexist with these
+    finally:
+        _fn_set_threads_default()
+        if torch is not None and torch_threads0 is not None:
+            torch.set_num_threads(torch_threads0)
+    report["sweep"]["series"] = add_sweep_ratios(report["results"], threshold)
+    out.write(format_sweep_table(report))
+    out.flush()
+    _write_outputs(config, report, progress, plot_sweep)
+    return report
+
+
+def _check_sweep_memory(max_bytes: int, numpy: bool) -> None:
+    """Refuse, before any work, a sweep whose largest step would not fit in the machine's RAM."""
+    factor = SWEEP_MEMORY_FACTOR_NUMPY if numpy else SWEEP_MEMORY_FACTOR
+    try:
+        phys = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return
+    need = factor * max_bytes
+    if phys > 0 and need > phys:
+        raise BenchError(
+            f"--sweep-max {_fmt_bytes(max_bytes)} needs about {_fmt_bytes(need)} of memory "
+            f"({factor} x bytes(x){' with the NumPy textbook' if numpy else ''}), more than this "
+            f"machine's {_fmt_bytes(phys)}: choose a smaller --sweep-max"
+        )
+
+
+def _series_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
+    return (row["op"], row["layout"], row["dtype"], int(row["threads"]))
+
+
+def add_sweep_ratios(rows: Sequence[dict[str, Any]], threshold: int) -> list[dict[str, Any]]:
+    """Add ``ns_per_byte``, ``ns_per_element`` and ``cost_ratio`` to every implementation's result
+    in ``rows`` (and bnkernel's at the row's top level), each series (op, layout, dtype, threads)
+    against the median ns per byte of its sizes larger than ``threshold`` (its largest size when
+    none is); returns the series with their baselines."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(_series_key(r), []).append(r)
+    series = []
+    for (op, layout, dtype, threads), group in groups.items():
+        group = sorted(group, key=lambda r: r["bytes"])
+        past = [r for r in group if r["bytes"] > threshold] or group[-1:]
+        entry: dict[str, Any] = {
+            "op": op,
+            "layout": layout,
+            "dtype": dtype,
+            "threads": threads,
+            "baseline_bytes": [r["bytes"] for r in past],
+            "baseline_ns_per_byte": {},
+        }
+        for impl in IMPLS:
+            if not any(r.get(impl) is not None for r in group):
+                continue
+            for r in group:
+                res = r.get(impl)
+                if res is not None:
+                    res["ns_per_byte"] = res["median_s"] / r["bytes"] * 1e9
+                    res["ns_per_element"] = res["median_s"] / (r["bytes"] / _itemsize(r)) * 1e9
+            base_vals = [r[impl]["ns_per_byte"] for r in past if r.get(impl) is not None]
+            base = float(statistics.median(base_vals)) if base_vals else math.nan
+            entry["baseline_ns_per_byte"][impl] = base
+            for r in group:
+                res = r.get(impl)
+                if res is not None:
+                    res["cost_ratio"] = res["ns_per_byte"] / base if base > 0 else math.nan
+        for r in group:
+            for key in ("ns_per_byte", "ns_per_element", "cost_ratio"):
+                r[key] = r["bnkernel"][key]
+        series.append(entry)
+    return series
+
+
+def _itemsize(row: dict[str, Any]) -> int:
+    return int(np.dtype(row["dtype"]).itemsize)
+
+
+def _run_numpy(case: Case, op: str, config: BenchConfig) -> dict[str, Any]:
+    """The NumPy textbook on ``case``: checked, then timed (capped at ~PEER_MAX_TIME_S)."""
+    p = prepare(case, op, "numpy")
+    check = check_outputs(case, op, p.outputs(), peer=True, who="numpy")
+    timing = time_call(p.call, config.repeat, config.min_time, max_time=PEER_MAX_TIME_S)
+    return {**timing.to_json(), "variant": p.variant, "check": check}
+
+
+def _add_numpy(row: dict[str, Any], np_result: dict[str, Any] | None) -> None:
+    row["numpy"] = None if np_result is None else dict(np_result)
+    if np_result is not None:
+        row["speedup_vs_numpy"] = np_result["median_s"] / row["bnkernel"]["median_s"]
+
+
+def _start_run(config: BenchConfig, progress: TextIO) -> tuple[list[int], ModuleType | None]:
+    """The thread counts to run, and torch (None when left out or not importable); fails at once,
+    before any timing, on bad thread counts or a --plot without matplotlib."""
+    threads_list = list(config.threads) or [int(_core.get_num_threads())]
+    if any(t < 1 for t in threads_list):
+        raise BenchError("threads: expected counts >= 1")
+    if config.plot_path is not None:
+        _require_matplotlib()
+    torch = _import_optional("torch") if config.torch else None
+    if config.torch and torch is None:
+        progress.write("torch is not importable: the torch columns are left empty\n")
+    return threads_list, torch
+
+
+def _measure_copy(
+    config: BenchConfig, threads_list: Sequence[int], progress: TextIO
+) -> dict[int, CopyBandwidth]:
+    copy_bw: dict[int, CopyBandwidth] = {}
+    nbytes_copy = max(8, int(config.copy_mib * (1 << 20)))
+    for t in threads_list:
+        progress.write(f"measuring copy bandwidth, {t} thread(s), {nbytes_copy >> 20} MiB\n")
+        copy_bw[t] = copy_bandwidth(t, nbytes_copy)
+    return copy_bw
+
+
+def _write_outputs(
+    config: BenchConfig,
+    report: dict[str, Any],
+    progress: TextIO,
+    plot: Callable[[dict[str, Any], str], None],
+) -> None:
     if config.json_path is not None:
         with open(config.json_path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
         progress.write(f"wrote {config.json_path}\n")
     if config.plot_path is not None:
-        plot_report(report, config.plot_path)
+        plot(report, config.plot_path)
         progress.write(f"wrote {config.plot_path}\n")
-    return report
 
 
 def _fn_set_threads_default() -> None:
@@ -1079,7 +1449,7 @@ def _run_threads(
     _core.set_num_threads(threads)
     p = prepare(case, op, "bnkernel")
     check = check_outputs(case, op, p.outputs())
-    timing = time_call(p.call, config.repeat, config.min_time)
+    timing = time_call(p.call, config.repeat, config.min_time, max_time=config.max_time)
     t_op = timing.median
     row: dict[str, Any] = {
         "shape": case.shape_text,
@@ -1104,7 +1474,7 @@ def _run_threads(
         torch.set_num_threads(threads)
         pt = prepare(case, op, "torch", torch)
         tcheck = check_outputs(case, op, pt.outputs(), peer=True, who="torch")
-        ttiming = time_call(pt.call, config.repeat, config.min_time)
+        ttiming = time_call(pt.call, config.repeat, config.min_time, max_time=config.max_time)
         row["torch"] = {**ttiming.to_json(), "variant": pt.variant, "check": tcheck}
         row["speedup_vs_torch"] = ttiming.median / t_op
     return row
@@ -1193,6 +1563,140 @@ def _print_table(out: TextIO, rows: Sequence[dict[str, Any]]) -> None:
     out.flush()
 
 
+def _caches_text(caches: Sequence[dict[str, Any]]) -> str:
+    if not caches:
+        return "unknown (no cache sizes in sysfs: none marked)"
+    parts = []
+    for c in caches:
+        shared = c.get("shared_cpu_list")
+        parts.append(
+            f"{c['name']} {_fmt_bytes(c['bytes'])}" + (f" (CPUs {shared})" if shared else "")
+        )
+    return ", ".join(parts)
+
+
+def _print_sweep_header(
+    out: TextIO,
+    report: dict[str, Any],
+    copy_bw: dict[int, CopyBandwidth],
+    torch: Any,
+    config: BenchConfig,
+) -> None:
+    m = report["machine"]
+    sw = report["sweep"]
+    bw = ", ".join(
+        f"{t} thread{'s' if t > 1 else ''}: {b.gbps:.1f} GB/s" for t, b in copy_bw.items()
+    )
+    nbytes = next(iter(copy_bw.values())).nbytes
+    torch_text = "not used" if torch is None else str(torch.__version__)
+    sizes = sw["sizes"]
+    cap = "" if config.max_time is None else f", or >= 3 samples once {config.max_time:g} s spent"
+    if sizes[-1] > sw["baseline_above_bytes"]:
+        base = f"the median ns/B of the same column's sizes past {sw['baseline']}"
+    else:
+        base = f"the ns/B of the largest size (no size is past {sw['baseline']})"
+    out.write(
+        f"bnkernel {m['bnkernel']} size sweep on {m['cpu']} ({m['logical_cpus']} logical CPUs), "
+        f"threads {','.join(map(str, report['config']['threads']))}\n"
+        f"copy bandwidth (np.copyto, {nbytes / (1 << 20):g} MiB, 2*bytes/t): {bw}\n"
+        f"numpy {m['numpy']}, torch {torch_text}, OpenMP {'yes' if m['openmp'] else 'no'}, "
+        f"native build {'yes' if m['native_build'] else 'no'}\n"
+        f"caches (cpu0): {_caches_text(report['caches'])}\n"
+        f"shapes {sw['shape_rule']}; bytes(x) from {_fmt_bytes(sizes[0])} to "
+        f"{_fmt_bytes(sizes[-1])}; a forward also writes y, a backward reads dy and writes dx, "
+        "each as large as x\n"
+        f"times: median per call (>= {config.repeat} samples and >= {config.min_time:g} s{cap}; "
+        f"numpy textbook one thread, capped at ~{PEER_MAX_TIME_S:g} s)\n"
+        "ns/B: time / bytes(x); GB/s: minimal traffic (forward 2x, backward 3x bytes(x)) / time; "
+        "passes: time / (bytes(x) / copy bandwidth)\n"
+        f"ratio: ns/B / {base}; a cache cliff shows as a step in it (the smallest sizes pay the "
+        "fixed cost of a call)\n"
+        "----- lines: where bytes(x) passes a cache size\n\n"
+    )
+    out.flush()
+
+
+def _fmt_float(v: float | None, digits: int) -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _fmt_nspb(v: float | None) -> str:
+    """ns per byte to 3 significant digits (at least 3 decimals below 1)."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    if v < 1.0:
+        return f"{v:.4f}" if v < 0.1 else f"{v:.3f}"
+    return f"{v:.3g}" if v < 1000 else f"{v:.0f}"
+
+
+def format_sweep_table(report: dict[str, Any]) -> str:
+    """A sweep's results: one block per series (op, layout, dtype, threads), a row per size, with a
+    line where the size of x passes each of the machine's cache sizes (``report["caches"]``).
+    Needs the ratios of :func:`add_sweep_ratios`."""
+    rows = report["results"]
+    caches = report.get("caches", [])
+    peers = [impl for impl in ("numpy", "torch") if any(r.get(impl) is not None for r in rows)]
+    columns = [
+        ("size", "<"), ("shape", "<"), ("bnkernel", ">"), ("ns/B", ">"), ("GB/s", ">"),
+        ("passes", ">"), ("ratio", ">"),
+    ]  # fmt: skip
+    for impl in peers:
+        columns += [(impl, ">"), ("ns/B", ">"), ("ratio", ">"), (f"vs {impl}", ">")]
+
+    def cells_of(r: dict[str, Any]) -> list[str]:
+        c = [
+            _fmt_bytes(r["bytes"]),
+            r["shape"],
+            _fmt_time(_median(r, "bnkernel")),
+            _fmt_nspb(r["bnkernel"].get("ns_per_byte")),
+            f"{r['GBps']:.1f}",
+            f"{r['passes']:.2f}",
+            _fmt_float(r["bnkernel"].get("cost_ratio"), 2),
+        ]
+        for impl in peers:
+            res = r.get(impl)
+            c += [
+                _fmt_time(_median(r, impl)),
+                _fmt_nspb(None if res is None else res.get("ns_per_byte")),
+                _fmt_float(None if res is None else res.get("cost_ratio"), 2),
+                _fmt_ratio(r.get(f"speedup_vs_{impl}")),
+            ]
+        return c
+
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(_series_key(r), []).append(r)
+    all_cells = {id(r): cells_of(r) for r in rows}
+    widths = [
+        max([len(h), *(len(c[i]) for c in all_cells.values())]) for i, (h, _) in enumerate(columns)
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [f"{v:{a}{w}}" for v, (_, a), w in zip(values, columns, widths, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    header = line([h for h, _ in columns])
+    blocks = []
+    for (op, layout, dtype, threads), group in groups.items():
+        group = sorted(group, key=lambda r: r["bytes"])
+        lines = [
+            f"{op}, {layout}, {dtype}, {threads} thread{'s' if threads > 1 else ''}",
+            header,
+            "-" * len(header),
+        ]
+        for i, r in enumerate(group):
+            if i > 0:
+                for c in caches:
+                    if group[i - 1]["bytes"] <= c["bytes"] < r["bytes"]:
+                        text = f"----- {c['name']} {_fmt_bytes(c['bytes'])} "
+                        lines.append(text + "-" * max(0, len(header) - len(text)))
+            lines.append(line(all_cells[id(r)]))
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
 # ---- plot ---------------------------------------------------------------------------------------
 
 _MATPLOTLIB_HINT = (
@@ -1254,6 +1758,83 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_sweep(report: dict[str, Any], path: str) -> None:
+    """A sweep's cost per byte vs the size of x (log-log), one panel per op, a line per
+    implementation, layout, dtype and thread count; vertical lines at the cache sizes, dotted
+    horizontal lines at the op's minimal traffic at the copy bandwidth (per thread count)."""
+    figure_mod = _require_matplotlib()
+    rows = report["results"]
+    if not rows:
+        raise BenchError("nothing to plot: no results")
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    ncols = min(2, len(ops))
+    nrows = math.ceil(len(ops) / ncols)
+    fig = figure_mod.Figure(figsize=(7.2 * ncols, 5.0 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = {"bnkernel": "tab:blue", "numpy": "tab:orange", "torch": "tab:green"}
+    thread_counts = sorted({int(r["threads"]) for r in rows})
+    styles = ["-", "--", "-.", ":"]
+    markers = {"channels-first": "o", "channels-last": "^"}
+    dtypes = sorted({r["dtype"] for r in rows})
+    bws = {int(c["threads"]): float(c["GBps"]) for c in report["copy_bandwidth"]}
+    for axp, op in zip(axes, ops, strict=False):
+        op_rows = [r for r in rows if r["op"] == op]
+        for impl in IMPLS:
+            for fam, marker in markers.items():
+                for dt in dtypes:
+                    for k, t in enumerate(thread_counts):
+                        pts = sorted(
+                            (r["bytes"], r[impl]["ns_per_byte"])
+                            for r in op_rows
+                            if r.get(impl) is not None
+                            and _layout_family(r) == fam
+                            and r["dtype"] == dt
+                            and int(r["threads"]) == t
+                        )
+                        if not pts:
+                            continue
+                        xs, ys = zip(*pts, strict=True)
+                        label = f"{impl} {fam}" + (f" {dt}" if len(dtypes) > 1 else "")
+                        label += f" {t}T" if impl != "numpy" else ""
+                        axp.plot(
+                            xs, ys, marker=marker, ms=3, color=colors[impl],
+                            ls=styles[k % len(styles)], label=label,
+                        )  # fmt: skip
+        passes = 2 if op.startswith("forward") else 3
+        for k, t in enumerate(thread_counts):
+            if t in bws:
+                axp.axhline(
+                    passes / bws[t], color="k", ls=styles[k % len(styles)], lw=0.8, alpha=0.6,
+                    label=f"{passes} passes at copy bandwidth, {t}T",
+                )  # fmt: skip
+        sizes = sorted({int(r["bytes"]) for r in op_rows})
+        for c in report.get("caches", []):
+            if not sizes[0] <= c["bytes"] <= sizes[-1]:
+                continue  # outside the sweep: would only stretch the axis
+            axp.axvline(c["bytes"], color="tab:red", ls="--", lw=0.8, alpha=0.7)
+            axp.annotate(
+                f"{c['name']} {_fmt_bytes(c['bytes'])}", (c["bytes"], 1.0),
+                xycoords=("data", "axes fraction"), xytext=(2, -2), textcoords="offset points",
+                va="top", fontsize="x-small", color="tab:red", rotation=90,
+            )  # fmt: skip
+        axp.set_xscale("log", base=2)
+        axp.set_yscale("log")
+        ticks = sizes[:: max(1, math.ceil(len(sizes) / 10))]
+        axp.set_xticks(ticks, labels=[_fmt_bytes(n) for n in ticks], rotation=45, ha="right")
+        axp.set_xticks([], minor=True)
+        axp.set_xlabel("bytes(x)")
+        axp.set_ylabel("ns per byte of x (median time / bytes)")
+        axp.set_title(op)
+        axp.grid(True, which="both", alpha=0.3)
+        axp.legend(fontsize="x-small", loc="lower left")  # the cache labels are at the top
+    for axp in axes[len(ops) :]:
+        axp.set_visible(False)
+    fig.suptitle(
+        f"bnkernel {report['machine']['bnkernel']} size sweep on {report['machine']['cpu']}"
+    )
+    fig.savefig(path, dpi=120)
+
+
 def _layout_family(row: dict[str, Any]) -> str:
     if row["layout"] == "NC":
         return "NC"
@@ -1276,16 +1857,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--layouts", type=_argtype(lambda s: parse_choices(s, LAYOUTS, "layout")),
-        default=list(LAYOUTS),
+        default=None,
         help="NCHW (axis=1), NHWC (channels-last, axis=-1) for ndim >= 3; NC for 2-D shapes "
-        "(default: all)",
+        "(default: all; with --sweep: NCHW)",
     )  # fmt: skip
     p.add_argument(
         "--dtypes", type=_argtype(lambda s: parse_choices(s, DTYPES, "dtype")),
-        default=list(DTYPES), help="float32,float64 (default: both)",
+        default=None, help="float32,float64 (default: both; with --sweep: float32)",
     )  # fmt: skip
     p.add_argument(
-        "--ops", type=_argtype(lambda s: parse_choices(s, OPS, "op")), default=list(OPS),
+        "--ops", type=_argtype(lambda s: parse_choices(s, OPS, "op")), default=None,
         help=f"{','.join(OPS)} (default: all)",
     )  # fmt: skip
     p.add_argument(
@@ -1302,6 +1883,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="leave torch out")
     p.add_argument("--no-numpy", action="store_true", help="leave the NumPy textbook out")
     p.add_argument(
+        "--numpy", action="store_true",
+        help="time the NumPy textbook in a --sweep too (slow on the largest sizes; default off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sweep", action="store_true",
+        help="size sweep: (N, 64, H, W) inputs whose size doubles from 4K to --sweep-max; cost "
+        "per byte and its ratio to the cost per byte past L2, cache sizes marked (default: "
+        "float32, NCHW, all ops, no NumPy textbook)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sweep-max", metavar="SIZE", type=_argtype(parse_sweep_size), default=None,
+        help="largest bytes(x) of the sweep, a power of two with an optional K/M/G suffix "
+        "(powers of 1024), e.g. 256M (default 1G)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sweep-min", metavar="SIZE", type=_argtype(parse_sweep_size), default=None,
+        help="smallest bytes(x) of the sweep, a power of two >= 4K (default 4K)",
+    )  # fmt: skip
+    p.add_argument(
         "--quick", action="store_true",
         help="smoke run: shapes " + ",".join("x".join(map(str, s)) for s in QUICK_SHAPES)
         + ", 3 samples",
@@ -1309,13 +1909,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", default=None, help="write every number to FILE")
     p.add_argument(
         "--plot", metavar="FILE.png", default=None,
-        help="plot time vs size (log-log) to FILE.png (needs matplotlib)",
+        help="plot time vs size (log-log; with --sweep: ns per byte vs size, cache sizes marked) "
+        "to FILE.png (needs matplotlib)",
     )  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     quick = bool(args.quick)
+    sweep = bool(args.sweep)
+    if sweep and args.shapes is not None:
+        raise BenchError("--shapes does not apply to --sweep, which picks (N, 64, H, W) shapes")
+    if not sweep:
+        for given, name in ((args.sweep_max, "--sweep-max"), (args.sweep_min, "--sweep-min")):
+            if given is not None:
+                raise BenchError(f"{name} only applies with --sweep")
+        if args.numpy:
+            raise BenchError("--numpy only applies with --sweep (the table times NumPy already)")
+    if args.numpy and args.no_numpy:
+        raise BenchError("--numpy and --no-numpy contradict each other")
+    sweep_min = args.sweep_min if args.sweep_min is not None else SWEEP_MIN_BYTES
+    sweep_max = args.sweep_max if args.sweep_max is not None else SWEEP_MAX_BYTES
+    if sweep_min > sweep_max:
+        raise BenchError(
+            f"--sweep-min {_fmt_bytes(sweep_min)} is larger than --sweep-max "
+            f"{_fmt_bytes(sweep_max)}"
+        )
     shapes = args.shapes if args.shapes is not None else (QUICK_SHAPES if quick else DEFAULT_SHAPES)
+    if sweep:
+        shapes = []
+    layouts = args.layouts if args.layouts is not None else (["NCHW"] if sweep else list(LAYOUTS))
+    dtypes = args.dtypes if args.dtypes is not None else (["float32"] if sweep else list(DTYPES))
+    ops = args.ops if args.ops is not None else list(OPS)
     repeat = args.repeat if args.repeat is not None else (3 if quick else 10)
     if repeat < 1:
         raise BenchError("--repeat: expected an integer >= 1")
@@ -1326,17 +1950,21 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError("--copy-mib: expected a size > 0")
     return BenchConfig(
         shapes=list(shapes),
-        layouts=list(args.layouts),
-        dtypes=list(args.dtypes),
-        ops=list(args.ops),
+        layouts=list(layouts),
+        dtypes=list(dtypes),
+        ops=list(ops),
         threads=list(args.threads) if args.threads is not None else [],
         repeat=repeat,
         min_time=float(args.min_time),
-        numpy=not args.no_numpy,
+        numpy=bool(args.numpy) if sweep else not args.no_numpy,
         torch=not args.no_torch,
         copy_mib=float(copy_mib),
         json_path=args.json,
         plot_path=args.plot,
+        max_time=SWEEP_MAX_TIME_S if sweep else None,
+        sweep=sweep,
+        sweep_min=sweep_min,
+        sweep_max=sweep_max,
     )
 
 
