@@ -1145,6 +1145,16 @@ def _fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.1f}x"
 
 
+# What the columns both the table and the sweep report mean (written into their JSON).
+_SHARED_DEFINITIONS = {
+    "GBps": "minimal traffic / time: forward 2*bytes(x), backward 3*bytes(x); 1e9 B/GB",
+    "passes": "time / (bytes(x) / copy bandwidth at the same thread count)",
+    "copy_bandwidth": "2 * bytes / median time of np.copyto",
+    "speedup": "peer time / bnkernel time",
+    "numpy": "textbook NumPy in x's dtype, one thread, timed once per case (not per thread count)",
+}
+
+
 def run_bench(
     config: BenchConfig, out: TextIO | None = None, progress: TextIO | None = None
 ) -> dict[str, Any]:
@@ -1174,12 +1184,7 @@ def run_bench(
         "machine": machine_info(torch),
         "definitions": {
             "time": "median seconds per call",
-            "GBps": "minimal traffic / time: forward 2*bytes(x), backward 3*bytes(x); 1e9 B/GB",
-            "passes": "time / (bytes(x) / copy bandwidth at the same thread count)",
-            "copy_bandwidth": "2 * bytes / median time of np.copyto",
-            "speedup": "peer time / bnkernel time",
-            "numpy": "textbook NumPy in x's dtype, one thread, timed once per case (not per "
-            "thread count)",
+            **_SHARED_DEFINITIONS,
         },
         "copy_bandwidth": [],
         "results": [],
@@ -1268,12 +1273,7 @@ def run_sweep(
             "(the L2 cache); the largest size alone when no size is that large",
             "cache": "the smallest cache that holds x (the op also touches y, or dy and dx, each "
             "as large as x)",
-            "GBps": "minimal traffic / time: forward 2*bytes(x), backward 3*bytes(x); 1e9 B/GB",
-            "passes": "time / (bytes(x) / copy bandwidth at the same thread count)",
-            "copy_bandwidth": "2 * bytes / median time of np.copyto",
-            "speedup": "peer time / bnkernel time",
-            "numpy": "textbook NumPy in x's dtype, one thread, timed once per case (not per "
-            "thread count)",
+            **_SHARED_DEFINITIONS,
         },
         "copy_bandwidth": [],
         "results": [],
