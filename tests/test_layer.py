@@ -94,9 +94,11 @@ def test_train_backward_matches_reference(dtype):
     rdx, rdg, rdb = ref.backward_train(dy, x, rmean, rinvstd, layer.gamma, 1)
     np.testing.assert_allclose(y, ry, **TOL[dtype])
     np.testing.assert_allclose(dx, rdx, **TOL[dtype])
-    # dgamma, dbeta are sums of 42 terms of size ~1: compare relative to their scale
-    np.testing.assert_allclose(layer.grads["gamma"], rdg, rtol=TOL[dtype]["rtol"], atol=1e-5)
-    np.testing.assert_allclose(layer.grads["beta"], rdb, rtol=TOL[dtype]["rtol"], atol=1e-5)
+    # dgamma, dbeta are sums of 42 terms of size ~1 that cancel: their error is bounded relative
+    # to that size (42), not to their own value, so the absolute bound is 42 x the dtype's rtol
+    sum_atol = 42 * TOL[dtype]["rtol"]
+    np.testing.assert_allclose(layer.grads["gamma"], rdg, rtol=TOL[dtype]["rtol"], atol=sum_atol)
+    np.testing.assert_allclose(layer.grads["beta"], rdb, rtol=TOL[dtype]["rtol"], atol=sum_atol)
 
 
 @pytest.mark.parametrize("mode", ["eval", "freeze"])
