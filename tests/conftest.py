@@ -94,6 +94,11 @@ LAYOUTS = [
     Layout("NCHW-C1", (8, 1, 4, 4), 1),
     Layout("NCHW-C17", (4, 17, 3, 5), 1),
     Layout("NHWC-C17", (4, 3, 5, 17), -1),
+    # interleaved with whole blocks of channels held in registers (a block is 8, 16 or 32
+    # channels by instruction set) plus channels left over, and a row count that is not a
+    # multiple of the 8-row tile
+    Layout("NLC-C45", (3, 7, 45), -1),
+    Layout("NC-C100", (7, 100), 1),
     Layout("NCHW-HW1", (8, 6, 1, 1), 1),
     Layout("NCHW-N2", (2, 5, 3, 3), 1),
     Layout("NC-N2", (2, 9), 1),
@@ -105,6 +110,7 @@ LAYOUTS = [
     Layout("mt-NCL-C2-long", (2, 2, 16384), 1),  # planar, few rows: rows split among threads
     Layout("mt-NCHW-C16", (8, 16, 16, 32), 1),  # planar, C >= 8: a channel per thread
     Layout("mt-NHWC-C32", (8, 16, 16, 32), -1),  # interleaved, C >= 8
+    Layout("mt-NHWC-C70", (5, 13, 11, 70), -1),  # interleaved blocks, leftovers, 715 rows
     Layout("mt-axis2-C9", (4, 8, 9, 128), 2),  # planar, middle axis
 ]
 SMALL_LAYOUTS = [lay for lay in LAYOUTS if math.prod(lay.shape) < PARALLEL_MIN]

@@ -41,16 +41,6 @@ inline double clamp_m2(double m2) {
   return m2 < 0.0 ? 0.0 : m2;
 }
 
-// Prefetches [p, p + bytes) into L2.  The interleaved leaves read their rows a block of channels
-// at a time, a pattern the hardware prefetcher follows poorly: while a block of columns of this
-// leaf is summed, the same columns of the next leaf are fetched (spread this way, the requests do
-// not pile up in the miss queue as one burst of a whole leaf did: 2.1 -> 2.8 Gel/s at one thread
-// on 32x56x56x256 float32).
-inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
-}
-
 // ---- moments, planar pattern (inner > 1): one channel, accumulator (n, mean, M2) ----------------
 //
 // A leaf accumulates d = x - center in double: mean = center + sum(d) / n and
