@@ -54,3 +54,31 @@ def backward(
 ) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+
+# The per-call fast path (csrc/fastpath.cpp): the public functions' arguments as given; the
+# results for the plain case, None for anything else (the caller then checks and raises).
+def forward_fast(
+    x: object,
+    gamma: object,
+    beta: object,
+    running_mean: object,
+    running_var: object,
+    training: object,
+    momentum: object,
+    eps: object,
+    axis: object,
+    running_var_unbiased: object,
+    out: object,
+    /,
+) -> tuple[_F, _D, _D] | None: ...
+def backward_fast(
+    dy: object,
+    x: object,
+    mean: object,
+    invstd: object,
+    gamma: object,
+    training: object,
+    axis: object,
+    out: object,
+    /,
+) -> tuple[_F, _F, _F] | None: ...
