@@ -19,17 +19,21 @@ namespace bnkernel::BNKERNEL_ISA_NS::detail {
 // enough that the corrected two-pass over a leaf re-reads it from L1, large enough that the merges
 // cost nothing next to the data.
 constexpr int64_t kPlanarLeaf = 4096;
-// Rows per leaf for the interleaved pattern (inner == 1): at least this many, more when C is small,
-// so that a leaf holds about kPlanarLeaf values of the row-block.  A leaf of many channels ends
-// in a merge as wide as a row (3 doubles a channel); 32 rows rather than 16 halve that work (one
-// thread, 32x7x7x2048 float32 statistics: 3.8-4.4 -> 4.8 G values/s; 8 rows: 3.1).
-constexpr int64_t kInterleavedMinRows = 32;
+// Rows per leaf for the interleaved pattern (inner == 1): more when C is small, so that a leaf
+// holds about kPlanarLeaf values of the row-block, and at least kInterleavedRowStreams / (arrays
+// read). A leaf is read a block of channels at a time down its rows, so its rows are as many
+// streams for the prefetchers; about 32 of them is best, and a leaf of many channels ends in a
+// merge as wide as a row, which more rows amortize.  One thread, 32x7x7x2048 float32: the
+// statistics (x alone) 3.8-4.4 G values/s with 16 rows, 4.8 with 32, 3.1 with 8; the backward sums
+// (dy and x) 1.9-2.0 with 16 rows, 1.3-1.4 with 32.
+constexpr int64_t kInterleavedRowStreams = 32;
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-inline int64_t interleaved_leaf_rows(int64_t channels) {
-  return std::max(kInterleavedMinRows, ceil_div(kPlanarLeaf, std::max<int64_t>(channels, 1)));
+inline int64_t interleaved_leaf_rows(int64_t channels, int64_t arrays) {
+  return std::max(kInterleavedRowStreams / arrays,
+                  ceil_div(kPlanarLeaf, std::max<int64_t>(channels, 1)));
 }
 
 // ---- deterministic pairwise tree ----------------------------------------------------------------

@@ -179,7 +179,9 @@ void elementwise(Shape s, T* y, int threads, F&& value) {
 // registers once per tile of kTileRows rows, and the tile's rows are walked under it; the few
 // channels past the last full block go through the per-value path.  The arithmetic is the same as
 // the per-value path's, operation for operation, so both give the same bits.
-constexpr int64_t kTileRows = 8;
+// A tile's rows are so many streams for the prefetchers to follow (times the arrays: x and y, or
+// dy, x and dx): 4 rows ran the backward's dx 30% faster than 8 and the normalize as fast.
+constexpr int64_t kTileRows = 4;
 
 inline vd fmav(vd a, vd b, vd c) {
 #if defined(__AVX512F__)

@@ -131,7 +131,7 @@ struct InterleavedMoments {
         rows(s.outer),
         channels(cols),
         stride(s.channels),
-        leaf_rows(interleaved_leaf_rows(s.channels)) {}
+        leaf_rows(interleaved_leaf_rows(s.channels, 1)) {}
 
   int64_t leaves() const { return ceil_div(rows, leaf_rows); }
 
@@ -306,7 +306,7 @@ struct InterleavedSums {
         rows(s.outer),
         channels(cols),
         stride(s.channels),
-        leaf_rows(interleaved_leaf_rows(s.channels)) {}
+        leaf_rows(interleaved_leaf_rows(s.channels, 2)) {}
 
   int64_t leaves() const { return ceil_div(rows, leaf_rows); }
 
