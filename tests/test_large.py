@@ -3,8 +3,8 @@
 Outputs past the caches are written with non-temporal stores through an aligned L1 buffer, with
 plain stores for the unaligned head and the tail of every run; these cases cover all three parts
 on both memory patterns and every elementwise kernel.  The interleaved kernels that hold blocks of
-channels in registers stream only when every row starts on an aligned address (the aligned cases
-with C * itemsize a multiple of 64), else they store plainly (the shifted cases).
+channels in registers compute a tile of rows into a buffer and stream the tile out the same way,
+so the tile boundaries, aligned or not, are covered too.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ CASES = [
     ("NHWC-f32-C17", (8, 181, 181, 17), -1, np.float32),
     ("NCHW-f64", (8, 17, 128, 128), 1, np.float64),
     ("NC-f64-C5", (445_000, 5), 1, np.float64),
-    # channel blocks in registers, streamed when the rows are whole lines (aligned cases), with
-    # channels left over past the last block and a row count that is not a multiple of the tile
+    # channel blocks in registers, tiles streamed from a buffer, with channels left over past the
+    # last block and a row count that is not a multiple of the tile
     ("NHWC-f32-C48", (7, 113, 113, 48), -1, np.float32),
     ("NHWC-f64-C40", (7, 87, 89, 40), -1, np.float64),
 ]

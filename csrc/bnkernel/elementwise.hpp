@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -221,16 +222,20 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   const int64_t rows = s.outer;
   const int64_t blocked = C - C % kLanes;
   constexpr auto kSize = static_cast<int64_t>(sizeof(T));
-  // streaming stores only when every block starts on an aligned address (the blocks are whole
-  // multiples of kStreamAlign bytes); the rest of a row then starts on a line of its own
-  const bool stream = kStreamAlign > 0 && stream_output(s.size(), kSize) &&
-                      reinterpret_cast<uintptr_t>(y) % 64 == 0 && (C * kSize) % 64 == 0;
+  // A streamed output is computed a tile at a time into a per-thread buffer, and the tile (rows
+  // r0..r1 are contiguous in y) copied out with streaming stores for its whole lines and plain
+  // ones for the partial lines at its ends: blocks of channels do not start on line boundaries
+  // in general, and a line must not get both kinds of store.
+  const bool stream = kStreamAlign > 0 && stream_output(s.size(), kSize);
+  const int64_t tile_values = kTileRows * C;
+  std::unique_ptr<T[]> tile_buffers(stream ? new T[static_cast<size_t>(threads * tile_values)]
+                                           : nullptr);
   const int64_t tiles = ceil_div(rows, kTileRows);
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
   {
-    alignas(64) T buffer[kLanes];
+    T* tile_buffer = stream ? tile_buffers.get() + bnkernel::thread_index() * tile_values : nullptr;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(static) nowait
 #endif
@@ -238,6 +243,8 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
       const int64_t r0 = t * kTileRows;
       const int64_t r1 = std::min(rows, r0 + kTileRows);
       const int64_t next_end = std::min(rows, r1 + kTileRows);
+      // row r of the tile goes to out + (r - r0) * C
+      T* const out = stream ? tile_buffer : y + r0 * C;
       for (int64_t c = 0; c < blocked; c += kLanes) {
         // the same columns of the next tile, inputs and (unless streamed) output, while this
         // tile is computed (see prefetch_l2).  Without the output's, the tile order defeats the
@@ -250,21 +257,18 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
         const auto k = op.coef(c);
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t e = r * C + c;
-          if (stream) {
-            for_each_vec([&](int v, int64_t o) { storev(buffer + o, op.apply(k, v, e + o)); });
-            for (int64_t b = 0; b < kLanes * kSize; b += kStreamAlign) {
-              stream_block(reinterpret_cast<char*>(y + e) + b,
-                           reinterpret_cast<const char*>(buffer) + b);
-            }
-          } else {
-            for_each_vec([&](int v, int64_t o) { storev(y + e + o, op.apply(k, v, e + o)); });
-          }
+          T* const dst = out + (r - r0) * C + c;
+          for_each_vec([&](int v, int64_t o) { storev(dst + o, op.apply(k, v, e + o)); });
         }
       }
       for (int64_t r = r0; r < r1; ++r) {
-        T* __restrict__ out = y + r * C;
+        T* __restrict__ dst = out + (r - r0) * C;
 #pragma omp simd
-        for (int64_t c = blocked; c < C; ++c) out[c] = static_cast<T>(op.value(r * C + c, c));
+        for (int64_t c = blocked; c < C; ++c) dst[c] = static_cast<T>(op.value(r * C + c, c));
+      }
+      if (stream) {
+        write_run(y + r0 * C, (r1 - r0) * C, true,
+                  [&](int64_t i) { return static_cast<double>(tile_buffer[i]); });
       }
     }
     stream_fence(stream);

@@ -23,6 +23,9 @@ constexpr int64_t kParallelMinElements = int64_t{1} << 15;
 // Number of threads for `elements` elements of work: 1 below the parallel threshold.
 int threads_for(int64_t elements);
 
+// The calling thread's index in the innermost enclosing parallel region (0 outside one).
+int thread_index();
+
 struct Shape {
   int64_t outer = 0;
   int64_t channels = 0;

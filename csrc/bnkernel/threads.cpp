@@ -42,4 +42,12 @@ int threads_for(int64_t elements) {
 #endif
 }
 
+int thread_index() {
+#if BNKERNEL_HAVE_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace bnkernel
