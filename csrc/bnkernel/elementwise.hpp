@@ -184,18 +184,6 @@ void elementwise(Shape s, T* y, int threads, F&& value) {
 // dy, x and dx): 4 rows ran the backward's dx 30% faster than 8 and the normalize as fast.
 constexpr int64_t kTileRows = 4;
 
-inline vd fmav(vd a, vd b, vd c) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vd>(_mm512_fmadd_pd(
-      reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), reinterpret_cast<__m512d>(c)));
-#elif defined(__FMA__)
-  return reinterpret_cast<vd>(_mm256_fmadd_pd(
-      reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c)));
-#else
-  return a * b + c;  // two roundings, as the scalar path without FMA
-#endif
-}
-
 // kVecLen values of T from a vector of doubles, each rounded once
 inline void storev(double* p, vd v) {
   std::memcpy(p, &v, sizeof v);

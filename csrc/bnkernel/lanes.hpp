@@ -48,6 +48,28 @@ inline vd loadv(const float* p) {
   return __builtin_convertvector(v, vd);
 #endif
 }
+// a * b + c, rounded once where the instruction set has a fused multiply-add (the AVX2 and AVX-512
+// copies), else twice; fmas is the same for one value, so a value's arithmetic is the same
+// whether it is computed in a vector or alone.
+inline vd fmav(vd a, vd b, vd c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vd>(_mm512_fmadd_pd(
+      reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), reinterpret_cast<__m512d>(c)));
+#elif defined(__FMA__)
+  return reinterpret_cast<vd>(_mm256_fmadd_pd(
+      reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c)));
+#else
+  return a * b + c;  // two roundings, as the scalar path without FMA
+#endif
+}
+inline double fmas(double a, double b, double c) {
+#if defined(__FMA__)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 inline vd splat(double x) {
   vd v;
   for (int64_t i = 0; i < kVecLen; ++i) v[i] = x;

@@ -91,7 +91,7 @@ struct PlanarMoments {
     auto add2 = [&](const auto* b) {
       for_each_vec([&](int v, int64_t o) {
         const vd d = loadv(b + o) - vcenter;
-        m2.v[v] += d * d;
+        m2.v[v] = fmav(d, d, m2.v[v]);
         corr.v[v] += d;
       });
     };
@@ -186,7 +186,7 @@ struct InterleavedMoments {
         const T* row = x + r * stride + c;
         for_each_vec([&](int v, int64_t o) {
           const vd d = loadv(row + o) - center[v];
-          a2[v] += d * d;
+          a2[v] = fmav(d, d, a2[v]);
           a1[v] += d;
         });
       }
@@ -202,7 +202,7 @@ struct InterleavedMoments {
 #pragma omp simd
       for (int64_t c = blocked; c < C; ++c) {
         const double d = static_cast<double>(row[c]) - mean[c];
-        m2[c] += d * d;
+        m2[c] = fmas(d, d, m2[c]);
         corr[c] += d;
       }
     }
@@ -260,7 +260,7 @@ struct PlanarSums {
       for_each_vec([&](int v, int64_t o) {
         const vd gv = loadv(g + o);
         a.v[v] += gv;
-        b.v[v] += gv * (loadv(xs + o) - vmean);
+        b.v[v] = fmav(gv, loadv(xs + o) - vmean, b.v[v]);
       });
     };
     for_channel_runs(x, s, c, j0, j1, [&](const T* px, int64_t len) {
@@ -336,7 +336,7 @@ struct InterleavedSums {
         for_each_vec([&](int v, int64_t o) {
           const vd g = loadv(gr + o);
           a[v] += g;
-          b[v] += g * (loadv(xr + o) - mu[v]);
+          b[v] = fmav(g, loadv(xr + o) - mu[v], b[v]);
         });
       }
       for_each_vec([&](int v, int64_t o) {
@@ -353,7 +353,7 @@ struct InterleavedSums {
       for (int64_t c = blocked; c < C; ++c) {
         const double g = static_cast<double>(gr[c]);
         sdy[c] += g;
-        sdyd[c] += g * (static_cast<double>(xr[c]) - mean[c]);
+        sdyd[c] = fmas(g, static_cast<double>(xr[c]) - mean[c], sdyd[c]);
       }
     }
   }
