@@ -210,53 +210,62 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   const int64_t rows = s.outer;
   const int64_t blocked = C - C % kLanes;
   constexpr auto kSize = static_cast<int64_t>(sizeof(T));
-  // A streamed output is computed a tile at a time into a per-thread buffer, and the tile (rows
-  // r0..r1 are contiguous in y) copied out with streaming stores for its whole lines and plain
-  // ones for the partial lines at its ends: blocks of channels do not start on line boundaries
-  // in general, and a line must not get both kinds of store.
+  // A streamed output is computed into a per-thread buffer and copied out (its rows are
+  // contiguous in y) with streaming stores for its whole lines and plain ones for the partial
+  // lines at its ends: blocks of channels do not start on line boundaries in general, and a line
+  // must not get both kinds of store.
   const bool stream = kStreamAlign > 0 && stream_output(s.size(), kSize);
-  const int64_t tile_values = kTileRows * C;
-  std::unique_ptr<T[]> tile_buffers(stream ? new T[static_cast<size_t>(threads * tile_values)]
-                                           : nullptr);
-  const int64_t tiles = ceil_div(rows, kTileRows);
+  // streamed, the tiles are grouped in chunks of at least kStreamChunk values, so that few of the
+  // lines written are partial ones at a chunk's ends (with C = 64 a tile is only 1 KiB)
+  constexpr int64_t kStreamChunk = 4096;
+  const int64_t chunk_rows =
+      stream ? kTileRows * ceil_div(kStreamChunk, kTileRows * std::max<int64_t>(C, 1)) : kTileRows;
+  const int64_t chunk_values = chunk_rows * C;
+  std::unique_ptr<T[]> chunk_buffers(stream ? new T[static_cast<size_t>(threads * chunk_values)]
+                                            : nullptr);
+  const int64_t chunks = ceil_div(rows, chunk_rows);
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
   {
-    T* tile_buffer = stream ? tile_buffers.get() + bnkernel::thread_index() * tile_values : nullptr;
+    T* chunk_buffer =
+        stream ? chunk_buffers.get() + bnkernel::thread_index() * chunk_values : nullptr;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(static) nowait
 #endif
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t r0 = t * kTileRows;
-      const int64_t r1 = std::min(rows, r0 + kTileRows);
-      const int64_t next_end = std::min(rows, r1 + kTileRows);
-      // row r of the tile goes to out + (r - r0) * C
-      T* const out = stream ? tile_buffer : y + r0 * C;
-      for (int64_t c = 0; c < blocked; c += kLanes) {
-        // the same columns of the next tile, inputs and (unless streamed) output, while this
-        // tile is computed (see prefetch_l2).  Without the output's, the tile order defeats the
-        // hardware prefetcher for the write-allocate reads when a page holds a few rows
-        // (C = 128..512 float32 ran at 2/3 the speed of the per-value path; with it, level).
-        for (int64_t r = r1; r < next_end; ++r) {
-          op.prefetch(r * C + c, kLanes);
-          if (!stream) prefetch_l2_write(y + r * C + c, kLanes * kSize);
+    for (int64_t h = 0; h < chunks; ++h) {
+      const int64_t chunk_r0 = h * chunk_rows;
+      const int64_t chunk_r1 = std::min(rows, chunk_r0 + chunk_rows);
+      // row r of the chunk goes to out + (r - chunk_r0) * C
+      T* const out = stream ? chunk_buffer : y + chunk_r0 * C;
+      for (int64_t r0 = chunk_r0; r0 < chunk_r1; r0 += kTileRows) {
+        const int64_t r1 = std::min(chunk_r1, r0 + kTileRows);
+        const int64_t next_end = std::min(rows, r1 + kTileRows);
+        for (int64_t c = 0; c < blocked; c += kLanes) {
+          // the same columns of the next tile, inputs and (unless streamed) output, while this
+          // tile is computed (see prefetch_l2).  Without the output's, the tile order defeats the
+          // hardware prefetcher for the write-allocate reads when a page holds a few rows
+          // (C = 128..512 float32 ran at 2/3 the speed of the per-value path; with it, level).
+          for (int64_t r = r1; r < next_end; ++r) {
+            op.prefetch(r * C + c, kLanes);
+            if (!stream) prefetch_l2_write(y + r * C + c, kLanes * kSize);
+          }
+          const auto k = op.coef(c);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t e = r * C + c;
+            T* const dst = out + (r - chunk_r0) * C + c;
+            for_each_vec([&](int v, int64_t o) { storev(dst + o, op.apply(k, v, e + o)); });
+          }
         }
-        const auto k = op.coef(c);
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t e = r * C + c;
-          T* const dst = out + (r - r0) * C + c;
-          for_each_vec([&](int v, int64_t o) { storev(dst + o, op.apply(k, v, e + o)); });
-        }
-      }
-      for (int64_t r = r0; r < r1; ++r) {
-        T* __restrict__ dst = out + (r - r0) * C;
+          T* __restrict__ dst = out + (r - chunk_r0) * C;
 #pragma omp simd
-        for (int64_t c = blocked; c < C; ++c) dst[c] = static_cast<T>(op.value(r * C + c, c));
+          for (int64_t c = blocked; c < C; ++c) dst[c] = static_cast<T>(op.value(r * C + c, c));
+        }
       }
       if (stream) {
-        write_run(y + r0 * C, (r1 - r0) * C, true,
-                  [&](int64_t i) { return static_cast<double>(tile_buffer[i]); });
+        write_run(y + chunk_r0 * C, (chunk_r1 - chunk_r0) * C, true,
+                  [&](int64_t i) { return static_cast<double>(chunk_buffer[i]); });
       }
     }
     stream_fence(stream);
