@@ -200,6 +200,7 @@ inline void storev(float* p, vd v) {
 }
 
 // Op provides
+//   static constexpr int64_t kCoefficients;       // doubles of coefficients per channel
 //   Coef coef(int64_t c) const;                  // the coefficients of channels [c, c + kLanes)
 //   vd apply(const Coef& k, int v, int64_t e) const;  // vector v of the block at flat index e
 //   double value(int64_t e, int64_t c) const;    // one value (the channels past the last block)
@@ -272,11 +273,19 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   }
 }
 
-// The interleaved pattern with at least one whole block of channels goes by blocks; everything
-// else by contiguous spans.
+// Coefficient bytes per row up to which the per-value path keeps them in L1 (half of a 32 KiB L1d):
+// it reads the rows front to back, the pattern the hardware prefetchers follow best, and ran
+// channels-last arrays past the caches with C = 64..256 faster than the register blocks did
+// (two threads, 32x56x56x64 float32: forward 2.6 against 3.7 ms, backward 4.9 against 6.0 ms).
+constexpr int64_t kCoefficientBytesInL1 = 16 << 10;
+
+// The interleaved pattern goes by register blocks when a row's coefficients would crowd L1 (and
+// there is at least one whole block); everything else by contiguous spans.
 template <typename T, class Op>
 void elementwise_op(Shape s, T* y, int threads, const Op& op) {
-  if (s.inner == 1 && s.channels >= kLanes && s.outer > 0) {
+  const int64_t coefficient_bytes = Op::kCoefficients * int64_t{8} * s.channels;
+  if (s.inner == 1 && s.channels >= kLanes && s.outer > 0 &&
+      coefficient_bytes > kCoefficientBytesInL1) {
     interleaved_blocks(s, y, threads, op);
   } else {
     elementwise(s, y, threads, [&](int64_t e, int64_t c) { return op.value(e, c); });
@@ -305,6 +314,7 @@ inline double affine_value(T x, double mean, double scale, double shift) {
 
 template <typename T>
 struct AffineOp {
+  static constexpr int64_t kCoefficients = 3;
   const T* x;
   const double* mean;
   const double* scale;
@@ -358,6 +368,7 @@ inline double grad_value(T dy, T x, double mean, double k_scale, double k_dy, do
 
 template <typename T>
 struct GradOp {
+  static constexpr int64_t kCoefficients = 4;
   const T* dy;
   const T* x;
   const double* mean;
@@ -411,6 +422,7 @@ inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, T* __res
 // Frozen statistics: dx = dy * k_scale[c].
 template <typename T>
 struct ScaleOp {
+  static constexpr int64_t kCoefficients = 1;
   const T* dy;
   const double* k_scale;
   struct Coef {
