@@ -1,9 +1,10 @@
-"""Command line: ``python -m bnkernel {check,bench,info}``.
+"""Command line: ``python -m bnkernel {check,bench,info,demo}``.
 
 ``check`` runs every kernel on a set of shapes and layouts, compares each with the float64 NumPy
 reference (:mod:`bnkernel.reference`) and times both; it exits non-zero if any result is off.
 ``bench`` times the kernels against textbook NumPy and (when importable) torch, as times, GB/s and
-passes over memory next to the machine's copy bandwidth (:mod:`bnkernel._bench`).
+passes over memory next to the machine's copy bandwidth (:mod:`bnkernel._bench`).  ``demo`` runs
+the seed experiments (:mod:`bnkernel.examples`).
 """
 
 from __future__ import annotations
@@ -143,7 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _bench.add_arguments(p_bench)
     sub.add_parser("info", help="version and build options")
+    p_demo = sub.add_parser(
+        "demo",
+        help="the seed experiments: NumPy training loops with and without batch normalization",
+        description="Train small NumPy networks with and without batch normalization (circles, "
+        "Iris, digits, small batches), print the results and save plots and JSON.  Needs "
+        'pip install "bnkernel[examples]" for the data sets, progress bars and plots.',
+    )
+    from .examples import cli as demo_cli
+
+    demo_cli.add_arguments(p_demo)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo_cli.main_from_args(args)
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0

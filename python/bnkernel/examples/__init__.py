@@ -1,0 +1,13 @@
+"""The seed experiments: NumPy training loops with and without batch normalization.
+
+``python -m bnkernel demo circles|iris|digits|smallbatch|all`` runs them (``pip install
+"bnkernel[examples]"`` brings scikit-learn for the Iris and digits data, tqdm for progress bars and
+matplotlib for the plots).  The pieces are small and meant to be read:
+
+* :mod:`bnkernel.examples.nn` -- Dense, ReLU, Sigmoid, bnkernel's BatchNorm as a module,
+  Sequential, the losses, SGD and Adam;
+* :mod:`bnkernel.examples.data` -- concentric circles, Iris, digits; split and standardization;
+* :mod:`bnkernel.examples.train` -- MLP builder, training loop, accuracy in either BN mode;
+* :mod:`bnkernel.examples.demos` -- the experiments, their tables and plots;
+* :mod:`bnkernel.examples.cli` -- the ``demo`` command.
+"""
