@@ -1,7 +1,9 @@
 """bnkernel: fused, exact, deterministic batch normalization for NumPy.
 
 The functional API (:mod:`bnkernel.functional`, re-exported here) works on NumPy arrays with any
-channel axis; :class:`BatchNorm` is a layer for hand-written training loops; and
+channel axis; :mod:`bnkernel.variants` (also re-exported) adds batch renormalization, ghost batch
+normalization and population statistics; :class:`BatchNorm` is a layer for hand-written training
+loops; and
 :mod:`bnkernel.reference` is the plain float64 implementation every kernel is tested against.
 """
 
@@ -21,6 +23,14 @@ from .functional import (
     update_running_stats,
 )
 from .layer import CONVENTIONS, BatchNorm
+from .variants import (
+    batch_renorm_backward,
+    batch_renorm_forward,
+    ghost_batch_norm_backward,
+    ghost_batch_norm_forward,
+    population_stats,
+    renorm_corrections,
+)
 
 __all__ = [
     "CONVENTIONS",
@@ -30,11 +40,17 @@ __all__ = [
     "backward_reduce",
     "batch_norm_backward",
     "batch_norm_forward",
+    "batch_renorm_backward",
+    "batch_renorm_forward",
     "channel_stats",
     "get_num_threads",
+    "ghost_batch_norm_backward",
+    "ghost_batch_norm_forward",
     "invstd_from_stats",
     "merge_stats",
     "normalize",
+    "population_stats",
+    "renorm_corrections",
     "set_num_threads",
     "update_running_stats",
 ]

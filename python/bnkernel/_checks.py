@@ -120,11 +120,28 @@ def saved_stat(v: Any, name: str, channels: int) -> NDArray[np.float64]:
     return np.ascontiguousarray(arr, dtype=F64)
 
 
+def same_array(a: NDArray[Any], b: NDArray[Any]) -> bool:
+    """Whether a and b are views of exactly the same elements (same memory, shape and strides)."""
+    return (
+        a.shape == b.shape
+        and a.strides == b.strides
+        and a.dtype == b.dtype
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
 def output(
-    out: Any, name: str, like: NDArray[Any], inputs: tuple[NDArray[Any] | None, ...]
+    out: Any,
+    name: str,
+    like: NDArray[Any],
+    inputs: tuple[NDArray[Any] | None, ...],
+    *,
+    in_place: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """The array a kernel writes into: a fresh one, or the user's ``out=`` if it is exactly right
-    (shape, dtype, C-contiguous, writeable, sharing no memory with an input)."""
+    (shape, dtype, C-contiguous, writeable, sharing no memory with an input).  With ``in_place``,
+    ``out`` may also be that very array (the same elements, not a partial overlap): the kernels
+    that allow it read each value before writing it and never read it again."""
     if out is None:
         return np.empty(like.shape, dtype=like.dtype)
     if not isinstance(out, np.ndarray):
@@ -137,6 +154,8 @@ def output(
         raise ValueError(f"{name}: must be C-contiguous (a copy would drop the writes)")
     if not out.flags.writeable:
         raise ValueError(f"{name}: is read-only")
+    if in_place is not None and same_array(out, in_place):
+        inputs = tuple(a for a in inputs if a is not in_place)
     for a in inputs:
         if a is not None and np.may_share_memory(out, a) and np.shares_memory(out, a):
             raise ValueError(f"{name}: overlaps an input array; pass a separate buffer")

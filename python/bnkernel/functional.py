@@ -10,6 +10,10 @@ Conventions shared by every function here:
 * A non-contiguous ``x`` is copied once (explicitly, in Python).  ``out=`` must be exactly right
   (shape, dtype, C-contiguous, writeable, not overlapping an input) or the call raises: a silent
   copy would drop the writes.
+* In place: the forwards (:func:`batch_norm_forward`, :func:`normalize`, and the variants'
+  forwards) also accept ``out=x`` itself, the very same array (a partial overlap still raises):
+  every kernel reads a value before it writes the result there.  The backward needs x, which is
+  then gone, so in-place is for inference, or for training when x is kept elsewhere.
 * The compiled kernels release the GIL.
 """
 
@@ -44,14 +48,34 @@ Stats = tuple[int, NDArray[np.float64], NDArray[np.float64]]
 _FAST_PATH = True
 
 
+SINGLE_VALUE_POLICIES = ("raise", "running")
+
+
+def _single_value_arg(policy: Any) -> str:
+    if policy != "raise" and policy != "running":
+        raise ValueError(f"single_value: expected 'raise' or 'running', got {policy!r}")
+    return str(policy)
+
+
 def _one_value_check(x: NDArray[Any], axis: int) -> int:
     count = int(x.size // x.shape[axis])
     if count < 2:
         raise ValueError(
             "x: expected more than 1 value per channel when training "
-            f"(shape {x.shape}, channel axis {axis}); use training=False for single samples"
+            f"(shape {x.shape}, channel axis {axis}); use training=False for single samples, "
+            "or single_value='running' to fall back to the running statistics"
         )
     return count
+
+
+def _single_value_batch(x: NDArray[Any], axis: int, training: bool, policy: str) -> bool:
+    """True when a training call has one value per channel and the policy says to fall back to
+    the running statistics; raises for the 'raise' policy."""
+    if training and x.size // x.shape[axis] < 2:
+        if policy == "running":
+            return True
+        _one_value_check(x, axis)
+    return False
 
 
 def batch_norm_forward(
@@ -66,6 +90,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
     axis: int = 1,
     running_var_unbiased: bool = True,
+    single_value: str = "raise",
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
     """Batch-normalize ``x`` along channel ``axis``; returns ``(y, mean, invstd)``.
@@ -88,7 +113,14 @@ def batch_norm_forward(
 
     ``mean`` and ``invstd`` are float64 arrays of shape (C,): what :func:`batch_norm_backward`
     needs.
+
+    A training batch with one value per channel (a single sample of an (N, C) input) has no
+    variance to normalize with.  ``single_value="raise"`` (the default) raises; ``"running"``
+    normalizes it with the running statistics instead (as inference does, leaving them unchanged;
+    both must be given); pass the same ``single_value`` to :func:`batch_norm_backward`, which then
+    treats the statistics as constants.
     """
+    policy = _single_value_arg(single_value)
     if _FAST_PATH:
         fast = _core.forward_fast(
             x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
@@ -103,12 +135,18 @@ def batch_norm_forward(
     b = chk.channel_param(beta, "beta", C, xa.dtype)
     eps_f = chk.real_number(eps, "eps", minimum=0.0)
     x3 = chk.view3(xa, ax)
+    if _single_value_batch(xa, ax, bool(training), policy):
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "running_mean, running_var: single_value='running' normalizes a one-value "
+                "batch with the running statistics, so both are required"
+            )
+        training = False
     if training:
-        _one_value_check(xa, ax)
         mom = chk.real_number(momentum, "momentum")
         rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
         rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
-        y = chk.output(out, "out", xa, (xa, g, b, rm, rv))
+        y = chk.output(out, "out", xa, (xa, g, b, rm, rv), in_place=xa)
         mean = np.empty(C, dtype=np.float64)
         invstd = np.empty(C, dtype=np.float64)
         _core.forward_train(
@@ -126,7 +164,7 @@ def batch_norm_forward(
     assert rm_in is not None and rv_in is not None
     mean = rm_in.astype(np.float64)
     invstd = 1.0 / np.sqrt(rv_in.astype(np.float64) + eps_f)
-    y = chk.output(out, "out", xa, (xa, g, b, rm_in, rv_in))
+    y = chk.output(out, "out", xa, (xa, g, b, rm_in, rv_in), in_place=xa)
     _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape))
     return y, mean, invstd
 
@@ -140,6 +178,7 @@ def batch_norm_backward(
     *,
     training: bool = True,
     axis: int = 1,
+    single_value: str = "raise",
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Gradients ``(dx, dgamma, dbeta)`` of batch normalization given ``dy = dL/dy``.
@@ -155,7 +194,11 @@ def batch_norm_backward(
     backward of inference / frozen-statistics mode, where mean and invstd do not depend on x.
     ``dgamma`` and ``dbeta`` have x's dtype; they are returned also when ``gamma`` is None (as the
     gradients a gamma of ones and a beta of zeros would get).
+
+    ``single_value="running"``: a training batch with one value per channel was normalized with
+    the running statistics (see :func:`batch_norm_forward`), so its backward is the frozen one.
     """
+    policy = _single_value_arg(single_value)
     if _FAST_PATH:
         fast = _core.backward_fast(dy, x, mean, invstd, gamma, training, axis, out)
         if fast is not None:  # the plain case, done in one compiled call (csrc/fastpath.cpp)
@@ -165,8 +208,8 @@ def batch_norm_backward(
     chk.check_same_shape(dya, xa, "dy")
     ax = chk.channel_axis(xa.ndim, axis)
     C = chk.check_channels(xa, ax)
-    if training:
-        _one_value_check(xa, ax)
+    if _single_value_batch(xa, ax, bool(training), policy):
+        training = False
     m = chk.saved_stat(mean, "mean", C)
     s = chk.saved_stat(invstd, "invstd", C)
     g = chk.channel_param(gamma, "gamma", C, xa.dtype)
@@ -311,7 +354,7 @@ def normalize(
     s = chk.saved_stat(invstd, "invstd", C)
     g = chk.channel_param(gamma, "gamma", C, xa.dtype)
     b = chk.channel_param(beta, "beta", C, xa.dtype)
-    y = chk.output(out, "out", xa, (xa, g, b))
+    y = chk.output(out, "out", xa, (xa, g, b), in_place=xa)
     x3 = chk.view3(xa, ax)
     _core.normalize(x3, m, s, g, b, y.reshape(x3.shape))
     return y

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import enum
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from . import _checks as chk
-from .functional import batch_norm_backward, batch_norm_forward
+from .functional import Stats, _single_value_arg, batch_norm_backward, batch_norm_forward
+from .variants import (
+    batch_renorm_backward,
+    batch_renorm_forward,
+    ghost_batch_norm_backward,
+    ghost_batch_norm_forward,
+    population_stats,
+)
 
 __all__ = ["CONVENTIONS", "BatchNorm"]
 
@@ -68,6 +75,19 @@ class BatchNorm:
     ``params`` and ``grads`` are dicts of the arrays themselves (``"gamma"``, ``"beta"``), so an
     optimizer can update ``params[k]`` in place from ``grads[k]``.  ``backward`` overwrites
     ``grads``; it does not accumulate.
+
+    Variants, all in training mode (inference is the same for all of them):
+
+    * ``renorm=True``: Batch Renormalization (Ioffe 2017) with the corrections clipped by the
+      attributes ``r_max`` and ``d_max``, which the caller may change between steps to follow a
+      schedule (see :func:`bnkernel.batch_renorm_forward`).  Needs the running statistics.
+    * ``virtual_batch_size=V``: ghost batch normalization, statistics per group of V examples
+      along axis 0 (see :func:`bnkernel.ghost_batch_norm_forward`).
+    * ``single_value="running"``: a training batch with one value per channel is normalized with
+      the running statistics instead of raising (the default, ``"raise"``).
+
+    :meth:`set_population_stats` / :meth:`estimate_population_stats` load exact statistics over
+    many batches ("precise BN") as the running statistics.
     """
 
     num_features: int
@@ -77,6 +97,11 @@ class BatchNorm:
     track_running_stats: bool
     dtype: np.dtype[Any]
     num_batches_tracked: int
+    renorm: bool
+    r_max: float
+    d_max: float
+    virtual_batch_size: int | None
+    single_value: str
 
     def __init__(
         self,
@@ -89,6 +114,11 @@ class BatchNorm:
         affine: bool = True,
         track_running_stats: bool = True,
         dtype: DTypeLike = np.float32,
+        renorm: bool = False,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        virtual_batch_size: int | None = None,
+        single_value: Literal["raise", "running"] = "raise",
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features: expected an int, got {type(num_features).__name__}")
@@ -130,8 +160,27 @@ class BatchNorm:
             self.running_mean = np.zeros(C, self.dtype)
             self.running_var = np.ones(C, self.dtype)
         self.mode: Literal["train", "eval", "frozen"] = "train"
-        self._saved: tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64], bool] | None
-        self._saved = None
+        self.renorm = bool(renorm)
+        self.r_max = chk.real_number(r_max, "r_max", minimum=1.0)
+        self.d_max = chk.real_number(d_max, "d_max", minimum=0.0)
+        if self.renorm and not self.track_running_stats:
+            raise ValueError("renorm: batch renormalization needs track_running_stats=True")
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(
+                virtual_batch_size, numbers.Integral
+            ):
+                raise TypeError(
+                    "virtual_batch_size: expected an int or None, "
+                    f"got {type(virtual_batch_size).__name__}"
+                )
+            if virtual_batch_size < 1:
+                raise ValueError(f"virtual_batch_size: expected >= 1, got {virtual_batch_size}")
+            if self.renorm:
+                raise ValueError("virtual_batch_size: not supported together with renorm=True")
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
+        self.single_value = _single_value_arg(single_value)
+        # what backward needs from the last forward: (kind, x, mean, invstd, extra)
+        self._saved: tuple[str, NDArray[Any], NDArray[Any], NDArray[Any], Any] | None = None
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -227,25 +276,16 @@ class BatchNorm:
     def forward(self, x: NDArray[Any]) -> NDArray[Any]:
         """Normalize ``x``; in training mode also update the running statistics."""
         xa = self._check_input(x)
+        ax = self.axis % xa.ndim
         use_batch_stats = self.mode == "train" or not self.track_running_stats
-        if use_batch_stats:
-            updating = self.mode == "train" and self.track_running_stats
-            momentum = self._kernel_momentum(self.num_batches_tracked + 1) if updating else 0.0
-            y, mean, invstd = batch_norm_forward(
-                xa,
-                self.gamma,
-                self.beta,
-                running_mean=self.running_mean if self.mode == "train" else None,
-                running_var=self.running_var if self.mode == "train" else None,
-                training=True,
-                momentum=momentum,
-                eps=self.eps,
-                axis=self.axis,
-                running_var_unbiased=self.unbiased_running_var,
-            )
-            if updating:
-                self.num_batches_tracked += 1
-        else:
+        if (
+            use_batch_stats
+            and self.track_running_stats
+            and self.single_value == "running"
+            and xa.size // xa.shape[ax] < 2
+        ):
+            use_batch_stats = False  # one value per channel: the running statistics instead
+        if not use_batch_stats:
             y, mean, invstd = batch_norm_forward(
                 xa,
                 self.gamma,
@@ -256,8 +296,36 @@ class BatchNorm:
                 eps=self.eps,
                 axis=self.axis,
             )
-        # backward goes through the batch statistics only when they were used
-        self._saved = (xa, mean, invstd, use_batch_stats)
+            self._saved = ("frozen", xa, mean, invstd, None)
+            return y
+        updating = self.mode == "train" and self.track_running_stats
+        momentum = self._kernel_momentum(self.num_batches_tracked + 1) if updating else 0.0
+        rm = self.running_mean if updating else None
+        rv = self.running_var if updating else None
+        if self.renorm and updating:
+            assert rm is not None and rv is not None
+            y, mean, invstd, r, d = batch_renorm_forward(
+                xa, self.gamma, self.beta, running_mean=rm, running_var=rv, r_max=self.r_max,
+                d_max=self.d_max, momentum=momentum, eps=self.eps, axis=self.axis,
+                running_var_unbiased=self.unbiased_running_var,
+            )  # fmt: skip
+            self._saved = ("renorm", xa, mean, invstd, (r, d))
+        elif self.virtual_batch_size is not None:
+            y, mean, invstd = ghost_batch_norm_forward(
+                xa, self.gamma, self.beta, virtual_batch_size=self.virtual_batch_size,
+                running_mean=rm, running_var=rv, momentum=momentum, eps=self.eps,
+                axis=self.axis, running_var_unbiased=self.unbiased_running_var,
+            )  # fmt: skip
+            self._saved = ("ghost", xa, mean, invstd, None)
+        else:
+            y, mean, invstd = batch_norm_forward(
+                xa, self.gamma, self.beta, running_mean=rm, running_var=rv, training=True,
+                momentum=momentum, eps=self.eps, axis=self.axis,
+                running_var_unbiased=self.unbiased_running_var,
+            )  # fmt: skip
+            self._saved = ("batch", xa, mean, invstd, None)
+        if updating:
+            self.num_batches_tracked += 1
         return y
 
     __call__ = forward
@@ -266,16 +334,58 @@ class BatchNorm:
         """``dx`` for ``dy = dL/dy`` of the last forward; stores dgamma/dbeta in ``grads``."""
         if self._saved is None:
             raise RuntimeError("backward: call forward first")
-        x, mean, invstd, through_batch_stats = self._saved
+        kind, x, mean, invstd, extra = self._saved
         dya = chk.as_input(dy, "dy")
         chk.check_same_shape(dya, x, "dy", "the last forward's x")
-        dx, dgamma, dbeta = batch_norm_backward(
-            dya, x, mean, invstd, self.gamma, training=through_batch_stats, axis=self.axis
-        )
+        if kind == "renorm":
+            r, d = extra
+            dx, dgamma, dbeta = batch_renorm_backward(
+                dya, x, mean, invstd, r, d, self.gamma, axis=self.axis
+            )
+        elif kind == "ghost":
+            assert self.virtual_batch_size is not None
+            dx, dgamma, dbeta = ghost_batch_norm_backward(
+                dya, x, mean, invstd, self.gamma, virtual_batch_size=self.virtual_batch_size,
+                axis=self.axis,
+            )  # fmt: skip
+        else:
+            # through the batch statistics only when they were used
+            dx, dgamma, dbeta = batch_norm_backward(
+                dya, x, mean, invstd, self.gamma, training=kind == "batch", axis=self.axis
+            )
         if self.affine:
             self.grads["gamma"][...] = dgamma
             self.grads["beta"][...] = dbeta
         return dx
+
+    # ---- population statistics ("precise BN") --------------------------------------------------
+
+    def set_population_stats(self, stats: Stats) -> BatchNorm:
+        """Make ``(count, mean, M2)`` (from :func:`bnkernel.population_stats`) the running
+        statistics: ``running_mean = mean`` and ``running_var = M2 / (count - 1)`` (unbiased,
+        torch convention) or ``M2 / count`` (keras)."""
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError(
+                "set_population_stats: the layer has no running statistics "
+                "(track_running_stats=False)"
+            )
+        if not isinstance(stats, tuple) or len(stats) != 3:
+            raise TypeError("stats: expected a (count, mean, M2) tuple")
+        count, mean, m2 = stats
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            raise ValueError(f"stats: expected a count >= 1, got {count!r}")
+        mu = chk.saved_stat(mean, "stats mean", self.num_features)
+        q = chk.saved_stat(m2, "stats M2", self.num_features)
+        denom = count - 1 if self.unbiased_running_var and count > 1 else count
+        self.running_mean[...] = mu
+        self.running_var[...] = q / float(denom)
+        return self
+
+    def estimate_population_stats(self, inputs: Iterable[NDArray[Any]]) -> BatchNorm:
+        """Precise BN: the exact statistics of every batch in ``inputs`` (this layer's inputs,
+        e.g. the activations feeding it over a pass of the training set) become the running
+        statistics; see :func:`bnkernel.population_stats`."""
+        return self.set_population_stats(population_stats(inputs, axis=self.axis))
 
     # ---- state -----------------------------------------------------------------------------------
 

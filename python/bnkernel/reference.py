@@ -31,9 +31,15 @@ __all__ = [
     "channel_stats",
     "forward_infer",
     "forward_train",
+    "ghost_backward",
+    "ghost_forward",
     "merge_stats",
     "normalize",
     "numerical_gradient",
+    "population_stats",
+    "renorm_backward",
+    "renorm_forward",
+    "renorm_rd",
     "update_running",
     "update_running_keras",
     "update_running_torch",
@@ -418,6 +424,166 @@ def update_running_keras(
     new_mean = momentum * _f64(moving_mean) + (1.0 - momentum) * _f64(batch_mean)
     new_var = momentum * _f64(moving_var) + (1.0 - momentum) * _f64(batch_var)
     return new_mean, new_var
+
+
+# --------------------------------------------------------------------------------------------
+# batch renormalization (Ioffe 2017)
+# --------------------------------------------------------------------------------------------
+
+
+def renorm_rd(
+    batch_mean: npt.ArrayLike,
+    batch_var: npt.ArrayLike,
+    running_mean: npt.ArrayLike,
+    running_var: npt.ArrayLike,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[F64, F64]:
+    """The batch-renormalization corrections ``(r, d)``, per channel::
+
+    sigma_B = sqrt(batch_var + eps);  sigma = sqrt(running_var + eps)
+    r = clip(sigma_B / sigma, 1 / r_max, r_max)
+    d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
+    """
+    sigma_b = np.sqrt(_f64(batch_var) + eps)
+    sigma = np.sqrt(_f64(running_var) + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d = np.clip((_f64(batch_mean) - _f64(running_mean)) / sigma, -d_max, d_max)
+    return r, d
+
+
+def renorm_forward(
+    x: npt.ArrayLike,
+    running_mean: npt.ArrayLike,
+    running_var: npt.ArrayLike,
+    gamma: npt.ArrayLike | None = None,
+    beta: npt.ArrayLike | None = None,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    axis: int = 1,
+) -> tuple[F64, F64, F64, F64, F64]:
+    """Training forward of batch renormalization; returns ``(y, mean, invstd, r, d)``.
+
+    ``xhat = (x - mean) * invstd`` with the batch statistics, then
+    ``y = gamma * (xhat * r + d) + beta`` with ``(r, d)`` from :func:`renorm_rd` against the
+    running statistics *before* this batch's update.
+    """
+    _, mean, var = batch_stats(x, axis)
+    invstd = 1.0 / np.sqrt(var + eps)
+    r, d = renorm_rd(mean, var, running_mean, running_var, eps, r_max, d_max)
+    xf = _f64(x)
+    nd = xf.ndim
+    channels = xf.shape[_channel_axis(nd, axis)]
+    g = _gamma_or_ones(gamma, channels)
+    b = _beta_or_zeros(beta, channels)
+    xhat = (xf - _bcast(mean, nd, axis)) * _bcast(invstd, nd, axis)
+    y = _bcast(g, nd, axis) * (xhat * _bcast(r, nd, axis) + _bcast(d, nd, axis))
+    return y + _bcast(b, nd, axis), mean, invstd, r, d
+
+
+def renorm_backward(
+    dy: npt.ArrayLike,
+    x: npt.ArrayLike,
+    mean: npt.ArrayLike,
+    invstd: npt.ArrayLike,
+    r: npt.ArrayLike,
+    d: npt.ArrayLike,
+    gamma: npt.ArrayLike | None = None,
+    axis: int = 1,
+) -> tuple[F64, F64, F64]:
+    """Backward of batch renormalization with ``r`` and ``d`` held constant (the paper's rule);
+    returns ``(dx, dgamma, dbeta)``::
+
+        dxhat  = dy * gamma * r
+        dx     = invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        dgamma = sum(dy * (xhat * r + d));  dbeta = sum(dy)
+    """
+    dyf = _f64(dy)
+    xf = _f64(x)
+    nd = xf.ndim
+    channels = xf.shape[_channel_axis(nd, axis)]
+    m = _count(xf, axis)
+    g = _gamma_or_ones(gamma, channels)
+    xhat = (xf - _bcast(mean, nd, axis)) * _bcast(invstd, nd, axis)
+    dxhat = dyf * _bcast(g * _f64(r), nd, axis)
+    mean_dxhat = _channel_sum(dxhat, axis) / m
+    mean_dxhat_xhat = _channel_sum(dxhat * xhat, axis) / m
+    dx = _bcast(invstd, nd, axis) * (
+        dxhat - _bcast(mean_dxhat, nd, axis) - xhat * _bcast(mean_dxhat_xhat, nd, axis)
+    )
+    dgamma = _channel_sum(dyf * (xhat * _bcast(r, nd, axis) + _bcast(d, nd, axis)), axis)
+    return dx, dgamma, _channel_sum(dyf, axis)
+
+
+# --------------------------------------------------------------------------------------------
+# ghost batch normalization
+# --------------------------------------------------------------------------------------------
+
+
+def ghost_forward(
+    x: npt.ArrayLike,
+    virtual_batch_size: int,
+    gamma: npt.ArrayLike | None = None,
+    beta: npt.ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[F64, F64, F64]:
+    """Training forward with statistics per virtual batch: the batch axis (axis 0) is cut into
+    consecutive groups of ``virtual_batch_size`` and each group is normalized with its own
+    statistics.  Returns ``(y, mean, invstd)`` with ``mean`` and ``invstd`` of shape
+    ``(groups, C)``."""
+    xf = _f64(x)
+    groups = xf.shape[0] // virtual_batch_size
+    ys, means, invstds = [], [], []
+    for k in range(groups):
+        part = xf[k * virtual_batch_size : (k + 1) * virtual_batch_size]
+        y, mean, invstd = forward_train(part, gamma, beta, eps, axis)
+        ys.append(y)
+        means.append(mean)
+        invstds.append(invstd)
+    return np.concatenate(ys, axis=0), np.stack(means), np.stack(invstds)
+
+
+def ghost_backward(
+    dy: npt.ArrayLike,
+    x: npt.ArrayLike,
+    mean: npt.ArrayLike,
+    invstd: npt.ArrayLike,
+    virtual_batch_size: int,
+    gamma: npt.ArrayLike | None = None,
+    axis: int = 1,
+) -> tuple[F64, F64, F64]:
+    """Backward of :func:`ghost_forward`: each virtual batch's own training backward; dgamma and
+    dbeta summed over the groups."""
+    dyf = _f64(dy)
+    xf = _f64(x)
+    means = _f64(mean)
+    invstds = _f64(invstd)
+    dxs = []
+    dgamma = np.zeros(means.shape[1])
+    dbeta = np.zeros(means.shape[1])
+    for k in range(means.shape[0]):
+        sl = slice(k * virtual_batch_size, (k + 1) * virtual_batch_size)
+        dx, dg, db = backward_train(dyf[sl], xf[sl], means[k], invstds[k], gamma, axis)
+        dxs.append(dx)
+        dgamma += dg
+        dbeta += db
+    return np.concatenate(dxs, axis=0), dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# population statistics (precise BN)
+# --------------------------------------------------------------------------------------------
+
+
+def population_stats(batches: list[npt.ArrayLike], axis: int = 1) -> tuple[int, F64, F64]:
+    """``(count, mean, M2)`` of all the batches' values together, per channel: the statistics of
+    their concatenation along the first non-channel axis."""
+    arrays = [_f64(b) for b in batches]
+    batch_axis = 0 if _channel_axis(arrays[0].ndim, axis) != 0 else 1
+    return channel_stats(np.concatenate(arrays, axis=batch_axis), axis)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""Batch-normalization variants built on the kernels' split phases: batch renormalization, ghost
+(virtual-batch) normalization, and population ("precise") statistics.
+
+Each runs the same compiled kernels as :func:`bnkernel.batch_norm_forward` (statistics, normalize,
+the backward's reductions and elementwise pass), so it keeps their accuracy, determinism and
+speed; only per-channel arithmetic (C values) happens in NumPy.  Each has a float64 counterpart
+in :mod:`bnkernel.reference` that the tests compare with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _checks as chk
+from .functional import (
+    Stats,
+    backward_elementwise,
+    backward_reduce,
+    channel_stats,
+    invstd_from_stats,
+    merge_stats,
+    normalize,
+)
+
+__all__ = [
+    "batch_renorm_backward",
+    "batch_renorm_forward",
+    "ghost_batch_norm_backward",
+    "ghost_batch_norm_forward",
+    "population_stats",
+    "renorm_corrections",
+]
+
+F64 = NDArray[np.float64]
+
+
+# ---- batch renormalization ---------------------------------------------------------------------
+
+
+def renorm_corrections(
+    batch_mean: NDArray[Any],
+    batch_var: NDArray[Any],
+    running_mean: NDArray[Any],
+    running_var: NDArray[Any],
+    *,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[F64, F64]:
+    """Ioffe's (2017) corrections, per channel, in float64::
+
+    sigma_B = sqrt(batch_var + eps);  sigma = sqrt(running_var + eps)
+    r = clip(sigma_B / sigma, 1 / r_max, r_max)
+    d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
+    """
+    sigma_b = np.sqrt(np.asarray(batch_var, np.float64) + eps)
+    sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
+    r: F64 = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d: F64 = np.clip(
+        (np.asarray(batch_mean, np.float64) - np.asarray(running_mean, np.float64)) / sigma,
+        -d_max,
+        d_max,
+    )
+    return r, d
+
+
+def _limits(r_max: float, d_max: float) -> tuple[float, float]:
+    r = chk.real_number(r_max, "r_max", minimum=1.0)
+    d = chk.real_number(d_max, "d_max", minimum=0.0)
+    return r, d
+
+
+def batch_renorm_forward(
+    x: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    beta: NDArray[Any] | None = None,
+    *,
+    running_mean: NDArray[Any],
+    running_var: NDArray[Any],
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    running_var_unbiased: bool = True,
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], F64, F64, F64, F64]:
+    """Batch Renormalization's training forward (Ioffe 2017); returns ``(y, mean, invstd, r, d)``.
+
+    With the batch's ``mean`` and ``invstd`` and ``(r, d)`` from :func:`renorm_corrections`
+    against the running statistics as they were before this batch::
+
+        y = gamma * ((x - mean) * invstd * r + d) + beta
+
+    then the running statistics are updated as :func:`bnkernel.batch_norm_forward` does (same
+    ``momentum`` and ``running_var_unbiased`` rules).  ``r = 1, d = 0`` is batch normalization;
+    ``r_max = 1, d_max = 0`` gives exactly that.  Schedules for ``r_max`` / ``d_max`` (the paper
+    relaxes them from 1 and 0 over training) are the caller's: pass the current values.  At
+    inference use :func:`bnkernel.batch_norm_forward` with ``training=False``.
+
+    ``r`` and ``d`` are returned for :func:`batch_renorm_backward`, which treats them as
+    constants, as the paper prescribes.
+    """
+    xa = chk.as_input(x, "x")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    rmax, dmax = _limits(r_max, d_max)
+    eps_f = chk.real_number(eps, "eps", minimum=0.0)
+    mom = chk.real_number(momentum, "momentum")
+    rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
+    rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
+    if rm is None or rv is None:
+        raise ValueError("running_mean, running_var: batch renormalization needs both")
+    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
+    b = chk.channel_param(beta, "beta", C, xa.dtype)
+    count = int(xa.size // C)
+    if count < 2:
+        raise ValueError(
+            f"x: expected more than 1 value per channel when training (shape {xa.shape})"
+        )
+    n, mean, m2 = channel_stats(xa, axis=ax)
+    invstd = invstd_from_stats(n, m2, eps_f)
+    r, d = renorm_corrections(mean, m2 / n, rm, rv, eps=eps_f, r_max=rmax, d_max=dmax)
+    # y = (x - mean) * (gamma * invstd * r) + (beta + gamma * d): r goes into the float64
+    # invstd the kernel multiplies by, d into beta
+    g64 = np.ones(C) if g is None else g.astype(np.float64)
+    b64 = np.zeros(C) if b is None else b.astype(np.float64)
+    shift = (b64 + g64 * d).astype(xa.dtype)
+    y = normalize(xa, mean, invstd * r, g, shift, axis=ax, out=out)
+    # the update comes after r and d, which use the statistics from before this batch
+    denom = float(count - 1 if running_var_unbiased else count)
+    rm[...] = (1.0 - mom) * rm.astype(np.float64) + mom * mean
+    rv[...] = (1.0 - mom) * rv.astype(np.float64) + mom * (m2 / denom)
+    return y, mean, invstd, r, d
+
+
+def batch_renorm_backward(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    r: NDArray[Any],
+    d: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    *,
+    axis: int = 1,
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`batch_renorm_forward`, ``r`` and ``d`` held
+    constant.  With ``xhat = (x - mean) * invstd`` and m values per channel::
+
+        dbeta = sum(dy);  dgamma = r * sum(dy * xhat) + d * sum(dy)
+        dx    = gamma * r * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)
+
+    computed by the backward's two kernels: the reductions, then the elementwise pass with
+    ``invstd * r`` in place of ``invstd`` and ``sum(dy * xhat) / r`` in place of the sum, which is
+    the formula above term for term.
+    """
+    xa = chk.as_input(x, "x")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    r64 = chk.saved_stat(r, "r", C)
+    d64 = chk.saved_stat(d, "d", C)
+    if np.any(~(r64 > 0)):
+        raise ValueError("r: expected positive corrections (r is clipped to [1/r_max, r_max])")
+    s = chk.saved_stat(invstd, "invstd", C)
+    sum_dy, sum_dy_xhat = backward_reduce(dy, xa, mean, s, axis=ax)
+    count = int(xa.size // C)
+    dx = backward_elementwise(
+        dy, xa, mean, s * r64, gamma, sum_dy, sum_dy_xhat / r64, count, axis=ax, out=out
+    )
+    dgamma = (r64 * sum_dy_xhat + d64 * sum_dy).astype(xa.dtype)
+    return dx, dgamma, sum_dy.astype(xa.dtype)
+
+
+# ---- ghost batch normalization -----------------------------------------------------------------
+
+
+def _groups(xa: NDArray[Any], ax: int, virtual_batch_size: Any) -> int:
+    if isinstance(virtual_batch_size, bool) or not isinstance(
+        virtual_batch_size, (int, np.integer)
+    ):
+        raise TypeError(
+            f"virtual_batch_size: expected an int, got {type(virtual_batch_size).__name__}"
+        )
+    v = int(virtual_batch_size)
+    if ax == 0:
+        raise ValueError("axis: ghost batch normalization splits axis 0, the batch axis; "
+                         "the channel axis must be another")  # fmt: skip
+    n = xa.shape[0]
+    if v < 1 or n % v != 0:
+        raise ValueError(f"virtual_batch_size: expected a divisor of the batch size {n}, got {v}")
+    if xa.size // (xa.shape[ax] * (n // v)) < 2:
+        raise ValueError(f"virtual_batch_size: {v} leaves one value per channel in a virtual batch")
+    return int(n // v)
+
+
+def ghost_batch_norm_forward(
+    x: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    beta: NDArray[Any] | None = None,
+    *,
+    virtual_batch_size: int,
+    running_mean: NDArray[Any] | None = None,
+    running_var: NDArray[Any] | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    running_var_unbiased: bool = True,
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], F64, F64]:
+    """Ghost batch normalization: axis 0 (the batch) is cut into consecutive virtual batches of
+    ``virtual_batch_size`` examples, each normalized with its own statistics (Hoffer et al. 2017;
+    Keras' ``virtual_batch_size``).  Returns ``(y, mean, invstd)`` with ``mean`` and ``invstd`` of
+    shape ``(groups, C)``.
+
+    The running statistics are updated once, as Keras does, from the average over the virtual
+    batches of their means and of their variances (each variance corrected by ``m / (m - 1)``
+    first, m being a virtual batch's values per channel, when ``running_var_unbiased``).
+    """
+    xa = chk.as_input(x, "x")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    groups = _groups(xa, ax, virtual_batch_size)
+    eps_f = chk.real_number(eps, "eps", minimum=0.0)
+    mom = chk.real_number(momentum, "momentum")
+    rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
+    rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
+    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
+    b = chk.channel_param(beta, "beta", C, xa.dtype)
+    y = chk.output(out, "out", xa, (xa, g, b, rm, rv), in_place=xa)
+    xc = np.ascontiguousarray(xa)
+    v = xa.shape[0] // groups
+    means = np.empty((groups, C))
+    invstds = np.empty((groups, C))
+    variances = np.empty((groups, C))
+    for k in range(groups):
+        part = xc[k * v : (k + 1) * v]
+        n, mean, m2 = channel_stats(part, axis=ax)
+        means[k] = mean
+        invstds[k] = invstd_from_stats(n, m2, eps_f)
+        variances[k] = m2 / (n - 1 if running_var_unbiased else n)
+        normalize(part, mean, invstds[k], g, b, axis=ax, out=y[k * v : (k + 1) * v])
+    if rm is not None:
+        rm[...] = (1.0 - mom) * rm.astype(np.float64) + mom * means.mean(axis=0)
+    if rv is not None:
+        rv[...] = (1.0 - mom) * rv.astype(np.float64) + mom * variances.mean(axis=0)
+    return y, means, invstds
+
+
+def ghost_batch_norm_backward(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    *,
+    virtual_batch_size: int,
+    axis: int = 1,
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`ghost_batch_norm_forward`: each virtual batch's
+    training backward; dgamma and dbeta are summed over them in float64 and rounded once."""
+    xa = chk.as_input(x, "x")
+    dya = chk.as_input(dy, "dy")
+    chk.check_same_shape(dya, xa, "dy")
+    ax = chk.channel_axis(xa.ndim, axis)
+    C = chk.check_channels(xa, ax)
+    groups = _groups(xa, ax, virtual_batch_size)
+    means = np.asarray(mean, dtype=np.float64)
+    invstds = np.asarray(invstd, dtype=np.float64)
+    for name, a in (("mean", means), ("invstd", invstds)):
+        if a.shape != (groups, C):
+            raise ValueError(f"{name}: expected shape ({groups}, {C}), got {a.shape}")
+    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
+    dx = chk.output(out, "out", xa, (xa, dya, g))
+    xc = np.ascontiguousarray(xa)
+    dyc = np.ascontiguousarray(dya)
+    v = xa.shape[0] // groups
+    count = int(xa.size // (C * groups))
+    sum_dy = np.zeros(C)
+    sum_dy_xhat = np.zeros(C)
+    for k in range(groups):
+        sl = slice(k * v, (k + 1) * v)
+        sdy, sdyx = backward_reduce(dyc[sl], xc[sl], means[k], invstds[k], axis=ax)
+        backward_elementwise(dyc[sl], xc[sl], means[k], invstds[k], g, sdy, sdyx, count,
+                             axis=ax, out=dx[sl])  # fmt: skip
+        sum_dy += sdy
+        sum_dy_xhat += sdyx
+    return dx, sum_dy_xhat.astype(xa.dtype), sum_dy.astype(xa.dtype)
+
+
+# ---- population statistics ---------------------------------------------------------------------
+
+
+def population_stats(batches: Iterable[NDArray[Any]], *, axis: int = 1) -> Stats:
+    """Exact per-channel ``(count, mean, M2)`` of every value of every batch, for "precise BN":
+    re-estimating a trained network's statistics over many batches without momentum's bias
+    toward the last ones.  Each batch's :func:`~bnkernel.channel_stats` is merged into the running
+    total with Chan's formula, in order, so memory stays at one batch.  Load the result into a
+    layer with :meth:`bnkernel.BatchNorm.set_population_stats`.
+    """
+    total: Stats | None = None
+    for i, batch in enumerate(batches):
+        try:
+            st = channel_stats(batch, axis=axis)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"batches[{i}]: {e}") from e
+        if total is not None and st[1].shape != total[1].shape:
+            raise ValueError(
+                f"batches[{i}]: {st[1].shape[0]} channels, the earlier batches have "
+                f"{total[1].shape[0]}"
+            )
+        total = st if total is None else merge_stats(total, st)
+    if total is None:
+        raise ValueError("batches: expected at least one batch")
+    return total
