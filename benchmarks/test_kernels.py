@@ -100,3 +100,86 @@ def test_wrong_kernel_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     prepared = _bench.prepare(case, "forward_infer", "bnkernel")
     with pytest.raises(_bench.BenchCheckError):
         _bench.check_outputs(case, "forward_infer", prepared.outputs())
+
+
+# ---- fused epilogue: y = relu(bn(x) + residual), and its backward from y -------------------------
+
+FUSED_SHAPES = {"NCHW": ((32, 64, 28, 28), 1), "NHWC": ((32, 28, 28, 64), -1)}
+
+
+def _fused_case(layout: str) -> dict[str, Any]:
+    from bnkernel import reference
+
+    shape, axis = FUSED_SHAPES[layout]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    res = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    z, _, _ = reference.forward_train(x, None, None, 1e-5, axis)
+    y_ref = reference.apply_epilogue(z, res, True)
+    return {"x": x, "res": res, "dy": dy, "axis": axis, "y_ref": y_ref}
+
+
+@pytest.mark.parametrize("layout", list(FUSED_SHAPES))
+@pytest.mark.parametrize("variant", ["fused", "unfused"])
+def test_fused_forward(benchmark: Any, layout: str, variant: str) -> None:
+    """One pass (bnkernel's epilogue) against three (normalize, add, relu as separate passes)."""
+    import bnkernel as bk
+
+    benchmark.group = f"relu(bn(x)+r)-forward-{layout}"
+    c = _fused_case(layout)
+    out = np.empty_like(c["x"])
+
+    def fused() -> None:
+        bk.batch_norm_forward(c["x"], axis=c["axis"], activation="relu", residual=c["res"],
+                              out=out)  # fmt: skip
+
+    def unfused() -> None:
+        bk.batch_norm_forward(c["x"], axis=c["axis"], out=out)
+        np.add(out, c["res"], out=out)
+        np.maximum(out, 0, out=out)
+
+    fn = fused if variant == "fused" else unfused
+    fn()
+    np.testing.assert_allclose(out, c["y_ref"], rtol=1e-5, atol=1e-5)
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("layout", list(FUSED_SHAPES))
+@pytest.mark.parametrize("variant", ["fused", "unfused"])
+def test_fused_backward(benchmark: Any, layout: str, variant: str) -> None:
+    """The mask taken from y inside the backward's two passes, against np.where(y > 0, dy, 0)
+    first (its output is the residual's gradient in both)."""
+    import bnkernel as bk
+    from bnkernel import reference
+
+    benchmark.group = f"relu(bn(x)+r)-backward-{layout}"
+    c = _fused_case(layout)
+    y, mean, invstd = bk.batch_norm_forward(c["x"], axis=c["axis"], activation="relu",
+                                            residual=c["res"])  # fmt: skip
+    dx = np.empty_like(c["x"])
+    g = np.empty_like(c["x"])
+
+    def fused() -> Any:
+        return bk.batch_norm_backward(
+            c["dy"],
+            c["x"],
+            mean,
+            invstd,
+            axis=c["axis"],
+            activation="relu",
+            y=y,
+            residual_grad=True,
+            out=dx,
+        )
+
+    def unfused() -> Any:
+        np.copyto(g, np.where(y > 0, c["dy"], np.float32(0)))
+        return bk.batch_norm_backward(g, c["x"], mean, invstd, axis=c["axis"], out=dx)
+
+    fn = fused if variant == "fused" else unfused
+    fn()
+    want = reference.backward_train(reference.relu_backward(c["dy"], y), c["x"], mean, invstd,
+                                    None, c["axis"])[0]  # fmt: skip
+    np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5)
+    benchmark(fn)

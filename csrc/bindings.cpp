@@ -103,9 +103,25 @@ int64_t merge_stats_impl(const carray<int64_t>& counts, const carray<double>& me
 }
 
 template <typename T>
+bnkernel::Epilogue<T> epilogue(const opt_carray<T>& residual, bool relu, Shape s) {
+  if (residual) same_shape(*residual, s, "residual");
+  return {residual ? residual->data() : nullptr, relu};
+}
+
+template <typename T>
+bnkernel::ReluGrad<T> relu_grad(const opt_carray<T>& y, opt_carray<T>& dresidual, Shape s) {
+  if (y) same_shape(*y, s, "y");
+  require(y || !dresidual, "dresidual: needs y (the ReLU mask)");
+  if (dresidual) same_shape(*dresidual, s, "dresidual");
+  return {y ? y->data() : nullptr, dresidual ? mutable_out(*dresidual, "dresidual") : nullptr};
+}
+
+template <typename T>
 void normalize(const carray<T>& x, const carray<double>& mean, const carray<double>& invstd,
-               const opt_carray<T>& gamma, const opt_carray<T>& beta, carray<T>& y) {
+               const opt_carray<T>& gamma, const opt_carray<T>& beta, carray<T>& y,
+               const opt_carray<T>& residual, bool relu) {
   const Shape s = view3(x, "x");
+  const auto ep = epilogue(residual, relu, s);
   per_channel(mean, s, "mean");
   per_channel(invstd, s, "invstd");
   same_shape(y, s, "out");
@@ -114,15 +130,16 @@ void normalize(const carray<T>& x, const carray<double>& mean, const carray<doub
   T* py_ = mutable_out(y, "out");
   // safe without the GIL: every buffer is held by the caller's references and validated above
   py::gil_scoped_release release;
-  bnkernel::normalize(x.data(), s, mean.data(), invstd.data(), pg, pb, py_);
+  bnkernel::normalize(x.data(), s, mean.data(), invstd.data(), pg, pb, py_, ep);
 }
 
 template <typename T>
 void forward_train(const carray<T>& x, const opt_carray<T>& gamma, const opt_carray<T>& beta,
                    double eps, carray<T>& y, carray<double>& mean, carray<double>& invstd,
                    opt_carray<T>& running_mean, opt_carray<T>& running_var, double momentum,
-                   bool unbiased) {
+                   bool unbiased, const opt_carray<T>& residual, bool relu) {
   const Shape s = view3(x, "x");
+  const auto ep = epilogue(residual, relu, s);
   same_shape(y, s, "out");
   per_channel(mean, s, "mean");
   per_channel(invstd, s, "invstd");
@@ -136,14 +153,16 @@ void forward_train(const carray<T>& x, const opt_carray<T>& gamma, const opt_car
   double* pi = mutable_out(invstd, "invstd");
   // safe without the GIL: every buffer is held by the caller's references and validated above
   py::gil_scoped_release release;
-  bnkernel::forward_train(x.data(), s, pg, pb, eps, py_, pm, pi, running);
+  bnkernel::forward_train(x.data(), s, pg, pb, eps, py_, pm, pi, running, ep);
 }
 
 template <typename T>
 void backward_reduce(const carray<T>& dy, const carray<T>& x, const carray<double>& mean,
                      const carray<double>& invstd, carray<double>& sum_dy,
-                     carray<double>& sum_dy_xhat) {
+                     carray<double>& sum_dy_xhat, const opt_carray<T>& y,
+                     opt_carray<T>& dresidual) {
   const Shape s = view3(x, "x");
+  const auto relu = relu_grad(y, dresidual, s);
   same_shape(dy, s, "dy");
   per_channel(mean, s, "mean");
   per_channel(invstd, s, "invstd");
@@ -152,15 +171,17 @@ void backward_reduce(const carray<T>& dy, const carray<T>& x, const carray<doubl
   double* p1 = mutable_out(sum_dy, "sum_dy");
   double* p2 = mutable_out(sum_dy_xhat, "sum_dy_xhat");
   py::gil_scoped_release release;
-  bnkernel::backward_reduce(dy.data(), x.data(), s, mean.data(), invstd.data(), p1, p2);
+  bnkernel::backward_reduce(dy.data(), x.data(), s, mean.data(), invstd.data(), p1, p2, relu);
 }
 
 template <typename T>
 void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<double>& mean,
                           const carray<double>& invstd, const opt_carray<T>& gamma,
                           const carray<double>& sum_dy, const carray<double>& sum_dy_xhat,
-                          int64_t count, carray<T>& dx) {
+                          int64_t count, carray<T>& dx, const opt_carray<T>& y) {
   const Shape s = view3(x, "x");
+  opt_carray<T> no_dresidual;
+  const auto relu = relu_grad(y, no_dresidual, s);
   same_shape(dy, s, "dy");
   same_shape(dx, s, "out");
   per_channel(mean, s, "mean");
@@ -172,14 +193,16 @@ void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<
   T* pdx = mutable_out(dx, "out");
   py::gil_scoped_release release;
   bnkernel::backward_elementwise(dy.data(), x.data(), s, mean.data(), invstd.data(), pg,
-                                 sum_dy.data(), sum_dy_xhat.data(), count, pdx);
+                                 sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
 }
 
 template <typename T>
 void backward(bool training, const carray<T>& dy, const carray<T>& x, const carray<double>& mean,
               const carray<double>& invstd, const opt_carray<T>& gamma, carray<T>& dx,
-              carray<T>& dgamma, carray<T>& dbeta) {
+              carray<T>& dgamma, carray<T>& dbeta, const opt_carray<T>& y,
+              opt_carray<T>& dresidual) {
   const Shape s = view3(x, "x");
+  const auto relu = relu_grad(y, dresidual, s);
   same_shape(dy, s, "dy");
   same_shape(dx, s, "out");
   per_channel(mean, s, "mean");
@@ -193,10 +216,11 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
   // safe without the GIL: every buffer is held by the caller's references and validated above
   py::gil_scoped_release release;
   if (training) {
-    bnkernel::backward_train(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg, pdb);
+    bnkernel::backward_train(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg, pdb,
+                             relu);
   } else {
-    bnkernel::backward_frozen(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg,
-                              pdb);
+    bnkernel::backward_frozen(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg, pdb,
+                              relu);
   }
 }
 
@@ -206,23 +230,29 @@ void register_dtype(py::module_& m) {
         py::arg("m2").noconvert());
   m.def("normalize", &normalize<T>, py::arg("x").noconvert(), py::arg("mean").noconvert(),
         py::arg("invstd").noconvert(), py::arg("gamma").noconvert().none(true),
-        py::arg("beta").noconvert().none(true), py::arg("out").noconvert());
+        py::arg("beta").noconvert().none(true), py::arg("out").noconvert(),
+        py::arg("residual").noconvert().none(true) = py::none(), py::arg("relu") = false);
   m.def("forward_train", &forward_train<T>, py::arg("x").noconvert(),
         py::arg("gamma").noconvert().none(true), py::arg("beta").noconvert().none(true),
         py::arg("eps"), py::arg("out").noconvert(), py::arg("mean").noconvert(),
         py::arg("invstd").noconvert(), py::arg("running_mean").noconvert().none(true),
-        py::arg("running_var").noconvert().none(true), py::arg("momentum"), py::arg("unbiased"));
+        py::arg("running_var").noconvert().none(true), py::arg("momentum"), py::arg("unbiased"),
+        py::arg("residual").noconvert().none(true) = py::none(), py::arg("relu") = false);
   m.def("backward_reduce", &backward_reduce<T>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
         py::arg("mean").noconvert(), py::arg("invstd").noconvert(), py::arg("sum_dy").noconvert(),
-        py::arg("sum_dy_xhat").noconvert());
+        py::arg("sum_dy_xhat").noconvert(), py::arg("y").noconvert().none(true) = py::none(),
+        py::arg("dresidual").noconvert().none(true) = py::none());
   m.def("backward_elementwise", &backward_elementwise<T>, py::arg("dy").noconvert(),
         py::arg("x").noconvert(), py::arg("mean").noconvert(), py::arg("invstd").noconvert(),
         py::arg("gamma").noconvert().none(true), py::arg("sum_dy").noconvert(),
-        py::arg("sum_dy_xhat").noconvert(), py::arg("count"), py::arg("out").noconvert());
+        py::arg("sum_dy_xhat").noconvert(), py::arg("count"), py::arg("out").noconvert(),
+        py::arg("y").noconvert().none(true) = py::none());
   m.def("backward", &backward<T>, py::arg("training"), py::arg("dy").noconvert(),
         py::arg("x").noconvert(), py::arg("mean").noconvert(), py::arg("invstd").noconvert(),
         py::arg("gamma").noconvert().none(true), py::arg("out").noconvert(),
-        py::arg("dgamma").noconvert(), py::arg("dbeta").noconvert());
+        py::arg("dgamma").noconvert(), py::arg("dbeta").noconvert(),
+        py::arg("y").noconvert().none(true) = py::none(),
+        py::arg("dresidual").noconvert().none(true) = py::none());
 }
 
 }  // namespace

@@ -199,13 +199,15 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
           bnkernel::forward_train(data<float>(in.x), s, data<float>(gamma), data<float>(beta), eps,
                                   data<float>(y), pm, pi,
                                   bnkernel::RunningUpdate<float>{data<float>(rm), data<float>(rv),
-                                                                 momentum, unbiased == Py_True});
+                                                                 momentum, unbiased == Py_True},
+                                  bnkernel::Epilogue<float>{});
         } else {
           bnkernel::forward_train(
               data<double>(in.x), s, data<double>(gamma), data<double>(beta), eps, data<double>(y),
               pm, pi,
               bnkernel::RunningUpdate<double>{data<double>(rm), data<double>(rv), momentum,
-                                              unbiased == Py_True});
+                                              unbiased == Py_True},
+              bnkernel::Epilogue<double>{});
         }
       });
       if (!done) Py_CLEAR(mean);
@@ -229,14 +231,14 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
           pi[c] = 1.0 / std::sqrt(static_cast<double>(data<float>(rv)[c]) + eps);
         }
         bnkernel::normalize(data<float>(in.x), s, pm, pi, data<float>(gamma), data<float>(beta),
-                            data<float>(y));
+                            data<float>(y), bnkernel::Epilogue<float>{});
       } else {
         for (int64_t c = 0; c < s.channels; ++c) {
           pm[c] = data<double>(rm)[c];
           pi[c] = 1.0 / std::sqrt(data<double>(rv)[c] + eps);
         }
         bnkernel::normalize(data<double>(in.x), s, pm, pi, data<double>(gamma), data<double>(beta),
-                            data<double>(y));
+                            data<double>(y), bnkernel::Epilogue<double>{});
       }
     });
     if (!done) Py_CLEAR(mean);
@@ -277,12 +279,14 @@ PyObject* backward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         auto* k = training == Py_True ? &bnkernel::backward_train<float>
                                       : &bnkernel::backward_frozen<float>;
         k(data<float>(dy), data<float>(in.x), s, pm, pi, data<float>(gamma), data<float>(dx),
-          reinterpret_cast<float*>(pdg), reinterpret_cast<float*>(pdb));
+          reinterpret_cast<float*>(pdg), reinterpret_cast<float*>(pdb),
+          bnkernel::ReluGrad<float>{});
       } else {
         auto* k = training == Py_True ? &bnkernel::backward_train<double>
                                       : &bnkernel::backward_frozen<double>;
         k(data<double>(dy), data<double>(in.x), s, pm, pi, data<double>(gamma), data<double>(dx),
-          reinterpret_cast<double*>(pdg), reinterpret_cast<double*>(pdb));
+          reinterpret_cast<double*>(pdg), reinterpret_cast<double*>(pdb),
+          bnkernel::ReluGrad<double>{});
       }
     });
     if (!done) Py_CLEAR(dgamma);

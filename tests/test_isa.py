@@ -57,13 +57,25 @@ for shape, axis in cases:
         rdx, rdg, rdb = ref.backward_train(dy, x, rmean, rinvstd, g, axis)
         fdx, _, _ = bk.batch_norm_backward(dy, x, mean, invstd, g, training=False, axis=axis)
         rfdx = ref.backward_frozen(dy, x, rmean, rinvstd, g, axis)[0]
+        # the fused epilogue and the masked backward (compile-time variants of every kernel)
+        res = rng.standard_normal(shape).astype(dtype)
+        yr, _, _ = bk.batch_norm_forward(x, g, b, axis=axis, activation="relu", residual=res)
+        ryr = ref.apply_epilogue(ry, res, True)
+        gm = ref.relu_backward(dy, yr)
+        mdx, _, _, mres = bk.batch_norm_backward(dy, x, mean, invstd, g, axis=axis,
+                                                 activation="relu", y=yr, residual_grad=True)
+        rmdx = ref.backward_train(gm, x, rmean, rinvstd, g, axis)[0]
+        mfdx, _, _ = bk.batch_norm_backward(dy, x, mean, invstd, g, training=False, axis=axis,
+                                            activation="relu", y=yr)
+        rmfdx = ref.backward_frozen(gm, x, rmean, rinvstd, g, axis)[0]
         n, m, m2 = bk.channel_stats(x, axis=axis)
         _, rm, rm2 = ref.channel_stats(x, axis)
         def err(a, r):
             r = np.asarray(r, np.float64)
             return float(np.max(np.abs(a - r)) / max(1.0, float(np.max(np.abs(r)))))
         e = max(err(y, ry), err(dx, rdx), err(fdx, rfdx), err(dg, rdg), err(db, rdb),
-                err(mean, rmean), err(invstd, rinvstd), err(m2, rm2))
+                err(mean, rmean), err(invstd, rinvstd), err(m2, rm2), err(yr, ryr),
+                err(mdx, rmdx), err(mfdx, rmfdx), err(mres, gm))
         worst[np.dtype(dtype).name] = max(worst.get(np.dtype(dtype).name, 0.0), e / tol)
 print(json.dumps({"isa": bk._core.isa, "worst": worst}))
 """

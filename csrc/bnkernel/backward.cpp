@@ -41,7 +41,7 @@ enum class Mode { train, frozen };
  */
 template <typename T>
 void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-              const T* gamma, T* dx, T* dgamma, T* dbeta) {
+              const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
@@ -56,30 +56,32 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
     detail::for_each_channel(C, threads, stream_runs, [&](int64_t c) {
       double& sdy = sum_dy[static_cast<size_t>(c)];
       double& sdyx = sum_dy_xhat[static_cast<size_t>(c)];
-      detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sdy, sdyx);
+      detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sdy, sdyx, relu);
       sdyx *= invstd[c];
       const auto k = grad_coefficients(gamma, invstd, sum_dy.data(), sum_dy_xhat.data(), m, c);
       detail::for_channel_rows(s, c, [&](int64_t offset) {
+        const T* y = relu.y ? relu.y + offset : nullptr;
         if (mode == Mode::train) {
-          detail::grad_run(dy + offset, x + offset, dx + offset, s.inner, mean[c], k.k_scale,
+          detail::grad_run(dy + offset, x + offset, y, dx + offset, s.inner, mean[c], k.k_scale,
                            k.k_dy, k.k_x, stream_runs);
         } else {
-          detail::scale_run(dy + offset, dx + offset, s.inner, k.k_scale, stream_runs);
+          detail::scale_run(dy + offset, y, dx + offset, s.inner, k.k_scale, stream_runs);
         }
       });
     });
   } else {
     // the split phases, in this namespace (qualified: Shape brings bnkernel:: in by ADL)
-    BNKERNEL_ISA_NS::backward_reduce(dy, x, s, mean, invstd, sum_dy.data(), sum_dy_xhat.data());
+    BNKERNEL_ISA_NS::backward_reduce(dy, x, s, mean, invstd, sum_dy.data(), sum_dy_xhat.data(),
+                                     relu);
     if (mode == Mode::train) {
       BNKERNEL_ISA_NS::backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy.data(),
-                                            sum_dy_xhat.data(), s.per_channel(), dx);
+                                            sum_dy_xhat.data(), s.per_channel(), dx, relu);
     } else {
       std::vector<double> k_scale(static_cast<size_t>(C));
       for (int64_t c = 0; c < C; ++c) {
         k_scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
       }
-      detail::scale(dy, s, k_scale.data(), dx, threads);
+      detail::scale(dy, relu.y, s, k_scale.data(), dx, threads);
     }
   }
   store_param_grads(s, sum_dy.data(), sum_dy_xhat.data(), dgamma, dbeta);
@@ -89,15 +91,15 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
 
 template <typename T>
 void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     double* sum_dy, double* sum_dy_xhat) {
-  detail::channel_sums(dy, x, s, mean, threads_for(s.size()), sum_dy, sum_dy_xhat);
+                     double* sum_dy, double* sum_dy_xhat, ReluGrad<T> relu) {
+  detail::channel_sums(dy, x, s, mean, threads_for(s.size()), sum_dy, sum_dy_xhat, relu);
   for (int64_t c = 0; c < s.channels; ++c) sum_dy_xhat[c] *= invstd[c];
 }
 
 template <typename T>
 void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
                           const double* invstd, const T* gamma, const double* sum_dy,
-                          const double* sum_dy_xhat, int64_t count, T* dx) {
+                          const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(count);
   std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
@@ -109,30 +111,32 @@ void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
     k_dy[i] = k.k_dy;
     k_x[i] = k.k_x;
   }
-  detail::grad(dy, x, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx, threads_for(s.size()));
+  detail::grad(dy, x, relu.y, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
+               threads_for(s.size()));
 }
 
 template <typename T>
 void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                    const T* gamma, T* dx, T* dgamma, T* dbeta) {
-  backward(Mode::train, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta);
+                    const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
+  backward(Mode::train, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu);
 }
 
 template <typename T>
 void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     const T* gamma, T* dx, T* dgamma, T* dbeta) {
-  backward(Mode::frozen, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta);
+                     const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
+  backward(Mode::frozen, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu);
 }
 
 #define BNKERNEL_INSTANTIATE(T)                                                                  \
   template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   double*, double*);                                            \
+                                   double*, double*, ReluGrad<T>);                               \
   template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
-                                        const T*, const double*, const double*, int64_t, T*);    \
+                                        const T*, const double*, const double*, int64_t, T*,     \
+                                        ReluGrad<T>);                                            \
   template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
-                                  const T*, T*, T*, T*);                                         \
+                                  const T*, T*, T*, T*, ReluGrad<T>);                            \
   template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   const T*, T*, T*, T*);
+                                   const T*, T*, T*, T*, ReluGrad<T>);
 BNKERNEL_INSTANTIATE(float)
 BNKERNEL_INSTANTIATE(double)
 #undef BNKERNEL_INSTANTIATE

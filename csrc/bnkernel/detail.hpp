@@ -8,6 +8,7 @@
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,6 +35,33 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
 inline int64_t interleaved_leaf_rows(int64_t channels, int64_t arrays) {
   return std::max(kInterleavedRowStreams / arrays,
                   ceil_div(kPlanarLeaf, std::max<int64_t>(channels, 1)));
+}
+
+// ---- compile-time flags -------------------------------------------------------------------------
+
+// f(std::bool_constant<a>{}, std::bool_constant<b>{})
+template <class F>
+inline void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) {
+      f(std::true_type{}, std::true_type{});
+    } else {
+      f(std::true_type{}, std::false_type{});
+    }
+  } else if (b) {
+    f(std::false_type{}, std::true_type{});
+  } else {
+    f(std::false_type{}, std::false_type{});
+  }
+}
+
+template <class F>
+inline void with_flag(bool a, F&& f) {
+  if (a) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 // ---- deterministic pairwise tree ----------------------------------------------------------------

@@ -92,55 +92,56 @@ void channel_stats(const T* x, Shape s, double* mean, double* m2) {
 
 template <typename T>
 void normalize(const T* x, Shape s, const double* mean, const double* invstd, const T* gamma,
-               const T* beta, T* y) {
-  BNKERNEL_DISPATCH(normalize(x, s, mean, invstd, gamma, beta, y))
+               const T* beta, T* y, Epilogue<T> epilogue) {
+  BNKERNEL_DISPATCH(normalize(x, s, mean, invstd, gamma, beta, y, epilogue))
 }
 
 template <typename T>
 void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double eps, T* y,
-                   double* mean, double* invstd, RunningUpdate<T> running) {
-  BNKERNEL_DISPATCH(forward_train(x, s, gamma, beta, eps, y, mean, invstd, running))
+                   double* mean, double* invstd, RunningUpdate<T> running, Epilogue<T> epilogue) {
+  BNKERNEL_DISPATCH(forward_train(x, s, gamma, beta, eps, y, mean, invstd, running, epilogue))
 }
 
 template <typename T>
 void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     double* sum_dy, double* sum_dy_xhat) {
-  BNKERNEL_DISPATCH(backward_reduce(dy, x, s, mean, invstd, sum_dy, sum_dy_xhat))
+                     double* sum_dy, double* sum_dy_xhat, ReluGrad<T> relu) {
+  BNKERNEL_DISPATCH(backward_reduce(dy, x, s, mean, invstd, sum_dy, sum_dy_xhat, relu))
 }
 
 template <typename T>
 void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
                           const double* invstd, const T* gamma, const double* sum_dy,
-                          const double* sum_dy_xhat, int64_t count, T* dx) {
+                          const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
   BNKERNEL_DISPATCH(
-      backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, dx))
+      backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, dx, relu))
 }
 
 template <typename T>
 void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                    const T* gamma, T* dx, T* dgamma, T* dbeta) {
-  BNKERNEL_DISPATCH(backward_train(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta))
+                    const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
+  BNKERNEL_DISPATCH(backward_train(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu))
 }
 
 template <typename T>
 void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     const T* gamma, T* dx, T* dgamma, T* dbeta){
-    BNKERNEL_DISPATCH(backward_frozen(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta))}
+                     const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu){
+    BNKERNEL_DISPATCH(backward_frozen(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu))}
 
 #define BNKERNEL_INSTANTIATE(T)                                                                  \
   template void channel_stats<T>(const T*, Shape, double*, double*);                             \
   template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*,  \
-                             T*);                                                                \
+                             T*, Epilogue<T>);                                                   \
   template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,       \
-                                 double*, RunningUpdate<T>);                                     \
+                                 double*, RunningUpdate<T>, Epilogue<T>);                        \
   template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   double*, double*);                                            \
+                                   double*, double*, ReluGrad<T>);                               \
   template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
-                                        const T*, const double*, const double*, int64_t, T*);    \
+                                        const T*, const double*, const double*, int64_t, T*,     \
+                                        ReluGrad<T>);                                            \
   template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
-                                  const T*, T*, T*, T*);                                         \
+                                  const T*, T*, T*, T*, ReluGrad<T>);                            \
   template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   const T*, T*, T*, T*);
+                                   const T*, T*, T*, T*, ReluGrad<T>);
 BNKERNEL_INSTANTIATE(float) BNKERNEL_INSTANTIATE(double)
 #undef BNKERNEL_INSTANTIATE
 

@@ -33,24 +33,24 @@ void update_running(RunningUpdate<T> running, Shape s, const double* mean, const
 
 template <typename T>
 void normalize(const T* x, Shape s, const double* mean, const double* invstd, const T* gamma,
-               const T* beta, T* y) {
+               const T* beta, T* y, Epilogue<T> epilogue) {
   const int64_t C = s.channels;
   std::vector<double> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
     scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
     shift[static_cast<size_t>(c)] = detail::beta_of(beta, c);
   }
-  detail::affine(x, s, mean, scale.data(), shift.data(), y, threads_for(s.size()));
+  detail::affine(x, s, mean, scale.data(), shift.data(), y, threads_for(s.size()), epilogue);
 }
 
 /*
  * Training forward, per channel over its m values:
  *   mean = sum(x) / m,  var = M2 / m (biased),  invstd = 1 / sqrt(var + eps)
- *   y = (x - mean) * (gamma * invstd) + beta
+ *   y = epilogue((x - mean) * (gamma * invstd) + beta)
  */
 template <typename T>
 void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double eps, T* y,
-                   double* mean, double* invstd, RunningUpdate<T> running) {
+                   double* mean, double* invstd, RunningUpdate<T> running, Epilogue<T> epilogue) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
@@ -69,7 +69,8 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
       const double scale = detail::gamma_of(gamma, c) * invstd[c];
       const double shift = detail::beta_of(beta, c);
       detail::for_channel_rows(s, c, [&](int64_t offset) {
-        detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift, stream_runs);
+        detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift, stream_runs,
+                           epilogue.residual ? epilogue.residual + offset : nullptr, epilogue.relu);
       });
     });
   } else {
@@ -77,16 +78,16 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
     BNKERNEL_ISA_NS::channel_stats(x, s, mean, m2.data());
     for (int64_t c = 0; c < C; ++c)
       invstd[c] = 1.0 / std::sqrt(m2[static_cast<size_t>(c)] / m + eps);
-    BNKERNEL_ISA_NS::normalize(x, s, mean, invstd, gamma, beta, y);
+    BNKERNEL_ISA_NS::normalize(x, s, mean, invstd, gamma, beta, y, epilogue);
   }
   update_running(running, s, mean, m2.data());
 }
 
 #define BNKERNEL_INSTANTIATE(T)                                                                 \
   template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*, \
-                             T*);                                                               \
+                             T*, Epilogue<T>);                                                  \
   template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,      \
-                                 double*, RunningUpdate<T>);
+                                 double*, RunningUpdate<T>, Epilogue<T>);
 BNKERNEL_INSTANTIATE(float)
 BNKERNEL_INSTANTIATE(double)
 #undef BNKERNEL_INSTANTIATE

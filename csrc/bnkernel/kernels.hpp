@@ -46,6 +46,24 @@ struct RunningUpdate {
   bool unbiased = true;
 };
 
+// What the forward applies after the affine map, in the same pass and in double before the one
+// rounding to T:  y = relu(bn(x) + residual).  Either part may be absent.
+template <typename T>
+struct Epilogue {
+  const T* residual = nullptr;  // x's shape
+  bool relu = false;
+};
+
+// The backward of a forward with a ReLU epilogue, from the forward's output y rather than the
+// pre-activation: the gradient reaching batch normalization is g = (y > 0 ? dy : 0).  g is also
+// the residual's gradient; backward_reduce / the fused backwards write it to dresidual when given.
+// With y null, g = dy (and dresidual must be null).
+template <typename T>
+struct ReluGrad {
+  const T* y = nullptr;
+  T* dresidual = nullptr;
+};
+
 #include "bnkernel/kernel_api.inc"
 
 // Chan et al.'s pairwise merge of `parts` partial statistics, applied left to right:

@@ -76,6 +76,32 @@ inline vd splat(double x) {
   return v;
 }
 
+// kVecLen values of T from a vector of doubles, each rounded once
+inline void storev(double* p, vd v) {
+  std::memcpy(p, &v, sizeof v);
+}
+inline void storev(float* p, vd v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_ps(p, _mm512_cvtpd_ps(reinterpret_cast<__m512d>(v)));
+#elif defined(__AVX__)
+  _mm_storeu_ps(p, _mm256_cvtpd_ps(reinterpret_cast<__m256d>(v)));
+#else
+  const vf f = __builtin_convertvector(v, vf);
+  std::memcpy(p, &f, sizeof f);
+#endif
+}
+
+// The gradient reaching batch normalization under a ReLU: dy where the output y > 0, else 0 (a
+// NaN output passes no gradient, as torch's threshold_backward).
+template <typename T>
+inline double masked_dy(T dy, T y) {
+  return y > T(0) ? static_cast<double>(dy) : 0.0;
+}
+inline vd masked_vec(vd dy, vd y) {
+  const vd zero = splat(0.0);
+  return y > zero ? dy : zero;
+}
+
 // kLanes partial sums, lane q in v[q / kVecLen][q % kVecLen].
 struct Lanes {
   vd v[kVecs] = {};

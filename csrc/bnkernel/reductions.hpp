@@ -239,11 +239,16 @@ struct InterleavedMoments {
 
 // ---- backward sums: (sum dy, sum dy * (x - mean)) -----------------------------------------------
 
-template <typename T>
+// With Mask (a ReLU after the forward), g = masked_dy(dy, y) takes dy's place, and is written to
+// dres when that is not null (the residual's gradient): each value of g is computed once, by the
+// one leaf that holds it.
+template <typename T, bool Mask>
 struct PlanarSums {
   static constexpr int64_t width = 2;
   const T* dy;
   const T* x;
+  const T* y;
+  T* dres;
   Shape s;
   int64_t c;
   double mean;
@@ -252,25 +257,45 @@ struct PlanarSums {
     const int64_t j0 = k * kPlanarLeaf;
     const int64_t j1 = std::min(s.per_channel(), j0 + kPlanarLeaf);
     // dy and x share the layout, so a run of x at offset p - x is the same run of dy.  Tails are
-    // padded with dy = 0 and x = mean, which add nothing.
+    // padded with g = 0 and x = mean, which add nothing.
     alignas(64) double tail_dy[kLanes], tail_x[kLanes];
     const vd vmean = splat(mean);
     Lanes a, b;
-    auto add = [&](const auto* g, const auto* xs) {
+    auto add = [&](const vd* g, const auto* xs) {
       for_each_vec([&](int v, int64_t o) {
-        const vd gv = loadv(g + o);
-        a.v[v] += gv;
-        b.v[v] = fmav(gv, loadv(xs + o) - vmean, b.v[v]);
+        a.v[v] += g[v];
+        b.v[v] = fmav(g[v], loadv(xs + o) - vmean, b.v[v]);
       });
     };
     for_channel_runs(x, s, c, j0, j1, [&](const T* px, int64_t len) {
-      const T* pdy = dy + (px - x);
+      const int64_t at = px - x;
+      const T* pdy = dy + at;
       int64_t i = 0;
-      for (; i + kLanes <= len; i += kLanes) add(pdy + i, px + i);
+      for (; i + kLanes <= len; i += kLanes) {
+        vd g[kVecs];
+        for_each_vec([&](int v, int64_t o) {
+          g[v] = loadv(pdy + i + o);
+          if constexpr (Mask) {
+            g[v] = masked_vec(g[v], loadv(y + at + i + o));
+            if (dres) storev(dres + at + i + o, g[v]);
+          }
+        });
+        add(g, px + i);
+      }
       if (i < len) {
-        pad_tail(pdy + i, len - i, 0.0, tail_dy);
-        pad_tail(px + i, len - i, mean, tail_x);
-        add(tail_dy, tail_x);
+        const int64_t rest = len - i;
+        for (int64_t q = 0; q < kLanes; ++q) {
+          double g = 0.0;
+          if (q < rest) {
+            g = Mask ? masked_dy(pdy[i + q], y[at + i + q]) : static_cast<double>(pdy[i + q]);
+            if (Mask && dres) dres[at + i + q] = static_cast<T>(g);
+          }
+          tail_dy[q] = g;
+        }
+        pad_tail(px + i, rest, mean, tail_x);
+        vd g[kVecs];
+        for_each_vec([&](int v, int64_t o) { g[v] = loadv(tail_dy + o); });
+        add(g, tail_x);
       }
     });
     const double sdy = a.total();
@@ -286,22 +311,26 @@ struct PlanarSums {
 };
 
 // accumulator: [sum dy[C], sum dy*(x-mean)[C]]
-template <typename T>
+template <typename T, bool Mask>
 struct InterleavedSums {
   int64_t width;
-  const T* dy;  // the window's first column, as x and mean
+  const T* dy;  // the window's first column, as x, y, dres and mean
   const T* x;
+  const T* y;
+  T* dres;
   const double* mean;
   int64_t rows;
   int64_t channels;  // columns in the window
   int64_t stride;    // values per row of the array
   int64_t leaf_rows;
 
-  InterleavedSums(const T* dy_, const T* x_, const double* mean_, Shape s, int64_t col0,
-                  int64_t cols)
+  InterleavedSums(const T* dy_, const T* x_, const T* y_, T* dres_, const double* mean_, Shape s,
+                  int64_t col0, int64_t cols)
       : width(2 * cols),
         dy(dy_ + col0),
         x(x_ + col0),
+        y(y_ ? y_ + col0 : nullptr),
+        dres(dres_ ? dres_ + col0 : nullptr),
         mean(mean_ + col0),
         rows(s.outer),
         channels(cols),
@@ -323,6 +352,8 @@ struct InterleavedSums {
       for (int64_t r = r1; r < next_end; ++r) {  // as in InterleavedMoments
         prefetch_l2(x + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
         prefetch_l2(dy + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
+        if constexpr (Mask)
+          prefetch_l2(y + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
       }
       vd mu[kVecs], a[kVecs], b[kVecs];
       for_each_vec([&](int v, int64_t o) {
@@ -331,12 +362,15 @@ struct InterleavedSums {
         b[v] = splat(0.0);
       });
       for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = x + r * stride + c;
-        const T* gr = dy + r * stride + c;
+        const int64_t at = r * stride + c;
         for_each_vec([&](int v, int64_t o) {
-          const vd g = loadv(gr + o);
+          vd g = loadv(dy + at + o);
+          if constexpr (Mask) {
+            g = masked_vec(g, loadv(y + at + o));
+            if (dres) storev(dres + at + o, g);
+          }
           a[v] += g;
-          b[v] = fmav(g, loadv(xr + o) - mu[v], b[v]);
+          b[v] = fmav(g, loadv(x + at + o) - mu[v], b[v]);
         });
       }
       for_each_vec([&](int v, int64_t o) {
@@ -349,9 +383,15 @@ struct InterleavedSums {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * stride;
       const T* gr = dy + r * stride;
+      const T* yr = Mask ? y + r * stride : nullptr;
+      T* resr = Mask && dres ? dres + r * stride : nullptr;
 #pragma omp simd
       for (int64_t c = blocked; c < C; ++c) {
-        const double g = static_cast<double>(gr[c]);
+        double g = static_cast<double>(gr[c]);
+        if constexpr (Mask) {
+          g = masked_dy(gr[c], yr[c]);
+          if (resr) resr[c] = static_cast<T>(g);
+        }
         sdy[c] += g;
         sdyd[c] = fmas(g, static_cast<double>(xr[c]) - mean[c], sdyd[c]);
       }
@@ -421,7 +461,7 @@ void interleaved_moments(const T* x, Shape s, int threads, double* mean, double*
 
 template <typename T>
 void planar_channel_sums(const T* dy, const T* x, Shape s, int64_t c, double mean, int threads,
-                         double& sum_dy, double& sum_dyd) {
+                         double& sum_dy, double& sum_dyd, ReluGrad<T> relu) {
   const int64_t leaves = ceil_div(s.per_channel(), kPlanarLeaf);
   if (leaves == 0) {
     sum_dy = 0.0;
@@ -429,25 +469,31 @@ void planar_channel_sums(const T* dy, const T* x, Shape s, int64_t c, double mea
     return;
   }
   double out[2];
-  parallel_tree(PlanarSums<T>{dy, x, s, c, mean}, leaves, out, threads);
+  with_flag(relu.y != nullptr, [&](auto mask) {
+    parallel_tree(PlanarSums<T, decltype(mask)::value>{dy, x, relu.y, relu.dresidual, s, c, mean},
+                  leaves, out, threads);
+  });
   sum_dy = out[0];
   sum_dyd = out[1];
 }
 
 template <typename T>
 void interleaved_sums(const T* dy, const T* x, Shape s, const double* mean, int threads,
-                      double* sum_dy, double* sum_dyd) {
+                      double* sum_dy, double* sum_dyd, ReluGrad<T> relu) {
   for_each_window(s, threads, [&](int64_t col0, int64_t cols) {
-    const InterleavedSums<T> ops(dy, x, mean, s, col0, cols);
-    if (ops.leaves() == 0) {
-      std::fill(sum_dy + col0, sum_dy + col0 + cols, 0.0);
-      std::fill(sum_dyd + col0, sum_dyd + col0 + cols, 0.0);
-      return;
-    }
-    std::vector<double> out(static_cast<size_t>(ops.width));
-    parallel_tree(ops, ops.leaves(), out.data(), threads);
-    std::copy(out.begin(), out.begin() + cols, sum_dy + col0);
-    std::copy(out.begin() + cols, out.begin() + 2 * cols, sum_dyd + col0);
+    with_flag(relu.y != nullptr, [&](auto mask) {
+      const InterleavedSums<T, decltype(mask)::value> ops(dy, x, relu.y, relu.dresidual, mean, s,
+                                                          col0, cols);
+      if (ops.leaves() == 0) {
+        std::fill(sum_dy + col0, sum_dy + col0 + cols, 0.0);
+        std::fill(sum_dyd + col0, sum_dyd + col0 + cols, 0.0);
+        return;
+      }
+      std::vector<double> out(static_cast<size_t>(ops.width));
+      parallel_tree(ops, ops.leaves(), out.data(), threads);
+      std::copy(out.begin(), out.begin() + cols, sum_dy + col0);
+      std::copy(out.begin() + cols, out.begin() + 2 * cols, sum_dyd + col0);
+    });
   });
 }
 
@@ -509,9 +555,9 @@ void channel_moments(const T* x, Shape s, int threads, double* mean, double* m2)
 // (sum dy, sum dy * (x - mean)) of every channel, likewise.
 template <typename T>
 void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int threads, double* sum_dy,
-                  double* sum_dyd) {
+                  double* sum_dyd, ReluGrad<T> relu) {
   if (s.inner == 1) {
-    interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd);
+    interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd, relu);
   } else if (short_runs(s)) {
     const Shape wide{s.outer, s.channels * s.inner, 1};
     const auto cols = static_cast<size_t>(wide.channels);
@@ -519,7 +565,7 @@ void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int thre
     for (int64_t c = 0; c < s.channels; ++c) {
       std::fill_n(col_mean.begin() + c * s.inner, s.inner, mean[c]);
     }
-    interleaved_sums(dy, x, wide, col_mean.data(), threads, col_dy.data(), col_dyd.data());
+    interleaved_sums(dy, x, wide, col_mean.data(), threads, col_dy.data(), col_dyd.data(), relu);
     for (int64_t c = 0; c < s.channels; ++c) {
       double a = 0.0, b = 0.0;
       for (int64_t i = 0; i < s.inner; ++i) {
@@ -531,11 +577,11 @@ void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int thre
     }
   } else if (whole_channels_per_thread(s, threads)) {
     for_each_channel(s.channels, threads, false, [&](int64_t c) {
-      planar_channel_sums(dy, x, s, c, mean[c], 1, sum_dy[c], sum_dyd[c]);
+      planar_channel_sums(dy, x, s, c, mean[c], 1, sum_dy[c], sum_dyd[c], relu);
     });
   } else {
     for (int64_t c = 0; c < s.channels; ++c) {
-      planar_channel_sums(dy, x, s, c, mean[c], threads, sum_dy[c], sum_dyd[c]);
+      planar_channel_sums(dy, x, s, c, mean[c], threads, sum_dy[c], sum_dyd[c], relu);
     }
   }
 }

@@ -15,7 +15,16 @@ native_build: bool
 
 def channel_stats(x: _F, mean: _D, m2: _D) -> None: ...
 def merge_stats(counts: NDArray[np.int64], means: _D, m2s: _D, mean: _D, m2: _D) -> int: ...
-def normalize(x: _F, mean: _D, invstd: _D, gamma: _F | None, beta: _F | None, out: _F) -> None: ...
+def normalize(
+    x: _F,
+    mean: _D,
+    invstd: _D,
+    gamma: _F | None,
+    beta: _F | None,
+    out: _F,
+    residual: _F | None = None,
+    relu: bool = False,
+) -> None: ...
 def forward_train(
     x: _F,
     gamma: _F | None,
@@ -28,8 +37,19 @@ def forward_train(
     running_var: _F | None,
     momentum: float,
     unbiased: bool,
+    residual: _F | None = None,
+    relu: bool = False,
 ) -> None: ...
-def backward_reduce(dy: _F, x: _F, mean: _D, invstd: _D, sum_dy: _D, sum_dy_xhat: _D) -> None: ...
+def backward_reduce(
+    dy: _F,
+    x: _F,
+    mean: _D,
+    invstd: _D,
+    sum_dy: _D,
+    sum_dy_xhat: _D,
+    y: _F | None = None,
+    dresidual: _F | None = None,
+) -> None: ...
 def backward_elementwise(
     dy: _F,
     x: _F,
@@ -40,6 +60,7 @@ def backward_elementwise(
     sum_dy_xhat: _D,
     count: int,
     out: _F,
+    y: _F | None = None,
 ) -> None: ...
 def backward(
     training: bool,
@@ -51,6 +72,8 @@ def backward(
     out: _F,
     dgamma: _F,
     dbeta: _F,
+    y: _F | None = None,
+    dresidual: _F | None = None,
 ) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -19,7 +19,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -49,6 +49,22 @@ _FAST_PATH = True
 
 
 SINGLE_VALUE_POLICIES = ("raise", "running")
+ACTIVATIONS = (None, "relu")
+
+
+def _relu_arg(activation: Any) -> bool:
+    if activation is None:
+        return False
+    if activation == "relu":
+        return True
+    raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+
+
+def _like_x(a: Any, name: str, xa: NDArray[Any], ax: int) -> NDArray[Any]:
+    """An array with x's shape and dtype (residual, y), as the (outer, C, inner) view."""
+    arr = chk.as_input(a, name, allow_empty=True)
+    chk.check_same_shape(arr, xa, name)
+    return chk.view3(arr, ax)
 
 
 def _single_value_arg(policy: Any) -> str:
@@ -91,6 +107,8 @@ def batch_norm_forward(
     axis: int = 1,
     running_var_unbiased: bool = True,
     single_value: str = "raise",
+    activation: str | None = None,
+    residual: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
     """Batch-normalize ``x`` along channel ``axis``; returns ``(y, mean, invstd)``.
@@ -119,9 +137,16 @@ def batch_norm_forward(
     normalizes it with the running statistics instead (as inference does, leaving them unchanged;
     both must be given); pass the same ``single_value`` to :func:`batch_norm_backward`, which then
     treats the statistics as constants.
+
+    Fused epilogue, in the same pass and in double before the one rounding to x's dtype:
+    ``residual`` (x's shape and dtype) is added to the normalized value, then
+    ``activation="relu"`` applies max(v, 0) (NaN stays NaN):
+    ``y = relu(bn(x) + residual)``, the ResNet block's tail, where the unfused chain makes three
+    passes.  Its backward is :func:`batch_norm_backward` with ``activation="relu", y=y``.
     """
     policy = _single_value_arg(single_value)
-    if _FAST_PATH:
+    relu = _relu_arg(activation)
+    if _FAST_PATH and not relu and residual is None:
         fast = _core.forward_fast(
             x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
             running_var_unbiased, out,
@@ -135,6 +160,8 @@ def batch_norm_forward(
     b = chk.channel_param(beta, "beta", C, xa.dtype)
     eps_f = chk.real_number(eps, "eps", minimum=0.0)
     x3 = chk.view3(xa, ax)
+    res3 = None if residual is None else _like_x(residual, "residual", xa, ax)
+    res_arr = None if residual is None else np.asarray(residual)
     if _single_value_batch(xa, ax, bool(training), policy):
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -146,12 +173,12 @@ def batch_norm_forward(
         mom = chk.real_number(momentum, "momentum")
         rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
         rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
-        y = chk.output(out, "out", xa, (xa, g, b, rm, rv), in_place=xa)
+        y = chk.output(out, "out", xa, (xa, g, b, rm, rv, res_arr), in_place=xa)
         mean = np.empty(C, dtype=np.float64)
         invstd = np.empty(C, dtype=np.float64)
         _core.forward_train(
             x3, g, b, eps_f, y.reshape(x3.shape), mean, invstd, rm, rv, mom,
-            bool(running_var_unbiased),
+            bool(running_var_unbiased), res3, relu,
         )  # fmt: skip
         return y, mean, invstd
     if running_mean is None or running_var is None:
@@ -164,11 +191,12 @@ def batch_norm_forward(
     assert rm_in is not None and rv_in is not None
     mean = rm_in.astype(np.float64)
     invstd = 1.0 / np.sqrt(rv_in.astype(np.float64) + eps_f)
-    y = chk.output(out, "out", xa, (xa, g, b, rm_in, rv_in), in_place=xa)
-    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape))
+    y = chk.output(out, "out", xa, (xa, g, b, rm_in, rv_in, res_arr), in_place=xa)
+    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
     return y, mean, invstd
 
 
+@overload
 def batch_norm_backward(
     dy: NDArray[Any],
     x: NDArray[Any],
@@ -179,8 +207,42 @@ def batch_norm_backward(
     training: bool = True,
     axis: int = 1,
     single_value: str = "raise",
+    activation: str | None = None,
+    y: NDArray[Any] | None = None,
+    residual_grad: Literal[False] = False,
     out: NDArray[Any] | None = None,
-) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
+@overload
+def batch_norm_backward(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    single_value: str = "raise",
+    activation: str | None = None,
+    y: NDArray[Any] | None = None,
+    residual_grad: Literal[True],
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...
+def batch_norm_backward(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    single_value: str = "raise",
+    activation: str | None = None,
+    y: NDArray[Any] | None = None,
+    residual_grad: bool = False,
+    out: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], ...]:
     """Gradients ``(dx, dgamma, dbeta)`` of batch normalization given ``dy = dL/dy``.
 
     With ``xhat = (x - mean) * invstd`` and m values per channel::
@@ -197,9 +259,21 @@ def batch_norm_backward(
 
     ``single_value="running"``: a training batch with one value per channel was normalized with
     the running statistics (see :func:`batch_norm_forward`), so its backward is the frozen one.
+
+    After a fused forward with ``activation="relu"``, pass ``activation="relu"`` and that
+    forward's output ``y``: the gradient reaching batch normalization is ``g = dy`` where
+    ``y > 0``, else 0, taken from y on the fly (no pre-activation stored, no extra pass), and it
+    replaces dy above.  ``residual_grad=True`` also returns the residual's gradient, which is g
+    (written by the reduction pass), as a fourth element: ``(dx, dgamma, dbeta, dresidual)``;
+    without an activation that is dy itself.
     """
     policy = _single_value_arg(single_value)
-    if _FAST_PATH:
+    relu = _relu_arg(activation)
+    if relu and y is None:
+        raise ValueError("y: activation='relu' needs the forward's output y (for the mask)")
+    if y is not None and not relu:
+        raise ValueError("y: only used with activation='relu'")
+    if _FAST_PATH and not relu and not residual_grad:
         fast = _core.backward_fast(dy, x, mean, invstd, gamma, training, axis, out)
         if fast is not None:  # the plain case, done in one compiled call (csrc/fastpath.cpp)
             return fast
@@ -213,13 +287,18 @@ def batch_norm_backward(
     m = chk.saved_stat(mean, "mean", C)
     s = chk.saved_stat(invstd, "invstd", C)
     g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    dx = chk.output(out, "out", xa, (xa, dya, g))
+    y3 = None if y is None else _like_x(y, "y", xa, ax)
+    dx = chk.output(out, "out", xa, (xa, dya, g, None if y is None else np.asarray(y)))
     x3 = chk.view3(xa, ax)
     dgamma = np.empty(C, dtype=xa.dtype)
     dbeta = np.empty(C, dtype=xa.dtype)
+    dres = np.empty(xa.shape, dtype=xa.dtype) if residual_grad and relu else None
     _core.backward(
-        bool(training), chk.view3(dya, ax), x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta
-    )
+        bool(training), chk.view3(dya, ax), x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta,
+        y3, None if dres is None else dres.reshape(x3.shape),
+    )  # fmt: skip
+    if residual_grad:
+        return dx, dgamma, dbeta, (dres if dres is not None else dya)
     return dx, dgamma, dbeta
 
 
@@ -344,9 +423,13 @@ def normalize(
     beta: NDArray[Any] | None = None,
     *,
     axis: int = 1,
+    activation: str | None = None,
+    residual: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
-    """``y = (x - mean) * (gamma * invstd) + beta`` with given per-channel statistics."""
+    """``y = (x - mean) * (gamma * invstd) + beta`` with given per-channel statistics, then the
+    optional fused epilogue of :func:`batch_norm_forward` (``+ residual``, ``relu``)."""
+    relu = _relu_arg(activation)
     xa = chk.as_input(x, "x", allow_empty=True)
     ax = chk.channel_axis(xa.ndim, axis)
     C = chk.check_channels(xa, ax)
@@ -354,9 +437,11 @@ def normalize(
     s = chk.saved_stat(invstd, "invstd", C)
     g = chk.channel_param(gamma, "gamma", C, xa.dtype)
     b = chk.channel_param(beta, "beta", C, xa.dtype)
-    y = chk.output(out, "out", xa, (xa, g, b), in_place=xa)
+    res3 = None if residual is None else _like_x(residual, "residual", xa, ax)
+    res_arr = None if residual is None else np.asarray(residual)
+    y = chk.output(out, "out", xa, (xa, g, b, res_arr), in_place=xa)
     x3 = chk.view3(xa, ax)
-    _core.normalize(x3, m, s, g, b, y.reshape(x3.shape))
+    _core.normalize(x3, m, s, g, b, y.reshape(x3.shape), res3, relu)
     return y
 
 
@@ -367,9 +452,14 @@ def backward_reduce(
     invstd: NDArray[Any],
     *,
     axis: int = 1,
+    y: NDArray[Any] | None = None,
+    dresidual: NDArray[Any] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """``(sum(dy), sum(dy * xhat))`` per channel, float64, in one read of (dy, x): the reduction
-    phase of the backward.  A batch with no samples gives zeros."""
+    phase of the backward.  A batch with no samples gives zeros.
+
+    With ``y`` (the output of a forward with ``activation="relu"``), dy is masked where
+    ``y <= 0`` first; ``dresidual`` (x's shape and dtype) then receives the masked dy."""
     xa = chk.as_input(x, "x", allow_empty=True)
     dya = chk.as_input(dy, "dy", allow_empty=True)
     chk.check_same_shape(dya, xa, "dy")
@@ -379,7 +469,16 @@ def backward_reduce(
     s = chk.saved_stat(invstd, "invstd", C)
     sum_dy = np.empty(C, dtype=np.float64)
     sum_dy_xhat = np.empty(C, dtype=np.float64)
-    _core.backward_reduce(chk.view3(dya, ax), chk.view3(xa, ax), m, s, sum_dy, sum_dy_xhat)
+    y3 = None if y is None else _like_x(y, "y", xa, ax)
+    if dresidual is not None and y is None:
+        raise ValueError("dresidual: needs y (the ReLU mask)")
+    dres = None
+    if dresidual is not None:
+        dres = chk.output(dresidual, "dresidual", xa, (xa, dya, np.asarray(y)))
+    _core.backward_reduce(
+        chk.view3(dya, ax), chk.view3(xa, ax), m, s, sum_dy, sum_dy_xhat, y3,
+        None if dres is None else chk.view3(dres, ax),
+    )  # fmt: skip
     return sum_dy, sum_dy_xhat
 
 
@@ -394,6 +493,7 @@ def backward_elementwise(
     count: int,
     *,
     axis: int = 1,
+    y: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """The elementwise phase of the training backward::
@@ -401,7 +501,9 @@ def backward_elementwise(
         dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
 
     ``count`` is the number of values per channel the sums were taken over (across all processes
-    in data-parallel training).  ``gamma`` may be None (ones).
+    in data-parallel training).  ``gamma`` may be None (ones).  With ``y`` (the output of a
+    forward with ``activation="relu"``) dy is masked where ``y <= 0``, as in
+    :func:`backward_reduce`.
     """
     xa = chk.as_input(x, "x", allow_empty=True)
     dya = chk.as_input(dy, "dy", allow_empty=True)
@@ -414,9 +516,10 @@ def backward_elementwise(
     sdy = chk.saved_stat(sum_dy, "sum_dy", C)
     sdyx = chk.saved_stat(sum_dy_xhat, "sum_dy_xhat", C)
     count = _count_arg(count, "count")
-    dx = chk.output(out, "out", xa, (xa, dya, g))
+    y3 = None if y is None else _like_x(y, "y", xa, ax)
+    dx = chk.output(out, "out", xa, (xa, dya, g, None if y is None else np.asarray(y)))
     x3 = chk.view3(xa, ax)
     _core.backward_elementwise(
-        chk.view3(dya, ax), x3, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape)
+        chk.view3(dya, ax), x3, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape), y3
     )
     return dx

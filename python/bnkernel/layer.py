@@ -85,6 +85,8 @@ class BatchNorm:
       along axis 0 (see :func:`bnkernel.ghost_batch_norm_forward`).
     * ``single_value="running"``: a training batch with one value per channel is normalized with
       the running statistics instead of raising (the default, ``"raise"``).
+    * ``activation="relu"``: ``y = relu(bn(x) + residual)`` in one pass (``forward(x,
+      residual=...)``; the residual is optional), and a backward that takes the mask from y.
 
     :meth:`set_population_stats` / :meth:`estimate_population_stats` load exact statistics over
     many batches ("precise BN") as the running statistics.
@@ -102,6 +104,7 @@ class BatchNorm:
     d_max: float
     virtual_batch_size: int | None
     single_value: str
+    activation: Literal["relu"] | None
 
     def __init__(
         self,
@@ -119,6 +122,7 @@ class BatchNorm:
         d_max: float = 5.0,
         virtual_batch_size: int | None = None,
         single_value: Literal["raise", "running"] = "raise",
+        activation: Literal["relu"] | None = None,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features: expected an int, got {type(num_features).__name__}")
@@ -179,6 +183,13 @@ class BatchNorm:
                 raise ValueError("virtual_batch_size: not supported together with renorm=True")
         self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         self.single_value = _single_value_arg(single_value)
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+        if activation is not None and (self.renorm or self.virtual_batch_size is not None):
+            raise ValueError(
+                "activation: the fused ReLU is not supported with renorm or virtual_batch_size"
+            )
+        self.activation: Literal["relu"] | None = activation
         # what backward needs from the last forward: (kind, x, mean, invstd, extra)
         self._saved: tuple[str, NDArray[Any], NDArray[Any], NDArray[Any], Any] | None = None
 
@@ -273,9 +284,14 @@ class BatchNorm:
             )
         return xa
 
-    def forward(self, x: NDArray[Any]) -> NDArray[Any]:
-        """Normalize ``x``; in training mode also update the running statistics."""
+    def forward(self, x: NDArray[Any], residual: NDArray[Any] | None = None) -> NDArray[Any]:
+        """Normalize ``x``; in training mode also update the running statistics.  ``residual``
+        (x's shape) is added after the normalization, before the activation if there is one;
+        backward then returns ``(dx, dresidual)``."""
         xa = self._check_input(x)
+        if residual is not None and (self.renorm or self.virtual_batch_size is not None):
+            raise ValueError("residual: not supported with renorm or virtual_batch_size")
+        fused: dict[str, Any] = {"activation": self.activation, "residual": residual}
         ax = self.axis % xa.ndim
         use_batch_stats = self.mode == "train" or not self.track_running_stats
         if (
@@ -295,8 +311,9 @@ class BatchNorm:
                 training=False,
                 eps=self.eps,
                 axis=self.axis,
+                **fused,
             )
-            self._saved = ("frozen", xa, mean, invstd, None)
+            self._saved = ("frozen", xa, mean, invstd, (y, residual is not None))
             return y
         updating = self.mode == "train" and self.track_running_stats
         momentum = self._kernel_momentum(self.num_batches_tracked + 1) if updating else 0.0
@@ -321,17 +338,18 @@ class BatchNorm:
             y, mean, invstd = batch_norm_forward(
                 xa, self.gamma, self.beta, running_mean=rm, running_var=rv, training=True,
                 momentum=momentum, eps=self.eps, axis=self.axis,
-                running_var_unbiased=self.unbiased_running_var,
+                running_var_unbiased=self.unbiased_running_var, **fused,
             )  # fmt: skip
-            self._saved = ("batch", xa, mean, invstd, None)
+            self._saved = ("batch", xa, mean, invstd, (y, residual is not None))
         if updating:
             self.num_batches_tracked += 1
         return y
 
     __call__ = forward
 
-    def backward(self, dy: NDArray[Any]) -> NDArray[Any]:
-        """``dx`` for ``dy = dL/dy`` of the last forward; stores dgamma/dbeta in ``grads``."""
+    def backward(self, dy: NDArray[Any]) -> Any:
+        """``dx`` for ``dy = dL/dy`` of the last forward; stores dgamma/dbeta in ``grads``.
+        After a forward with a residual, returns ``(dx, dresidual)``."""
         if self._saved is None:
             raise RuntimeError("backward: call forward first")
         kind, x, mean, invstd, extra = self._saved
@@ -350,9 +368,17 @@ class BatchNorm:
             )  # fmt: skip
         else:
             # through the batch statistics only when they were used
-            dx, dgamma, dbeta = batch_norm_backward(
-                dya, x, mean, invstd, self.gamma, training=kind == "batch", axis=self.axis
-            )
+            y, had_residual = extra
+            relu = self.activation == "relu"
+            grads = batch_norm_backward(
+                dya, x, mean, invstd, self.gamma, training=kind == "batch", axis=self.axis,
+                activation=self.activation, y=y if relu else None, residual_grad=True,
+            )  # fmt: skip
+            dx, dgamma, dbeta, dres = grads
+            if self.affine:
+                self.grads["gamma"][...] = dgamma
+                self.grads["beta"][...] = dbeta
+            return (dx, dres) if had_residual else dx
         if self.affine:
             self.grads["gamma"][...] = dgamma
             self.grads["beta"][...] = dbeta

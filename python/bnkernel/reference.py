@@ -23,6 +23,7 @@ import numpy.typing as npt
 F64 = npt.NDArray[np.float64]
 
 __all__ = [
+    "apply_epilogue",
     "backward_elementwise",
     "backward_frozen",
     "backward_reduce",
@@ -37,6 +38,7 @@ __all__ = [
     "normalize",
     "numerical_gradient",
     "population_stats",
+    "relu_backward",
     "renorm_backward",
     "renorm_forward",
     "renorm_rd",
@@ -424,6 +426,28 @@ def update_running_keras(
     new_mean = momentum * _f64(moving_mean) + (1.0 - momentum) * _f64(batch_mean)
     new_var = momentum * _f64(moving_var) + (1.0 - momentum) * _f64(batch_var)
     return new_mean, new_var
+
+
+# --------------------------------------------------------------------------------------------
+# fused epilogue: y = relu(bn(x) + residual)
+# --------------------------------------------------------------------------------------------
+
+
+def apply_epilogue(z: npt.ArrayLike, residual: npt.ArrayLike | None, relu: bool) -> F64:
+    """``relu(z + residual)`` (either part optional); NaN stays NaN through the ReLU."""
+    out: F64 = _f64(z).copy()
+    if residual is not None:
+        out = out + _f64(residual)
+    if relu:
+        out = np.where(out < 0, 0.0, out)
+    return out
+
+
+def relu_backward(dy: npt.ArrayLike, y: npt.ArrayLike) -> F64:
+    """The gradient through ``y = relu(v)`` taken from the output: ``dy`` where ``y > 0``, else 0
+    (a NaN output passes nothing)."""
+    g: F64 = np.where(_f64(y) > 0, _f64(dy), 0.0)
+    return g
 
 
 # --------------------------------------------------------------------------------------------

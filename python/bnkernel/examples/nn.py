@@ -162,7 +162,8 @@ class Sigmoid(Module):
 class BatchNorm1d(Module):
     """bnkernel's :class:`~bnkernel.BatchNorm` over the features of a (batch, features) array,
     as a module: train mode normalizes with the batch statistics and updates the running ones,
-    eval mode uses the running ones."""
+    eval mode uses the running ones.  ``renorm=True`` is Batch Renormalization (its ``r_max`` and
+    ``d_max`` are ``self.bn.r_max`` / ``self.bn.d_max``)."""
 
     def __init__(
         self,
@@ -171,9 +172,12 @@ class BatchNorm1d(Module):
         convention: Convention = "torch",
         momentum: float | None = None,
         dtype: Any = np.float32,
+        renorm: bool = False,
     ) -> None:
         kw: dict[str, Any] = {} if momentum is None else {"momentum": momentum}
-        self.bn = BatchNorm(num_features, axis=1, convention=convention, dtype=dtype, **kw)
+        self.bn = BatchNorm(
+            num_features, axis=1, convention=convention, dtype=dtype, renorm=renorm, **kw
+        )
 
     def train(self, mode: bool = True) -> Module:
         self.training = mode
@@ -184,7 +188,8 @@ class BatchNorm1d(Module):
         return self.bn.forward(x)
 
     def backward(self, dy: Array) -> Array:
-        return self.bn.backward(dy)
+        dx: Array = self.bn.backward(dy)
+        return dx
 
     def parameters(self) -> list[Param]:
         return [

@@ -43,11 +43,13 @@ def make_mlp(
     init_scale: float = 1.0,
     seed: int = 0,
     dtype: Any = np.float32,
+    renorm: bool = False,
 ) -> Sequential:
     """Dense layers of ``sizes`` (inputs first, outputs last) with ``activation`` between them and,
     per ``bn``, a batch-normalization layer after each hidden Dense (``"before"`` the activation, as
     in the paper) or after each hidden activation (``"after"``, as the Keras code of the seed
-    material does), never after the output layer."""
+    material does), never after the output layer; ``renorm=True`` makes them Batch
+    Renormalization layers."""
     rng = np.random.default_rng(seed)
     init: Init = "he" if activation == "relu" else "glorot"
     modules: list[Module] = []
@@ -60,9 +62,9 @@ def make_mlp(
             break
         act: Module = ReLU() if activation == "relu" else Sigmoid()
         if bn == "before":
-            modules += [BatchNorm1d(n_out, convention=convention, dtype=dtype), act]
+            modules += [BatchNorm1d(n_out, convention=convention, dtype=dtype, renorm=renorm), act]
         elif bn == "after":
-            modules += [act, BatchNorm1d(n_out, convention=convention, dtype=dtype)]
+            modules += [act, BatchNorm1d(n_out, convention=convention, dtype=dtype, renorm=renorm)]
         else:
             modules.append(act)
     return Sequential(*modules)
@@ -132,6 +134,7 @@ def train(
     seed: int = 0,
     probe: Callable[[Sequential], Any] | None = None,
     on_eval: Callable[[], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> History:
     """Minibatch training of ``model`` on ``data.x_train``.
 
@@ -139,8 +142,9 @@ def train(
     every epoch, or every ``eval_every`` steps when that is given: the mean training loss since the
     last evaluation, the test accuracy in inference mode, and ``probe(model)`` if given.
     ``train_fraction`` < 1 trains on the first part of the training set only (Keras'
-    ``validation_split`` holds the rest out the same way).  A loss that becomes NaN or infinite
-    stops the run and marks it ``diverged``.
+    ``validation_split`` holds the rest out the same way).  ``on_step(step, total_steps)`` runs
+    before each optimizer step (a schedule, e.g. batch renormalization's r_max / d_max).  A loss
+    that becomes NaN or infinite stops the run and marks it ``diverged``.
     """
     if (epochs is None) == (steps is None):
         raise ValueError("train: give exactly one of epochs and steps")
@@ -174,11 +178,15 @@ def train(
         if on_eval is not None:
             on_eval()
 
+    batches_per_epoch = len(list(minibatches(n, batch_size)))
+    planned = steps if steps is not None else (epochs or 0) * batches_per_epoch
     model.train()
     if probe is not None or eval_every:
         evaluate()  # the starting point
     while True:
         for idx in minibatches(n, batch_size, rng):
+            if on_step is not None:
+                on_step(step, planned)
             z = model.forward(x[idx])
             loss = loss_fn.forward(z, target[idx])
             if not np.isfinite(loss):
