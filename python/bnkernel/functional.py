@@ -109,6 +109,7 @@ def batch_norm_forward(
     single_value: str = "raise",
     activation: str | None = None,
     residual: NDArray[Any] | None = None,
+    mask: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
     """Batch-normalize ``x`` along channel ``axis``; returns ``(y, mean, invstd)``.
@@ -143,9 +144,19 @@ def batch_norm_forward(
     ``activation="relu"`` applies max(v, 0) (NaN stays NaN):
     ``y = relu(bn(x) + residual)``, the ResNet block's tail, where the unfused chain makes three
     passes.  Its backward is :func:`batch_norm_backward` with ``activation="relu", y=y``.
+
+    ``mask`` (training only): a boolean array of x's shape without the channel axis (e.g.
+    ``(N, L)`` for ``(N, L, C)``), False at padding.  The statistics (and the running update,
+    whose unbiased correction uses the number of valid positions) come from the valid positions
+    only; every position is normalized with them.  Pass the same mask to the backward.
     """
     policy = _single_value_arg(single_value)
     relu = _relu_arg(activation)
+    if mask is not None:
+        return _masked_forward(
+            x, gamma, beta, mask, running_mean, running_var, training, momentum, eps, axis,
+            running_var_unbiased, activation, residual, out,
+        )  # fmt: skip
     if _FAST_PATH and not relu and residual is None:
         fast = _core.forward_fast(
             x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
@@ -210,6 +221,7 @@ def batch_norm_backward(
     activation: str | None = None,
     y: NDArray[Any] | None = None,
     residual_grad: Literal[False] = False,
+    mask: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 @overload
@@ -226,6 +238,7 @@ def batch_norm_backward(
     activation: str | None = None,
     y: NDArray[Any] | None = None,
     residual_grad: Literal[True],
+    mask: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 def batch_norm_backward(
@@ -241,6 +254,7 @@ def batch_norm_backward(
     activation: str | None = None,
     y: NDArray[Any] | None = None,
     residual_grad: bool = False,
+    mask: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], ...]:
     """Gradients ``(dx, dgamma, dbeta)`` of batch normalization given ``dy = dL/dy``.
@@ -266,6 +280,13 @@ def batch_norm_backward(
     replaces dy above.  ``residual_grad=True`` also returns the residual's gradient, which is g
     (written by the reduction pass), as a fourth element: ``(dx, dgamma, dbeta, dresidual)``;
     without an activation that is dy itself.
+
+    ``mask``: the forward's mask.  With m valid positions, xhat and the sums as above over every
+    position (every output depends on the statistics), the exact gradient is::
+
+        dx = gamma * invstd * (dy - valid * (sum(dy) / m + xhat * sum(dy * xhat) / m))
+
+    so a padded position gets only the direct term; dgamma and dbeta sum over every position.
     """
     policy = _single_value_arg(single_value)
     relu = _relu_arg(activation)
@@ -273,6 +294,10 @@ def batch_norm_backward(
         raise ValueError("y: activation='relu' needs the forward's output y (for the mask)")
     if y is not None and not relu:
         raise ValueError("y: only used with activation='relu'")
+    if mask is not None:
+        return _masked_backward(
+            dy, x, mean, invstd, gamma, mask, training, axis, activation, y, residual_grad, out
+        )
     if _FAST_PATH and not relu and not residual_grad:
         fast = _core.backward_fast(dy, x, mean, invstd, gamma, training, axis, out)
         if fast is not None:  # the plain case, done in one compiled call (csrc/fastpath.cpp)
@@ -299,6 +324,85 @@ def batch_norm_backward(
     )  # fmt: skip
     if residual_grad:
         return dx, dgamma, dbeta, (dres if dres is not None else dya)
+    return dx, dgamma, dbeta
+
+
+# ---- masks --------------------------------------------------------------------------------------
+
+
+def _mask_arg(mask: Any, xa: NDArray[Any], ax: int) -> NDArray[np.bool_]:
+    """The mask as a bool array of x's shape without the channel axis."""
+    m = np.asarray(mask)
+    want = xa.shape[:ax] + xa.shape[ax + 1 :]
+    if m.dtype != np.bool_:
+        raise TypeError(f"mask: expected a bool array, got dtype {m.dtype}")
+    if m.shape != want:
+        raise ValueError(
+            f"mask: expected shape {want} (x's shape without the channel axis {ax}), got {m.shape}"
+        )
+    return m
+
+
+def _masked_forward(
+    x: Any, gamma: Any, beta: Any, mask: Any, running_mean: Any, running_var: Any,
+    training: bool, momentum: float, eps: float, axis: int, unbiased: bool,
+    activation: str | None, residual: Any, out: Any,
+) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:  # fmt: skip
+    if not training:
+        raise ValueError("mask: only used in training (inference uses the running statistics)")
+    xa = chk.as_input(x, "x")
+    ax = chk.channel_axis(xa.ndim, axis)
+    valid = _mask_arg(mask, xa, ax)
+    count = int(np.count_nonzero(valid))
+    if count < 2:
+        raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
+    # the valid positions' values, gathered as a (count, C) array, then the kernels
+    n, mean, m2 = channel_stats(np.moveaxis(xa, ax, -1)[valid], axis=1)
+    eps_f = chk.real_number(eps, "eps", minimum=0.0)
+    invstd = invstd_from_stats(n, m2, eps_f)
+    mom = chk.real_number(momentum, "momentum")
+    C = xa.shape[ax]
+    rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
+    rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
+    y = normalize(xa, mean, invstd, gamma, beta, axis=ax, activation=activation,
+                  residual=residual, out=out)  # fmt: skip
+    update_running_stats(rm, rv, n, mean, m2, momentum=mom, unbiased=bool(unbiased))
+    return y, mean, invstd
+
+
+def _masked_backward(
+    dy: Any, x: Any, mean: Any, invstd: Any, gamma: Any, mask: Any, training: bool, axis: int,
+    activation: str | None, y: Any, residual_grad: bool, out: Any,
+) -> tuple[NDArray[Any], ...]:  # fmt: skip
+    xa = chk.as_input(x, "x")
+    ax = chk.channel_axis(xa.ndim, axis)
+    valid = _mask_arg(mask, xa, ax)
+    count = int(np.count_nonzero(valid))
+    if not training:  # constant statistics: the mask changes nothing
+        result: tuple[NDArray[Any], ...] = batch_norm_backward(  # type: ignore[call-overload]
+            dy, xa, mean, invstd, gamma, training=False, axis=ax, activation=activation, y=y,
+            residual_grad=residual_grad, out=out,
+        )  # fmt: skip
+        return result
+    if count < 2:
+        raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
+    C = xa.shape[ax]
+    relu = _relu_arg(activation)
+    dres = np.empty(xa.shape, dtype=xa.dtype) if relu else None
+    sum_dy, sum_dy_xhat = backward_reduce(dy, xa, mean, invstd, axis=ax, y=y if relu else None,
+                                          dresidual=dres)  # fmt: skip
+    dx = backward_elementwise(dy, xa, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis=ax,
+                              y=y if relu else None, out=out)  # fmt: skip
+    # padded positions: the direct term only, gamma * invstd * g
+    g = dres if dres is not None else np.asarray(dy)
+    g64 = np.ones(C) if gamma is None else chk.channel_param(gamma, "gamma", C, xa.dtype)
+    k = np.asarray(g64, np.float64) * chk.saved_stat(invstd, "invstd", C)
+    dxl = np.moveaxis(dx, ax, -1)
+    dxl[~valid] = (np.moveaxis(g, ax, -1)[~valid] * k).astype(xa.dtype)
+    dgamma = sum_dy_xhat.astype(xa.dtype)
+    dbeta = sum_dy.astype(xa.dtype)
+    if residual_grad:
+        return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
     return dx, dgamma, dbeta
 
 

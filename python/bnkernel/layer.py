@@ -284,13 +284,22 @@ class BatchNorm:
             )
         return xa
 
-    def forward(self, x: NDArray[Any], residual: NDArray[Any] | None = None) -> NDArray[Any]:
+    def forward(
+        self,
+        x: NDArray[Any],
+        residual: NDArray[Any] | None = None,
+        mask: NDArray[Any] | None = None,
+    ) -> NDArray[Any]:
         """Normalize ``x``; in training mode also update the running statistics.  ``residual``
         (x's shape) is added after the normalization, before the activation if there is one;
-        backward then returns ``(dx, dresidual)``."""
+        backward then returns ``(dx, dresidual)``.  ``mask`` (x's shape without the channel axis,
+        False at padding) keeps padded positions out of the batch statistics in training; it is
+        ignored when the running statistics are used."""
         xa = self._check_input(x)
-        if residual is not None and (self.renorm or self.virtual_batch_size is not None):
-            raise ValueError("residual: not supported with renorm or virtual_batch_size")
+        if (residual is not None or mask is not None) and (
+            self.renorm or self.virtual_batch_size is not None
+        ):
+            raise ValueError("residual, mask: not supported with renorm or virtual_batch_size")
         fused: dict[str, Any] = {"activation": self.activation, "residual": residual}
         ax = self.axis % xa.ndim
         use_batch_stats = self.mode == "train" or not self.track_running_stats
@@ -313,7 +322,7 @@ class BatchNorm:
                 axis=self.axis,
                 **fused,
             )
-            self._saved = ("frozen", xa, mean, invstd, (y, residual is not None))
+            self._saved = ("frozen", xa, mean, invstd, (y, residual is not None, None))
             return y
         updating = self.mode == "train" and self.track_running_stats
         momentum = self._kernel_momentum(self.num_batches_tracked + 1) if updating else 0.0
@@ -338,9 +347,9 @@ class BatchNorm:
             y, mean, invstd = batch_norm_forward(
                 xa, self.gamma, self.beta, running_mean=rm, running_var=rv, training=True,
                 momentum=momentum, eps=self.eps, axis=self.axis,
-                running_var_unbiased=self.unbiased_running_var, **fused,
+                running_var_unbiased=self.unbiased_running_var, mask=mask, **fused,
             )  # fmt: skip
-            self._saved = ("batch", xa, mean, invstd, (y, residual is not None))
+            self._saved = ("batch", xa, mean, invstd, (y, residual is not None, mask))
         if updating:
             self.num_batches_tracked += 1
         return y
@@ -368,11 +377,11 @@ class BatchNorm:
             )  # fmt: skip
         else:
             # through the batch statistics only when they were used
-            y, had_residual = extra
+            y, had_residual, mask = extra
             relu = self.activation == "relu"
             grads = batch_norm_backward(
                 dya, x, mean, invstd, self.gamma, training=kind == "batch", axis=self.axis,
-                activation=self.activation, y=y if relu else None, residual_grad=True,
+                activation=self.activation, y=y if relu else None, residual_grad=True, mask=mask,
             )  # fmt: skip
             dx, dgamma, dbeta, dres = grads
             if self.affine:

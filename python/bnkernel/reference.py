@@ -34,6 +34,8 @@ __all__ = [
     "forward_train",
     "ghost_backward",
     "ghost_forward",
+    "masked_backward",
+    "masked_forward",
     "merge_stats",
     "normalize",
     "numerical_gradient",
@@ -448,6 +450,71 @@ def relu_backward(dy: npt.ArrayLike, y: npt.ArrayLike) -> F64:
     (a NaN output passes nothing)."""
     g: F64 = np.where(_f64(y) > 0, _f64(dy), 0.0)
     return g
+
+
+# --------------------------------------------------------------------------------------------
+# masks: statistics over the valid positions only
+# --------------------------------------------------------------------------------------------
+
+
+def _valid(mask: npt.ArrayLike, nd: int, axis: int) -> F64:
+    """The mask as 0/1 floats broadcastable against x (a length-1 channel axis inserted)."""
+    return np.expand_dims(np.asarray(mask, dtype=np.float64), _channel_axis(nd, axis))
+
+
+def masked_forward(
+    x: npt.ArrayLike,
+    mask: npt.ArrayLike,
+    gamma: npt.ArrayLike | None = None,
+    beta: npt.ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[F64, F64, F64, int]:
+    """Training forward with statistics over the positions where ``mask`` (x's shape without the
+    channel axis) is True; every position normalized with them.  Returns
+    ``(y, mean, invstd, m)`` with m the number of valid positions::
+
+        mean = sum(w * x) / m;  var = sum(w * (x - mean)**2) / m   (w = mask)
+    """
+    xf = _f64(x)
+    nd = xf.ndim
+    w = _valid(mask, nd, axis)
+    axes = _reduce_axes(nd, axis)
+    m = int(np.asarray(mask).sum())
+    mean = np.sum(w * xf, axis=axes) / m
+    var = np.sum(w * (xf - _bcast(mean, nd, axis)) ** 2, axis=axes) / m
+    invstd = 1.0 / np.sqrt(var + eps)
+    return normalize(xf, mean, invstd, gamma, beta, axis), mean, invstd, m
+
+
+def masked_backward(
+    dy: npt.ArrayLike,
+    x: npt.ArrayLike,
+    mean: npt.ArrayLike,
+    invstd: npt.ArrayLike,
+    mask: npt.ArrayLike,
+    gamma: npt.ArrayLike | None = None,
+    axis: int = 1,
+) -> tuple[F64, F64, F64]:
+    """Gradients of :func:`masked_forward` (every output depends on the statistics of the valid
+    positions; only valid positions influence them)::
+
+        dx = gamma * invstd * (dy - w * (sum(dy) / m + xhat * sum(dy * xhat) / m))
+        dgamma = sum(dy * xhat);  dbeta = sum(dy)     (sums over every position)
+    """
+    dyf = _f64(dy)
+    xf = _f64(x)
+    nd = xf.ndim
+    channels = xf.shape[_channel_axis(nd, axis)]
+    w = _valid(mask, nd, axis)
+    m = float(np.asarray(mask).sum())
+    g = _gamma_or_ones(gamma, channels)
+    xhat = (xf - _bcast(mean, nd, axis)) * _bcast(invstd, nd, axis)
+    dbeta = _channel_sum(dyf, axis)
+    dgamma = _channel_sum(dyf * xhat, axis)
+    inner = _bcast(dbeta / m, nd, axis) + xhat * _bcast(dgamma / m, nd, axis)
+    dx = _bcast(g * _f64(invstd), nd, axis) * (dyf - w * inner)
+    return dx, dgamma, dbeta
 
 
 # --------------------------------------------------------------------------------------------
