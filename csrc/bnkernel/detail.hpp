@@ -217,6 +217,7 @@ inline void stream_fence(bool stream) {
 // f(c) for every channel, a channel per task (planar kernels that keep a channel in cache).
 template <class F>
 void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
+  (void)threads;  // used by the OpenMP pragmas only
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif

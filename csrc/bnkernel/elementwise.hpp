@@ -131,6 +131,7 @@ inline void fill_values(Shape s, int64_t e, int64_t n, T* __restrict__ out, F&& 
 // and streaming stores except the array's first and last (mixing them on one line is slow).
 template <typename T, class F>
 void elementwise(Shape s, T* y, int threads, F&& value) {
+  (void)threads;  // used by the OpenMP pragmas only
   const int64_t size = s.size();
   if (size == 0) return;
   const bool stream = kStreamAlign > 0 && stream_output(size, sizeof(T));
