@@ -93,9 +93,27 @@ inline void storev(float* p, vd v) {
 
 // The gradient reaching batch normalization under a ReLU: dy where the output y > 0, else 0 (a
 // NaN output passes no gradient, as torch's threshold_backward).
+// y > 0 decided on the bits (an integer test, which vectorizes where a floating-point comparison
+// does not; see relu_value): 0 < bits <= +inf's, i.e. positive, nonzero and not a NaN.
+inline bool positive(float y) {
+  uint32_t u;
+  std::memcpy(&u, &y, sizeof u);
+  return u - 1u < 0x7f800000u;
+}
+inline bool positive(double y) {
+  uint64_t u;
+  std::memcpy(&u, &y, sizeof u);
+  return u - 1u < 0x7ff0000000000000u;
+}
+// the bits of dy masked (a select of doubles does not vectorize in the `omp simd` loops)
 template <typename T>
 inline double masked_dy(T dy, T y) {
-  return y > T(0) ? static_cast<double>(dy) : 0.0;
+  double g = static_cast<double>(dy);
+  uint64_t u;
+  std::memcpy(&u, &g, sizeof u);
+  u &= uint64_t{0} - static_cast<uint64_t>(positive(y));
+  std::memcpy(&g, &u, sizeof u);
+  return g;
 }
 inline vd masked_vec(vd dy, vd y) {
   const vd zero = splat(0.0);
