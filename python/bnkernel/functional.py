@@ -48,10 +48,6 @@ Stats = tuple[int, NDArray[np.float64], NDArray[np.float64]]
 _FAST_PATH = True
 
 
-SINGLE_VALUE_POLICIES = ("raise", "running")
-ACTIVATIONS = (None, "relu")
-
-
 def _relu_arg(activation: Any) -> bool:
     if activation is None:
         return False
