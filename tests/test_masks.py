@@ -53,6 +53,7 @@ def test_masked_matches_reference(layout, dtype):
                                         mask=d["mask"])  # fmt: skip
     rdx, rdg, rdb = ref.masked_backward(d["dy"], d["x"], rmean, rinvstd, d["mask"], d["g"],
                                         layout.axis)  # fmt: skip
+    # dx's error is set by the size of the terms that cancel in it (gamma * invstd * dy)
     terms = float(np.max(np.abs(d["g"] * rinvstd)) * np.max(np.abs(d["dy"])))
     assert_close(dx, rdx, tol(dtype), scale=terms, what="dx")
     size = float(np.abs(d["dy"]).sum())
@@ -106,7 +107,8 @@ def test_mask_with_fused_relu_and_residual():
     y, mean, invstd = bk.batch_norm_forward(d["x"], d["g"], d["b"], axis=-1, mask=d["mask"],
                                             activation="relu", residual=res)  # fmt: skip
     ry, rmean, rinvstd, _ = ref.masked_forward(d["x"], d["mask"], d["g"], d["b"], 1e-5, -1)
-    assert_close(y, ref.apply_epilogue(ry, res, True), 1e-6, scale=float(np.abs(ry).max()) + 3)
+    terms = float(np.abs(ry).max() + np.abs(res).max())  # the addends bound the rounding
+    assert_close(y, ref.apply_epilogue(ry, res, True), 1e-6, scale=terms)
     dx, _, _, dres = bk.batch_norm_backward(d["dy"], d["x"], mean, invstd, d["g"], axis=-1,
                                             mask=d["mask"], activation="relu", y=y,
                                             residual_grad=True)  # fmt: skip
