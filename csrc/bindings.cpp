@@ -16,7 +16,37 @@
 #include "fastpath.hpp"
 
 namespace py = pybind11;
+using bnkernel::Param;
 using bnkernel::Shape;
+
+// The 16-bit types as NumPy dtypes: float16 is NumPy's own; bfloat16 is ml_dtypes' (an optional
+// package, imported here only when an argument gets this far, which a bfloat16 array can only do
+// if ml_dtypes is already loaded).  Without it the descriptor is a 2-byte void dtype, which no
+// float array matches.
+namespace pybind11::detail {
+template <>
+struct npy_format_descriptor<bnkernel::float16> {
+  static constexpr auto name = const_name("numpy.float16");
+  static pybind11::dtype dtype() { return pybind11::dtype("float16"); }
+};
+template <>
+struct npy_format_descriptor<bnkernel::bfloat16> {
+  static constexpr auto name = const_name("ml_dtypes.bfloat16");
+  static pybind11::dtype dtype() {
+    static PyObject* cached = nullptr;  // a strong reference, kept for the process's life
+    if (!cached) {
+      PyObject* module = PyImport_ImportModule("ml_dtypes");
+      if (!module) {
+        PyErr_Clear();
+        return pybind11::dtype("V2");
+      }
+      pybind11::object bf16 = reinterpret_steal<pybind11::object>(module).attr("bfloat16");
+      cached = pybind11::dtype::from_args(bf16).release().ptr();
+    }
+    return reinterpret_borrow<pybind11::dtype>(cached);
+  }
+};
+}  // namespace pybind11::detail
 
 namespace {
 
@@ -118,15 +148,15 @@ bnkernel::ReluGrad<T> relu_grad(const opt_carray<T>& y, opt_carray<T>& dresidual
 
 template <typename T>
 void normalize(const carray<T>& x, const carray<double>& mean, const carray<double>& invstd,
-               const opt_carray<T>& gamma, const opt_carray<T>& beta, carray<T>& y,
+               const opt_carray<Param<T>>& gamma, const opt_carray<Param<T>>& beta, carray<T>& y,
                const opt_carray<T>& residual, bool relu) {
   const Shape s = view3(x, "x");
   const auto ep = epilogue(residual, relu, s);
   per_channel(mean, s, "mean");
   per_channel(invstd, s, "invstd");
   same_shape(y, s, "out");
-  const T* pg = optional_data(gamma, s, "gamma");
-  const T* pb = optional_data(beta, s, "beta");
+  const Param<T>* pg = optional_data(gamma, s, "gamma");
+  const Param<T>* pb = optional_data(beta, s, "beta");
   T* py_ = mutable_out(y, "out");
   // safe without the GIL: every buffer is held by the caller's references and validated above
   py::gil_scoped_release release;
@@ -134,20 +164,21 @@ void normalize(const carray<T>& x, const carray<double>& mean, const carray<doub
 }
 
 template <typename T>
-void forward_train(const carray<T>& x, const opt_carray<T>& gamma, const opt_carray<T>& beta,
-                   double eps, carray<T>& y, carray<double>& mean, carray<double>& invstd,
-                   opt_carray<T>& running_mean, opt_carray<T>& running_var, double momentum,
-                   bool unbiased, const opt_carray<T>& residual, bool relu) {
+void forward_train(const carray<T>& x, const opt_carray<Param<T>>& gamma,
+                   const opt_carray<Param<T>>& beta, double eps, carray<T>& y, carray<double>& mean,
+                   carray<double>& invstd, opt_carray<Param<T>>& running_mean,
+                   opt_carray<Param<T>>& running_var, double momentum, bool unbiased,
+                   const opt_carray<T>& residual, bool relu) {
   const Shape s = view3(x, "x");
   const auto ep = epilogue(residual, relu, s);
   same_shape(y, s, "out");
   per_channel(mean, s, "mean");
   per_channel(invstd, s, "invstd");
-  const T* pg = optional_data(gamma, s, "gamma");
-  const T* pb = optional_data(beta, s, "beta");
-  bnkernel::RunningUpdate<T> running{optional_mutable(running_mean, s, "running_mean"),
-                                     optional_mutable(running_var, s, "running_var"), momentum,
-                                     unbiased};
+  const Param<T>* pg = optional_data(gamma, s, "gamma");
+  const Param<T>* pb = optional_data(beta, s, "beta");
+  bnkernel::RunningUpdate<Param<T>> running{optional_mutable(running_mean, s, "running_mean"),
+                                            optional_mutable(running_var, s, "running_var"),
+                                            momentum, unbiased};
   T* py_ = mutable_out(y, "out");
   double* pm = mutable_out(mean, "mean");
   double* pi = mutable_out(invstd, "invstd");
@@ -176,7 +207,7 @@ void backward_reduce(const carray<T>& dy, const carray<T>& x, const carray<doubl
 
 template <typename T>
 void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<double>& mean,
-                          const carray<double>& invstd, const opt_carray<T>& gamma,
+                          const carray<double>& invstd, const opt_carray<Param<T>>& gamma,
                           const carray<double>& sum_dy, const carray<double>& sum_dy_xhat,
                           int64_t count, carray<T>& dx, const opt_carray<T>& y) {
   const Shape s = view3(x, "x");
@@ -189,7 +220,7 @@ void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<
   per_channel(sum_dy, s, "sum_dy");
   per_channel(sum_dy_xhat, s, "sum_dy_xhat");
   require(count > 0, "count: must be > 0");
-  const T* pg = optional_data(gamma, s, "gamma");
+  const Param<T>* pg = optional_data(gamma, s, "gamma");
   T* pdx = mutable_out(dx, "out");
   py::gil_scoped_release release;
   bnkernel::backward_elementwise(dy.data(), x.data(), s, mean.data(), invstd.data(), pg,
@@ -198,8 +229,8 @@ void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<
 
 template <typename T>
 void backward(bool training, const carray<T>& dy, const carray<T>& x, const carray<double>& mean,
-              const carray<double>& invstd, const opt_carray<T>& gamma, carray<T>& dx,
-              carray<T>& dgamma, carray<T>& dbeta, const opt_carray<T>& y,
+              const carray<double>& invstd, const opt_carray<Param<T>>& gamma, carray<T>& dx,
+              carray<Param<T>>& dgamma, carray<Param<T>>& dbeta, const opt_carray<T>& y,
               opt_carray<T>& dresidual) {
   const Shape s = view3(x, "x");
   const auto relu = relu_grad(y, dresidual, s);
@@ -209,10 +240,10 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
   per_channel(invstd, s, "invstd");
   per_channel(dgamma, s, "dgamma");
   per_channel(dbeta, s, "dbeta");
-  const T* pg = optional_data(gamma, s, "gamma");
+  const Param<T>* pg = optional_data(gamma, s, "gamma");
   T* pdx = mutable_out(dx, "out");
-  T* pdg = mutable_out(dgamma, "dgamma");
-  T* pdb = mutable_out(dbeta, "dbeta");
+  Param<T>* pdg = mutable_out(dgamma, "dgamma");
+  Param<T>* pdb = mutable_out(dbeta, "dbeta");
   // safe without the GIL: every buffer is held by the caller's references and validated above
   py::gil_scoped_release release;
   if (training) {
@@ -261,6 +292,8 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "bnkernel's compiled kernels. Use the bnkernel package, not this module directly.";
   register_dtype<float>(m);
   register_dtype<double>(m);
+  register_dtype<bnkernel::float16>(m);
+  register_dtype<bnkernel::bfloat16>(m);
   m.def("merge_stats", &merge_stats_impl, py::arg("counts").noconvert(),
         py::arg("means").noconvert(), py::arg("m2s").noconvert(), py::arg("mean").noconvert(),
         py::arg("m2").noconvert());

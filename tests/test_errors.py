@@ -164,22 +164,28 @@ def test_dy_ndim_below_2(op):
         call(op, x32(), dy=np.ones(3, np.float32))
 
 
-BAD_DTYPES = [np.int32, np.int64, np.complex64, object, np.float16, np.bool_]
-BAD_DTYPE_IDS = ["int32", "int64", "complex64", "object", "float16", "bool"]
+# (uint16 and a 2-byte void dtype: the same size as the 16-bit float dtypes, which are supported)
+BAD_DTYPES = [np.int32, np.int64, np.complex64, object, np.uint16, np.dtype("V2"), np.bool_]
+DATA = "a float16, bfloat16, float32 or float64 array"
+BAD_DTYPE_IDS = ["int32", "int64", "complex64", "object", "uint16", "void16", "bool"]
 
 
 @pytest.mark.parametrize("dtype", BAD_DTYPES, ids=BAD_DTYPE_IDS)
 @pytest.mark.parametrize("op", OPS)
 def test_x_unsupported_dtype(op, dtype):
     x = np.ones((4, C, 2), dtype=dtype)
-    with pytest.raises(TypeError, match=r"^x: expected a float32 or float64 array, got dtype"):
+    with pytest.raises(
+        TypeError, match=r"^x: expected a float16, bfloat16, float32 or float64 array, got dtype"
+    ):
         call(op, x, dy=np.ones((4, C, 2), np.float32))
 
 
 @pytest.mark.parametrize("dtype", BAD_DTYPES, ids=BAD_DTYPE_IDS)
 @pytest.mark.parametrize("op", OPS_WITH_DY)
 def test_dy_unsupported_dtype(op, dtype):
-    with pytest.raises(TypeError, match=r"^dy: expected a float32 or float64 array"):
+    with pytest.raises(
+        TypeError, match=r"^dy: expected a float16, bfloat16, float32 or float64 array"
+    ):
         call(op, x32(), dy=np.ones((4, C, 2), dtype=dtype))
 
 

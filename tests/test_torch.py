@@ -154,3 +154,52 @@ def test_cumulative_average_matches_torch_momentum_none(dtype):
         bk.batch_norm_forward(x, running_mean=rm, running_var=rv, momentum=1.0 / k)
         assert_close(rm, module.running_mean.numpy(), TORCH_TOL[np.dtype(dtype)], what="mean")
         assert_close(rv, module.running_var.numpy(), TORCH_TOL[np.dtype(dtype)], what="var")
+
+
+# ---- 16-bit data ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_matches_torch_mixed_precision(layout, half):
+    """torch's CPU batch norm on float16 / bfloat16 data with float32 weights and running
+    statistics (its mixed-precision path): the same outputs to one ulp of the 16-bit dtype, plus
+    torch's float32 error near zero (torch computes in float32, so a value within ~1e-7 of a
+    rounding midpoint can land on the other side; bnkernel's own error is half an ulp,
+    tests/test_half.py); running statistics and dgamma / dbeta to float32's few ulps."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    ndt = np.dtype(np.float16) if half == "float16" else np.dtype(ml_dtypes.bfloat16)
+    tdt = getattr(torch, half)
+    c = make_case(layout, np.float32)
+    ax = layout.ax
+    x = c.x.astype(ndt)
+    dy = c.dy.astype(ndt)
+    rm, rv = c.running_mean.copy(), c.running_var.copy()
+    y, mean, invstd = bk.batch_norm_forward(
+        x, c.gamma, c.beta, running_mean=rm, running_var=rv, axis=layout.axis
+    )
+    dx, dgamma, dbeta = bk.batch_norm_backward(dy, x, mean, invstd, c.gamma, axis=layout.axis)
+
+    tx = to_torch(x.astype(np.float32), ax).to(tdt).requires_grad_(True)
+    tg = torch.from_numpy(c.gamma.copy()).requires_grad_(True)
+    tb = torch.from_numpy(c.beta.copy()).requires_grad_(True)
+    trm = torch.from_numpy(c.running_mean.copy())
+    trv = torch.from_numpy(c.running_var.copy())
+    ty = F.batch_norm(tx, trm, trv, tg, tb, training=True, momentum=0.1, eps=1e-5)
+    assert ty.dtype == tdt
+    ty.backward(to_torch(dy.astype(np.float32), ax).to(tdt))
+
+    spacing = 2.0 ** (-10 if half == "float16" else -7)  # an ulp, relative, in [1, 2)
+    for ours, theirs, what in ((y, ty, "y"), (dx, tx.grad, "dx")):
+        t = from_torch(theirs.float(), ax).astype(np.float64)
+        o = ours.astype(np.float64)
+        # one ulp of the value, plus torch's float32 error on the terms that cancel near zero (as
+        # in the float32 tests: TORCH_TOL of the largest magnitude)
+        floor = TORCH_TOL[np.dtype(np.float32)] * float(np.max(np.abs(t)))
+        bound = spacing * np.abs(t) + floor
+        assert np.all(np.abs(o - t) <= bound), what
+    assert_close(rm, trm.numpy(), TORCH_TOL[np.dtype(np.float32)], what="running_mean")
+    assert_close(rv, trv.numpy(), TORCH_TOL[np.dtype(np.float32)], what="running_var")
+    sums = channel_abs_sum(dy, ax)
+    assert_close(dbeta, tb.grad.numpy(), 1e-5, scale=float(sums.max()), what="dbeta")
+    assert_close(dgamma, tg.grad.numpy(), 1e-5, scale=float(sums.max()) * 4, what="dgamma")

@@ -15,19 +15,19 @@ struct GradCoefficients {
   double k_scale, k_dy, k_x;
 };
 
-template <typename T>
-inline GradCoefficients grad_coefficients(const T* gamma, const double* invstd,
+template <typename P>
+inline GradCoefficients grad_coefficients(const P* gamma, const double* invstd,
                                           const double* sum_dy, const double* sum_dy_xhat, double m,
                                           int64_t c) {
   return {detail::gamma_of(gamma, c) * invstd[c], sum_dy[c] / m, invstd[c] * sum_dy_xhat[c] / m};
 }
 
-template <typename T>
-void store_param_grads(Shape s, const double* sum_dy, const double* sum_dy_xhat, T* dgamma,
-                       T* dbeta) {
+template <typename P>
+void store_param_grads(Shape s, const double* sum_dy, const double* sum_dy_xhat, P* dgamma,
+                       P* dbeta) {
   for (int64_t c = 0; c < s.channels; ++c) {
-    if (dgamma) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
-    if (dbeta) dbeta[c] = static_cast<T>(sum_dy[c]);
+    if (dgamma) dgamma[c] = static_cast<P>(sum_dy_xhat[c]);
+    if (dbeta) dbeta[c] = static_cast<P>(sum_dy[c]);
   }
 }
 
@@ -41,7 +41,7 @@ enum class Mode { train, frozen };
  */
 template <typename T>
 void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-              const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
+              const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta, ReluGrad<T> relu) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
@@ -98,7 +98,7 @@ void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const
 
 template <typename T>
 void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
-                          const double* invstd, const T* gamma, const double* sum_dy,
+                          const double* invstd, const Param<T>* gamma, const double* sum_dy,
                           const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(count);
@@ -117,13 +117,15 @@ void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
 
 template <typename T>
 void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                    const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
+                    const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta,
+                    ReluGrad<T> relu) {
   backward(Mode::train, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu);
 }
 
 template <typename T>
 void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
+                     const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta,
+                     ReluGrad<T> relu) {
   backward(Mode::frozen, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu);
 }
 
@@ -131,14 +133,16 @@ void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const
   template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
                                    double*, double*, ReluGrad<T>);                               \
   template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
-                                        const T*, const double*, const double*, int64_t, T*,     \
-                                        ReluGrad<T>);                                            \
+                                        const Param<T>*, const double*, const double*, int64_t,  \
+                                        T*, ReluGrad<T>);                                        \
   template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
-                                  const T*, T*, T*, T*, ReluGrad<T>);                            \
+                                  const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);       \
   template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   const T*, T*, T*, T*, ReluGrad<T>);
+                                   const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);
 BNKERNEL_INSTANTIATE(float)
 BNKERNEL_INSTANTIATE(double)
+BNKERNEL_INSTANTIATE(float16)
+BNKERNEL_INSTANTIATE(bfloat16)
 #undef BNKERNEL_INSTANTIATE
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

@@ -30,11 +30,16 @@ Isa detect() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
 #if BNKERNEL_HAVE_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
+  // (F16C converts float16 in the AVX2 and AVX-512 copies; every CPU with AVX2 has it, but ask)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    best = Isa::avx2;
+  }
 #endif
 #if BNKERNEL_HAVE_AVX512
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+  if (best == Isa::avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl")) {
     best = Isa::avx512;
   }
 #endif
@@ -91,14 +96,15 @@ void channel_stats(const T* x, Shape s, double* mean, double* m2) {
 }
 
 template <typename T>
-void normalize(const T* x, Shape s, const double* mean, const double* invstd, const T* gamma,
-               const T* beta, T* y, Epilogue<T> epilogue) {
+void normalize(const T* x, Shape s, const double* mean, const double* invstd, const Param<T>* gamma,
+               const Param<T>* beta, T* y, Epilogue<T> epilogue) {
   BNKERNEL_DISPATCH(normalize(x, s, mean, invstd, gamma, beta, y, epilogue))
 }
 
 template <typename T>
-void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double eps, T* y,
-                   double* mean, double* invstd, RunningUpdate<T> running, Epilogue<T> epilogue) {
+void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* beta, double eps,
+                   T* y, double* mean, double* invstd, RunningUpdate<Param<T>> running,
+                   Epilogue<T> epilogue) {
   BNKERNEL_DISPATCH(forward_train(x, s, gamma, beta, eps, y, mean, invstd, running, epilogue))
 }
 
@@ -110,7 +116,7 @@ void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const
 
 template <typename T>
 void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
-                          const double* invstd, const T* gamma, const double* sum_dy,
+                          const double* invstd, const Param<T>* gamma, const double* sum_dy,
                           const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
   BNKERNEL_DISPATCH(
       backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, dx, relu))
@@ -118,31 +124,35 @@ void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
 
 template <typename T>
 void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                    const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu) {
+                    const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta,
+                    ReluGrad<T> relu) {
   BNKERNEL_DISPATCH(backward_train(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu))
 }
 
 template <typename T>
 void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     const T* gamma, T* dx, T* dgamma, T* dbeta, ReluGrad<T> relu){
+                     const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta,
+                     ReluGrad<T> relu){
     BNKERNEL_DISPATCH(backward_frozen(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu))}
 
 #define BNKERNEL_INSTANTIATE(T)                                                                  \
   template void channel_stats<T>(const T*, Shape, double*, double*);                             \
-  template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*,  \
-                             T*, Epilogue<T>);                                                   \
-  template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,       \
-                                 double*, RunningUpdate<T>, Epilogue<T>);                        \
+  template void normalize<T>(const T*, Shape, const double*, const double*, const Param<T>*,     \
+                             const Param<T>*, T*, Epilogue<T>);                                  \
+  template void forward_train<T>(const T*, Shape, const Param<T>*, const Param<T>*, double, T*,  \
+                                 double*, double*, RunningUpdate<Param<T>>, Epilogue<T>);        \
   template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
                                    double*, double*, ReluGrad<T>);                               \
   template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
-                                        const T*, const double*, const double*, int64_t, T*,     \
-                                        ReluGrad<T>);                                            \
+                                        const Param<T>*, const double*, const double*, int64_t,  \
+                                        T*, ReluGrad<T>);                                        \
   template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
-                                  const T*, T*, T*, T*, ReluGrad<T>);                            \
+                                  const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);       \
   template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   const T*, T*, T*, T*, ReluGrad<T>);
-BNKERNEL_INSTANTIATE(float) BNKERNEL_INSTANTIATE(double)
+                                   const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);
+// (one per line: clang-format would otherwise join the expansions into one line)
+BNKERNEL_INSTANTIATE(float) BNKERNEL_INSTANTIATE(double) BNKERNEL_INSTANTIATE(float16)
+    BNKERNEL_INSTANTIATE(bfloat16)
 #undef BNKERNEL_INSTANTIATE
 
 }  // namespace bnkernel

@@ -32,8 +32,8 @@ void update_running(RunningUpdate<T> running, Shape s, const double* mean, const
 }  // namespace
 
 template <typename T>
-void normalize(const T* x, Shape s, const double* mean, const double* invstd, const T* gamma,
-               const T* beta, T* y, Epilogue<T> epilogue) {
+void normalize(const T* x, Shape s, const double* mean, const double* invstd, const Param<T>* gamma,
+               const Param<T>* beta, T* y, Epilogue<T> epilogue) {
   const int64_t C = s.channels;
   std::vector<double> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
@@ -49,8 +49,9 @@ void normalize(const T* x, Shape s, const double* mean, const double* invstd, co
  *   y = epilogue((x - mean) * (gamma * invstd) + beta)
  */
 template <typename T>
-void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double eps, T* y,
-                   double* mean, double* invstd, RunningUpdate<T> running, Epilogue<T> epilogue) {
+void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* beta, double eps,
+                   T* y, double* mean, double* invstd, RunningUpdate<Param<T>> running,
+                   Epilogue<T> epilogue) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
@@ -84,12 +85,14 @@ void forward_train(const T* x, Shape s, const T* gamma, const T* beta, double ep
 }
 
 #define BNKERNEL_INSTANTIATE(T)                                                                 \
-  template void normalize<T>(const T*, Shape, const double*, const double*, const T*, const T*, \
-                             T*, Epilogue<T>);                                                  \
-  template void forward_train<T>(const T*, Shape, const T*, const T*, double, T*, double*,      \
-                                 double*, RunningUpdate<T>, Epilogue<T>);
+  template void normalize<T>(const T*, Shape, const double*, const double*, const Param<T>*,    \
+                             const Param<T>*, T*, Epilogue<T>);                                 \
+  template void forward_train<T>(const T*, Shape, const Param<T>*, const Param<T>*, double, T*, \
+                                 double*, double*, RunningUpdate<Param<T>>, Epilogue<T>);
 BNKERNEL_INSTANTIATE(float)
 BNKERNEL_INSTANTIATE(double)
+BNKERNEL_INSTANTIATE(float16)
+BNKERNEL_INSTANTIATE(bfloat16)
 #undef BNKERNEL_INSTANTIATE
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

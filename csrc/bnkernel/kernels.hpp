@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "bnkernel/half.hpp"
+
 namespace bnkernel {
 
 // Below this many elements a parallel region costs more than it saves.

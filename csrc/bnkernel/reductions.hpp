@@ -46,9 +46,9 @@ inline double clamp_m2(double m2) {
 // A leaf accumulates d = x - center in double: mean = center + sum(d) / n and
 // M2 = sum(d^2) - sum(d)^2 / n.  For float64 data the center is the leaf's mean from a first pass
 // (the corrected two-pass algorithm of Chan, Golub & LeVeque; the second term removes the error of
-// the rounded mean).  For float32 data one pass suffices: the center is the leaf's first value,
-// and since (center - mean)^2 <= M2 for any value of the leaf, the cancellation in M2 costs at
-// most a factor 2n (n <= kPlanarLeaf) on double precision, ~1e-12 relative: far below float32's
+// the rounded mean).  For float32 and 16-bit data one pass suffices: the center is the leaf's first
+// value, and since (center - mean)^2 <= M2 for any value of the leaf, the cancellation in M2 costs
+// at most a factor 2n (n <= kPlanarLeaf) on double precision, ~1e-12 relative: far below float32's
 // resolution, at half the arithmetic.
 template <typename T>
 struct PlanarMoments {
@@ -59,7 +59,7 @@ struct PlanarMoments {
 
   double first_value(int64_t j) const {
     const int64_t o = j / s.inner;
-    return static_cast<double>(x[(o * s.channels + c) * s.inner + (j - o * s.inner)]);
+    return widen(x[(o * s.channels + c) * s.inner + (j - o * s.inner)]);
   }
 
   // mean of values [j0, j1) (a tail padded with 0, which adds nothing)
@@ -84,7 +84,7 @@ struct PlanarMoments {
     const int64_t j1 = std::min(s.per_channel(), j0 + kPlanarLeaf);
     alignas(64) double tail[kLanes];
     const auto n = static_cast<double>(j1 - j0);
-    const double center = std::is_same_v<T, float> ? first_value(j0) : leaf_mean(j0, j1, tail);
+    const double center = !std::is_same_v<T, double> ? first_value(j0) : leaf_mean(j0, j1, tail);
     // sums of d^2 and of d, d = x - center (a tail padded with center: d = 0)
     const vd vcenter = splat(center);
     Lanes m2, corr;
@@ -148,10 +148,10 @@ struct InterleavedMoments {
     // rows, then the few left over with their sums in memory.  Either way each channel's values
     // are added row after row, so the results do not depend on which channels share a block.
     const int64_t blocked = C - C % kLanes;
-    // the center of each channel (see PlanarMoments): the first row for float32, else the mean
-    if constexpr (std::is_same_v<T, float>) {
+    // the center of each channel (see PlanarMoments): the first row below float64, else the mean
+    if constexpr (!std::is_same_v<T, double>) {
       const T* first = x + r0 * stride;
-      for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<double>(first[c]);
+      for (int64_t c = 0; c < C; ++c) mean[c] = widen(first[c]);
     } else {
       for (int64_t c = 0; c < blocked; c += kLanes) {
         vd a[kVecs];
@@ -166,7 +166,7 @@ struct InterleavedMoments {
       for (int64_t r = r0; r < r1; ++r) {
         const T* row = x + r * stride;
 #pragma omp simd
-        for (int64_t c = blocked; c < C; ++c) mean[c] += static_cast<double>(row[c]);
+        for (int64_t c = blocked; c < C; ++c) mean[c] += widen(row[c]);
       }
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) mean[c] /= n;
@@ -201,7 +201,7 @@ struct InterleavedMoments {
       const T* row = x + r * stride;
 #pragma omp simd
       for (int64_t c = blocked; c < C; ++c) {
-        const double d = static_cast<double>(row[c]) - mean[c];
+        const double d = widen(row[c]) - mean[c];
         m2[c] = fmas(d, d, m2[c]);
         corr[c] += d;
       }
@@ -287,8 +287,8 @@ struct PlanarSums {
         for (int64_t q = 0; q < kLanes; ++q) {
           double g = 0.0;
           if (q < rest) {
-            g = Mask ? masked_dy(pdy[i + q], y[at + i + q]) : static_cast<double>(pdy[i + q]);
-            if (Mask && dres) dres[at + i + q] = static_cast<T>(g);
+            g = Mask ? masked_dy(pdy[i + q], y[at + i + q]) : widen(pdy[i + q]);
+            if (Mask && dres) dres[at + i + q] = narrow<T>(g);
           }
           tail_dy[q] = g;
         }
@@ -387,13 +387,13 @@ struct InterleavedSums {
       T* resr = Mask && dres ? dres + r * stride : nullptr;
 #pragma omp simd
       for (int64_t c = blocked; c < C; ++c) {
-        double g = static_cast<double>(gr[c]);
+        double g = widen(gr[c]);
         if constexpr (Mask) {
           g = masked_dy(gr[c], yr[c]);
-          if (resr) resr[c] = static_cast<T>(g);
+          if (resr) resr[c] = narrow<T>(g);
         }
         sdy[c] += g;
-        sdyd[c] = fmas(g, static_cast<double>(xr[c]) - mean[c], sdyd[c]);
+        sdyd[c] = fmas(g, widen(xr[c]) - mean[c], sdyd[c]);
       }
     }
   }

@@ -14,5 +14,7 @@ void channel_stats(const T* x, Shape s, double* mean, double* m2) {
 
 template void channel_stats<float>(const float*, Shape, double*, double*);
 template void channel_stats<double>(const double*, Shape, double*, double*);
+template void channel_stats<float16>(const float16*, Shape, double*, double*);
+template void channel_stats<bfloat16>(const bfloat16*, Shape, double*, double*);
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

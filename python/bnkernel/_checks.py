@@ -9,27 +9,69 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
 import numpy as np
 from numpy.exceptions import AxisError
 from numpy.typing import NDArray
 
+# The dtypes of statistics and running buffers (and of data, with the 16-bit ones below).
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 F64 = np.dtype(np.float64)
+F32 = np.dtype(np.float32)
+F16 = np.dtype(np.float16)
+DATA_DTYPES_TEXT = "a float16, bfloat16, float32 or float64 array"
 
 
-def _describe_dtype(dtype: np.dtype[Any]) -> str:
-    return str(dtype)
+def bfloat16_dtype() -> np.dtype[Any] | None:
+    """ml_dtypes' bfloat16, if ml_dtypes is loaded (an array of it can only exist if it is; bnkernel
+    itself never imports it)."""
+    mod = sys.modules.get("ml_dtypes")
+    return None if mod is None else np.dtype(mod.bfloat16)
+
+
+def is_data_dtype(dtype: np.dtype[Any]) -> bool:
+    """Whether the kernels take data of this dtype: float32, float64, float16, bfloat16."""
+    if dtype in SUPPORTED_DTYPES or dtype == F16:
+        return True
+    return dtype.itemsize == 2 and dtype.kind == "V" and dtype == bfloat16_dtype()
+
+
+def param_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype of gamma, beta, the running statistics and dgamma / dbeta for data of `dtype`:
+    the same, or float32 for the 16-bit types (their statistics and arithmetic are wider still)."""
+    return F32 if dtype.itemsize == 2 else dtype
+
+
+def param_dtype_text(dtype: np.dtype[Any]) -> str:
+    """How a parameter's expected dtype is explained in an error message."""
+    if dtype.itemsize == 2:
+        return f"float32 (parameters of {dtype.name} data are float32)"
+    return f"{dtype} (the dtype of x)"
+
+
+def round_to(values: NDArray[np.float64], dtype: np.dtype[Any]) -> NDArray[Any]:
+    """float64 values rounded once to `dtype` (to nearest, ties to even), as the kernels round.
+    NumPy's float64 -> float16 is such a rounding; ml_dtypes' float64 -> bfloat16 goes through
+    float32 and can round twice, so bfloat16 is reached through float32 rounded to odd (truncated,
+    with the last bit set when inexact), which keeps the one rounding exact."""
+    a = np.asarray(values, dtype=np.float64)
+    if dtype.itemsize != 2 or dtype == F16:
+        return a.astype(dtype)
+    f = a.astype(np.float32)
+    back = f.astype(np.float64)
+    bits = f.view(np.uint32)
+    bits -= (np.abs(back) > np.abs(a)).astype(np.uint32)
+    bits |= (back != a).astype(np.uint32)
+    return f.astype(dtype)
 
 
 def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
     """x as an ndarray of a supported float dtype with ndim >= 2 (not copied unless it must be)."""
     arr = x if type(x) is np.ndarray else np.asarray(x)
-    if arr.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name}: expected a float32 or float64 array, got dtype {_describe_dtype(arr.dtype)}"
-        )
+    if arr.dtype not in SUPPORTED_DTYPES and not is_data_dtype(arr.dtype):
+        raise TypeError(f"{name}: expected {DATA_DTYPES_TEXT}, got dtype {arr.dtype}")
     if arr.ndim < 2:
         raise ValueError(
             f"{name}: expected an array with ndim >= 2 (batch, channels, ...), "
@@ -76,28 +118,29 @@ def check_same_shape(a: NDArray[Any], x: NDArray[Any], name: str, x_name: str = 
 
 
 def channel_param(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDArray[Any] | None:
-    """A read-only per-channel array (gamma, beta): 1-d, length C, exactly x's dtype."""
+    """A read-only per-channel array (gamma, beta): 1-d, length C, exactly the parameter dtype of
+    data of `dtype` (see param_dtype)."""
     if v is None:
         return None
     arr = v if type(v) is np.ndarray else np.asarray(v)
-    if arr.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {arr.dtype}")
+    if arr.dtype != param_dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {param_dtype_text(dtype)}, got {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != channels:
         raise ValueError(f"{name}: expected shape ({channels},), got {arr.shape}")
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def running_buffer(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDArray[Any] | None:
-    """A per-channel array updated in place: it must already be exactly right, since a copy would
-    silently drop the update."""
+    """A per-channel array updated in place (running statistics, of the parameter dtype of data of
+    `dtype`): it must already be exactly right, since a copy would silently drop the update."""
     if v is None:
         return None
     if not isinstance(v, np.ndarray):
         raise TypeError(
             f"{name}: expected a numpy array (it is updated in place), got {type(v).__name__}"
         )
-    if v.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {v.dtype}")
+    if v.dtype != param_dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {param_dtype_text(dtype)}, got {v.dtype}")
     if v.ndim != 1 or v.shape[0] != channels:
         raise ValueError(f"{name}: expected shape ({channels},), got {v.shape}")
     if not v.flags.c_contiguous:

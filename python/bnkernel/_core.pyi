@@ -1,5 +1,6 @@
-# Stub for the compiled module (csrc/bindings.cpp).  Each kernel is bound once per dtype
-# (float32, float64); arrays are taken exactly as given (C-contiguous, no conversion).
+# Stub for the compiled module (csrc/bindings.cpp).  Each kernel is bound once per data dtype
+# (float32, float64, float16, ml_dtypes.bfloat16; the parameters of the 16-bit ones are float32);
+# arrays are taken exactly as given (C-contiguous, no conversion).
 from typing import Any
 
 import numpy as np

@@ -4,9 +4,14 @@ Conventions shared by every function here:
 
 * ``x`` has ndim >= 2 and its channel axis is ``axis`` (default 1, as in PyTorch; ``axis=-1`` is
   channels-last, as in Keras).  Statistics reduce over every other axis.
-* ``x`` is float32 or float64.  ``gamma``, ``beta`` and the running statistics have x's dtype and
-  shape ``(C,)``.  Saved statistics (``mean``, ``invstd``, the backward sums, ``M2``) are float64
-  whatever x's dtype is, so that a float32 backward recovers ``xhat`` exactly.
+* ``x`` is float32 or float64, or float16 / bfloat16 (``ml_dtypes.bfloat16``; bnkernel never
+  imports ml_dtypes itself).  ``gamma``, ``beta``, the running statistics and ``dgamma`` /
+  ``dbeta`` have shape ``(C,)`` and x's dtype, float32 for the 16-bit dtypes.  Every value is
+  computed in double and rounded once to the output's dtype (to nearest, ties to even), so a
+  16-bit output is within half an ulp of the exact result on the given inputs: a relative error
+  of at most 2**-11 (float16) or 2**-8 (bfloat16), besides float16's subnormal range.
+* Saved statistics (``mean``, ``invstd``, the backward sums, ``M2``) are float64 whatever x's
+  dtype is, so that a float32 backward recovers ``xhat`` exactly.
 * A non-contiguous ``x`` is copied once (explicitly, in Python).  ``out=`` must be exactly right
   (shape, dtype, C-contiguous, writeable, not overlapping an input) or the call raises: a silent
   copy would drop the writes.
@@ -264,8 +269,8 @@ def batch_norm_backward(
 
     ``mean`` and ``invstd`` are what :func:`batch_norm_forward` returned.  ``training=False`` is the
     backward of inference / frozen-statistics mode, where mean and invstd do not depend on x.
-    ``dgamma`` and ``dbeta`` have x's dtype; they are returned also when ``gamma`` is None (as the
-    gradients a gamma of ones and a beta of zeros would get).
+    ``dgamma`` and ``dbeta`` have gamma's dtype (x's, or float32 for 16-bit x); they are returned
+    also when ``gamma`` is None (as the gradients a gamma of ones and a beta of zeros would get).
 
     ``single_value="running"``: a training batch with one value per channel was normalized with
     the running statistics (see :func:`batch_norm_forward`), so its backward is the frozen one.
@@ -311,8 +316,8 @@ def batch_norm_backward(
     y3 = None if y is None else _like_x(y, "y", xa, ax)
     dx = chk.output(out, "out", xa, (xa, dya, g, None if y is None else np.asarray(y)))
     x3 = chk.view3(xa, ax)
-    dgamma = np.empty(C, dtype=xa.dtype)
-    dbeta = np.empty(C, dtype=xa.dtype)
+    dgamma = np.empty(C, dtype=chk.param_dtype(xa.dtype))
+    dbeta = np.empty(C, dtype=chk.param_dtype(xa.dtype))
     dres = np.empty(xa.shape, dtype=xa.dtype) if residual_grad and relu else None
     _core.backward(
         bool(training), chk.view3(dya, ax), x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta,
@@ -394,9 +399,9 @@ def _masked_backward(
     g64 = np.ones(C) if gamma is None else chk.channel_param(gamma, "gamma", C, xa.dtype)
     k = np.asarray(g64, np.float64) * chk.saved_stat(invstd, "invstd", C)
     dxl = np.moveaxis(dx, ax, -1)
-    dxl[~valid] = (np.moveaxis(g, ax, -1)[~valid] * k).astype(xa.dtype)
-    dgamma = sum_dy_xhat.astype(xa.dtype)
-    dbeta = sum_dy.astype(xa.dtype)
+    dxl[~valid] = chk.round_to(np.moveaxis(g, ax, -1)[~valid] * k, xa.dtype)
+    dgamma = sum_dy_xhat.astype(chk.param_dtype(xa.dtype))
+    dbeta = sum_dy.astype(chk.param_dtype(xa.dtype))
     if residual_grad:
         return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
     return dx, dgamma, dbeta

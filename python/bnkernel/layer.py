@@ -76,6 +76,10 @@ class BatchNorm:
     optimizer can update ``params[k]`` in place from ``grads[k]``.  ``backward`` overwrites
     ``grads``; it does not accumulate.
 
+    ``dtype`` is the data's: float32, float64, float16 or ``ml_dtypes.bfloat16``.  Parameters,
+    gradients and running statistics are of ``param_dtype``: the same, or float32 for the 16-bit
+    dtypes (mixed precision as PyTorch and Keras keep it); statistics are computed in double.
+
     Variants, all in training mode (inference is the same for all of them):
 
     * ``renorm=True``: Batch Renormalization (Ioffe 2017) with the corrections clipped by the
@@ -133,8 +137,12 @@ class BatchNorm:
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
         self.dtype = np.dtype(dtype)
-        if self.dtype not in chk.SUPPORTED_DTYPES:
-            raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
+        if not chk.is_data_dtype(self.dtype):
+            raise TypeError(
+                f"dtype: expected float16, bfloat16, float32 or float64, got {self.dtype}"
+            )
+        # the parameters, their gradients and the running statistics: float32 for 16-bit data
+        self.param_dtype: np.dtype[Any] = chk.param_dtype(self.dtype)
         defaults = CONVENTIONS[convention]
         self.num_features = int(num_features)
         self.axis = int(axis)
@@ -155,14 +163,15 @@ class BatchNorm:
         self.params: dict[str, NDArray[Any]] = {}
         self.grads: dict[str, NDArray[Any]] = {}
         if self.affine:
-            self.params = {"gamma": np.ones(C, self.dtype), "beta": np.zeros(C, self.dtype)}
-            self.grads = {"gamma": np.zeros(C, self.dtype), "beta": np.zeros(C, self.dtype)}
+            P = self.param_dtype
+            self.params = {"gamma": np.ones(C, P), "beta": np.zeros(C, P)}
+            self.grads = {"gamma": np.zeros(C, P), "beta": np.zeros(C, P)}
         self.running_mean: NDArray[Any] | None = None
         self.running_var: NDArray[Any] | None = None
         self.num_batches_tracked = 0
         if self.track_running_stats:
-            self.running_mean = np.zeros(C, self.dtype)
-            self.running_var = np.ones(C, self.dtype)
+            self.running_mean = np.zeros(C, self.param_dtype)
+            self.running_var = np.ones(C, self.param_dtype)
         self.mode: Literal["train", "eval", "frozen"] = "train"
         self.renorm = bool(renorm)
         self.r_max = chk.real_number(r_max, "r_max", minimum=1.0)
@@ -475,6 +484,6 @@ class BatchNorm:
                 raise ValueError(
                     f"state[{key!r}]: expected shape {target.shape}, got {value.shape}"
                 )
-            target[...] = value.astype(self.dtype, copy=False)
+            target[...] = value.astype(target.dtype, copy=False)
         if "num_batches_tracked" in state:
             self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))

@@ -129,7 +129,7 @@ def batch_renorm_forward(
     # invstd the kernel multiplies by, d into beta
     g64 = np.ones(C) if g is None else g.astype(np.float64)
     b64 = np.zeros(C) if b is None else b.astype(np.float64)
-    shift = (b64 + g64 * d).astype(xa.dtype)
+    shift = (b64 + g64 * d).astype(chk.param_dtype(xa.dtype))
     y = normalize(xa, mean, invstd * r, g, shift, axis=ax, out=out)
     # the update comes after r and d, which use the statistics from before this batch
     denom = float(count - 1 if running_var_unbiased else count)
@@ -173,8 +173,8 @@ def batch_renorm_backward(
     dx = backward_elementwise(
         dy, xa, mean, s * r64, gamma, sum_dy, sum_dy_xhat / r64, count, axis=ax, out=out
     )
-    dgamma = (r64 * sum_dy_xhat + d64 * sum_dy).astype(xa.dtype)
-    return dx, dgamma, sum_dy.astype(xa.dtype)
+    dgamma = (r64 * sum_dy_xhat + d64 * sum_dy).astype(chk.param_dtype(xa.dtype))
+    return dx, dgamma, sum_dy.astype(chk.param_dtype(xa.dtype))
 
 
 # ---- ghost batch normalization -----------------------------------------------------------------
@@ -291,7 +291,11 @@ def ghost_batch_norm_backward(
                              axis=ax, out=dx[sl])  # fmt: skip
         sum_dy += sdy
         sum_dy_xhat += sdyx
-    return dx, sum_dy_xhat.astype(xa.dtype), sum_dy.astype(xa.dtype)
+    return (
+        dx,
+        sum_dy_xhat.astype(chk.param_dtype(xa.dtype)),
+        sum_dy.astype(chk.param_dtype(xa.dtype)),
+    )
 
 
 # ---- population statistics ---------------------------------------------------------------------
