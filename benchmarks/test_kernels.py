@@ -183,3 +183,127 @@ def test_fused_backward(benchmark: Any, layout: str, variant: str) -> None:
                                     None, c["axis"])[0]  # fmt: skip
     np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5)
     benchmark(fn)
+
+
+# ---- masks: padded sequences ---------------------------------------------------------------------
+
+MASK_SHAPES = {"NLC": ((64, 512, 256), -1), "NCL": ((64, 256, 512), 1)}
+
+
+def _mask_case(layout: str) -> dict[str, Any]:
+    shape, axis = MASK_SHAPES[layout]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(256, 513, 64)  # each sequence 256-512 steps long, padded to 512
+    mask = np.arange(512)[None, :] < lengths[:, None]
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    return {"x": x, "dy": dy, "mask": mask, "axis": axis}
+
+
+@pytest.mark.parametrize("layout", list(MASK_SHAPES))
+@pytest.mark.parametrize("variant", ["masked", "unmasked"])
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_masked(benchmark: Any, layout: str, variant: str, op: str) -> None:
+    """A masked training step against the unmasked one on the same array: the mask is read inside
+    the kernels' passes, so the two should cost the same."""
+    import bnkernel as bk
+    from bnkernel import reference
+
+    benchmark.group = f"mask-{op}-{layout}"
+    c = _mask_case(layout)
+    mask = c["mask"] if variant == "masked" else None
+    ax = c["axis"]
+    y, mean, invstd = bk.batch_norm_forward(c["x"], axis=ax, mask=mask)
+    out = np.empty_like(c["x"])
+    if op == "forward":
+        if mask is not None:
+            want = reference.masked_forward(c["x"], mask, None, None, 1e-5, ax)[0]
+        else:
+            want = reference.forward_train(c["x"], None, None, 1e-5, ax)[0]
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        benchmark(lambda: bk.batch_norm_forward(c["x"], axis=ax, mask=mask, out=out))
+    else:
+        dx = bk.batch_norm_backward(c["dy"], c["x"], mean, invstd, axis=ax, mask=mask)[0]
+        if mask is not None:
+            want = reference.masked_backward(c["dy"], c["x"], mean, invstd, mask, None, ax)[0]
+        else:
+            want = reference.backward_train(c["dy"], c["x"], mean, invstd, None, ax)[0]
+        np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-4)
+        benchmark(lambda: bk.batch_norm_backward(c["dy"], c["x"], mean, invstd, axis=ax,
+                                                 mask=mask, out=out))  # fmt: skip
+
+
+# ---- 16-bit data ---------------------------------------------------------------------------------
+
+HALF_SHAPES = {"NCHW": ((32, 64, 56, 56), 1), "NHWC": ((32, 56, 56, 64), -1)}
+
+
+@pytest.mark.parametrize("layout", list(HALF_SHAPES))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("impl", ["bnkernel", "torch"])
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_half(benchmark: Any, layout: str, dtype: str, impl: str, op: str) -> None:
+    """Training forward and backward on 16-bit data (float32 parameters), bnkernel next to torch's
+    mixed-precision CPU path and to both on float32, same data; outputs checked against the
+    float64 reference to the dtype's resolution before timing."""
+    import bnkernel as bk
+    from bnkernel import reference
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    benchmark.group = f"half-{op}-{layout}"
+    shape, axis = HALF_SHAPES[layout]
+    ndt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(ndt)
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(ndt)
+    C = shape[axis]
+    g = np.ones(C, np.float32)
+    b = np.zeros(C, np.float32)
+    rtol = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 1e-5}[dtype]
+    y_ref, mean_ref, invstd_ref = reference.forward_train(x, g, b, 1e-5, axis)
+    if impl == "bnkernel":
+        y, mean, invstd = bk.batch_norm_forward(x, g, b, axis=axis)
+        dx = bk.batch_norm_backward(dy, x, mean, invstd, g, axis=axis)[0]
+        out = np.empty_like(x)
+
+        def forward() -> Any:
+            return bk.batch_norm_forward(x, g, b, axis=axis, out=out)
+
+        def backward() -> Any:
+            return bk.batch_norm_backward(dy, x, mean, invstd, g, axis=axis, out=out)
+
+        got_y, got_dx = y.astype(np.float64), dx.astype(np.float64)
+    else:
+        torch = pytest.importorskip("torch")
+        tdt = getattr(torch, dtype)
+        memory = torch.channels_last if axis == -1 else torch.contiguous_format
+        # torch's NCHW view of the same values (channels-last memory for NHWC)
+        base = torch.from_numpy(x.astype(np.float32))
+        tx = (base.permute(0, 3, 1, 2) if axis == -1 else base).to(tdt)
+        tx = tx.contiguous(memory_format=memory).requires_grad_(True)
+        tdy = torch.from_numpy(dy.astype(np.float32))
+        tdy = (
+            (tdy.permute(0, 3, 1, 2) if axis == -1 else tdy)
+            .to(tdt)
+            .contiguous(memory_format=memory)
+        )
+        tg = torch.from_numpy(g).requires_grad_(True)
+        tb = torch.from_numpy(b).requires_grad_(True)
+        F = torch.nn.functional
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return F.batch_norm(tx, None, None, tg, tb, training=True)
+
+        ty = F.batch_norm(tx, None, None, tg, tb, training=True)
+
+        def backward() -> Any:
+            return torch.autograd.grad(ty, (tx, tg, tb), tdy, retain_graph=True)
+
+        to_np = (lambda t: t.permute(0, 2, 3, 1)) if axis == -1 else (lambda t: t)
+        got_y = to_np(ty.detach().float()).numpy().astype(np.float64)
+        got_dx = to_np(backward()[0].float()).numpy().astype(np.float64)
+    np.testing.assert_allclose(got_y, y_ref, rtol=rtol, atol=rtol * 8)
+    dx_ref = reference.backward_train(dy, x, mean_ref, invstd_ref, g, axis)[0]
+    np.testing.assert_allclose(got_dx, dx_ref, rtol=rtol, atol=rtol * 8)
+    benchmark(forward if op == "forward" else backward)

@@ -113,6 +113,26 @@ void channel_stats(const carray<T>& x, carray<double>& mean, carray<double>& m2)
   bnkernel::channel_stats(x.data(), s, pm, pm2);
 }
 
+// A mask over the positions: (outer, inner) bytes, as x's (outer, C, inner) view without C.
+const uint8_t* position_mask(const carray<uint8_t>& mask, Shape s) {
+  require(mask.ndim() == 2 && mask.shape(0) == s.outer && mask.shape(1) == s.inner,
+          "mask: expected an (outer, inner) array of x's positions");
+  return mask.data();
+}
+
+template <typename T>
+int64_t masked_channel_stats(const carray<T>& x, const carray<uint8_t>& mask, carray<double>& mean,
+                             carray<double>& m2) {
+  const Shape s = view3(x, "x");
+  const uint8_t* pmask = position_mask(mask, s);
+  per_channel(mean, s, "mean");
+  per_channel(m2, s, "m2");
+  double* pm = mutable_out(mean, "mean");
+  double* pm2 = mutable_out(m2, "m2");
+  py::gil_scoped_release release;
+  return bnkernel::masked_channel_stats(x.data(), s, pmask, pm, pm2);
+}
+
 int64_t merge_stats_impl(const carray<int64_t>& counts, const carray<double>& means,
                          const carray<double>& m2s, carray<double>& mean, carray<double>& m2) {
   require(counts.ndim() == 1, "counts: expected a 1-d array");
@@ -228,6 +248,30 @@ void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<
 }
 
 template <typename T>
+void masked_backward_elementwise(const carray<T>& dy, const carray<T>& x,
+                                 const carray<uint8_t>& mask, const carray<double>& mean,
+                                 const carray<double>& invstd, const opt_carray<Param<T>>& gamma,
+                                 const carray<double>& sum_dy, const carray<double>& sum_dy_xhat,
+                                 int64_t count, carray<T>& dx, const opt_carray<T>& y) {
+  const Shape s = view3(x, "x");
+  const uint8_t* pmask = position_mask(mask, s);
+  opt_carray<T> no_dresidual;
+  const auto relu = relu_grad(y, no_dresidual, s);
+  same_shape(dy, s, "dy");
+  same_shape(dx, s, "out");
+  per_channel(mean, s, "mean");
+  per_channel(invstd, s, "invstd");
+  per_channel(sum_dy, s, "sum_dy");
+  per_channel(sum_dy_xhat, s, "sum_dy_xhat");
+  require(count > 0, "count: must be > 0");
+  const Param<T>* pg = optional_data(gamma, s, "gamma");
+  T* pdx = mutable_out(dx, "out");
+  py::gil_scoped_release release;
+  bnkernel::masked_backward_elementwise(dy.data(), x.data(), s, pmask, mean.data(), invstd.data(),
+                                        pg, sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
+}
+
+template <typename T>
 void backward(bool training, const carray<T>& dy, const carray<T>& x, const carray<double>& mean,
               const carray<double>& invstd, const opt_carray<Param<T>>& gamma, carray<T>& dx,
               carray<Param<T>>& dgamma, carray<Param<T>>& dbeta, const opt_carray<T>& y,
@@ -259,6 +303,13 @@ template <typename T>
 void register_dtype(py::module_& m) {
   m.def("channel_stats", &channel_stats<T>, py::arg("x").noconvert(), py::arg("mean").noconvert(),
         py::arg("m2").noconvert());
+  m.def("masked_channel_stats", &masked_channel_stats<T>, py::arg("x").noconvert(),
+        py::arg("mask").noconvert(), py::arg("mean").noconvert(), py::arg("m2").noconvert());
+  m.def("masked_backward_elementwise", &masked_backward_elementwise<T>, py::arg("dy").noconvert(),
+        py::arg("x").noconvert(), py::arg("mask").noconvert(), py::arg("mean").noconvert(),
+        py::arg("invstd").noconvert(), py::arg("gamma").noconvert().none(true),
+        py::arg("sum_dy").noconvert(), py::arg("sum_dy_xhat").noconvert(), py::arg("count"),
+        py::arg("out").noconvert(), py::arg("y").noconvert().none(true) = py::none());
   m.def("normalize", &normalize<T>, py::arg("x").noconvert(), py::arg("mean").noconvert(),
         py::arg("invstd").noconvert(), py::arg("gamma").noconvert().none(true),
         py::arg("beta").noconvert().none(true), py::arg("out").noconvert(),

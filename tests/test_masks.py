@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, assert_close, layout_params, tol
+from conftest import LAYOUTS, STATS_TOL, Layout, assert_close, layout_params, tol
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -154,3 +154,106 @@ def test_layer_with_a_mask():
                                   mask=d["mask"])  # fmt: skip
     np.testing.assert_array_equal(dx, want[0])
     np.testing.assert_array_equal(layer.grads["gamma"], want[1])
+
+
+# ---- the masked kernels -------------------------------------------------------------------------
+#
+# The mask goes into the kernels: the statistics pass reads it alongside x (a planar leaf sums its
+# valid values, an interleaved leaf skips padded rows), and the elementwise pass of the backward
+# cuts each run where the mask changes.  Layouts with long runs (leaves of 4096 values, some of
+# them wholly padded), many threads, and masks that are mostly padding or have one valid position
+# per leaf.
+
+KERNEL_LAYOUTS = [
+    *MASKABLE,
+    Layout("long-planar", (3, 4, 5000), 1),  # several leaves per channel
+    Layout("long-interleaved", (9000, 3), 1),  # several leaves of rows
+    Layout("mt-long-planar", (16, 2, 4100), 1),  # threads share a channel's subtrees
+]
+
+
+def sparse_mask(shape, seed, density):
+    """Valid with probability `density`; or, for "head", the first tenth of the positions (in C
+    order) and nothing after them, as sequences padded at the end: whole leaves are padding."""
+    if density == "head":
+        mask = np.zeros(shape, bool)
+        mask.flat[: max(2, mask.size // 10)] = True
+        return mask
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape) < density
+    mask.flat[:2] = True
+    return mask
+
+
+@pytest.mark.parametrize("density", [0.7, 0.02, "head"], ids=["dense", "sparse", "head"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", layout_params(KERNEL_LAYOUTS))
+def test_masked_channel_stats(layout, dtype, density):
+    shape, ax = layout.shape, layout.ax
+    x = (np.random.default_rng(1).standard_normal(shape) * 3 + 2).astype(dtype)
+    mask = sparse_mask(shape[:ax] + shape[ax + 1 :], 2, density)
+    x[np.moveaxis(np.broadcast_to(~mask[..., None], shape[:ax] + shape[ax + 1 :] + (shape[ax],)),
+                  -1, ax)] = np.nan  # fmt: skip
+    n, mean, m2 = bk.channel_stats(x, axis=layout.axis, mask=mask)
+    valid = np.moveaxis(x, ax, -1)[mask].astype(np.float64)  # (count, C)
+    rn, rmean, rm2 = ref.channel_stats(valid, 1)
+    assert n == rn == int(mask.sum())
+    assert_close(mean, rmean, STATS_TOL, scale=float(np.abs(valid).max()), what="mean")
+    assert_close(m2, rm2, STATS_TOL, what="M2")
+
+
+def test_masked_channel_stats_do_not_depend_on_the_thread_count(restore_threads):
+    for shape, axis in (((16, 2, 4100), 1), ((9000, 40), 1), ((8, 64, 300), 1)):
+        x = np.random.default_rng(3).standard_normal(shape)
+        mask = sparse_mask((shape[0], *shape[2:]), 4, 0.5)
+        results = []
+        for threads in (1, 2, 3):
+            bk.set_num_threads(threads)
+            results.append(bk.channel_stats(x, axis=axis, mask=mask))
+        for n, mean, m2 in results[1:]:
+            assert n == results[0][0]
+            np.testing.assert_array_equal(mean, results[0][1])
+            np.testing.assert_array_equal(m2, results[0][2])
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", layout_params(KERNEL_LAYOUTS))
+def test_masked_elementwise_is_the_two_kernels_it_selects(layout, dtype, relu):
+    """At valid positions dx is the unmasked training dx, at padded ones the frozen dx (the direct
+    term), both bit for bit: the masked pass computes each with the same arithmetic."""
+    d = case(layout.shape, layout.axis, dtype, seed=11)
+    ax = layout.axis
+    y = None
+    if relu:
+        y, _, _ = bk.batch_norm_forward(d["x"], d["g"], d["b"], axis=ax, activation="relu")
+    _, mean, invstd = bk.batch_norm_forward(d["x"], d["g"], d["b"], axis=ax)
+    sdy, sdyx = bk.backward_reduce(d["dy"], d["x"], mean, invstd, axis=ax, y=y)
+    count = int(d["mask"].sum())
+    dx = bk.backward_elementwise(d["dy"], d["x"], mean, invstd, d["g"], sdy, sdyx, count,
+                                 axis=ax, y=y, mask=d["mask"])  # fmt: skip
+    plain = bk.backward_elementwise(d["dy"], d["x"], mean, invstd, d["g"], sdy, sdyx, count,
+                                    axis=ax, y=y)  # fmt: skip
+    act = "relu" if relu else None
+    frozen = bk.batch_norm_backward(d["dy"], d["x"], mean, invstd, d["g"], training=False, axis=ax,
+                                    activation=act, y=y)[0]  # fmt: skip
+    mask_full = np.moveaxis(
+        np.broadcast_to(d["mask"][..., None], (*d["mask"].shape, layout.channels)), -1, layout.ax
+    )
+    np.testing.assert_array_equal(dx[mask_full], plain[mask_full])
+    np.testing.assert_array_equal(dx[~mask_full], frozen[~mask_full])
+
+
+def test_mask_args_of_the_split_phases():
+    x = np.ones((4, 2, 3))
+    with pytest.raises(ValueError, match=r"^mask: expected shape \(4, 3\)"):
+        bk.channel_stats(x, mask=np.ones((4, 2), bool))
+    with pytest.raises(TypeError, match=r"^mask: expected a bool array"):
+        bk.backward_elementwise(x, x, np.zeros(2), np.ones(2), None, np.zeros(2), np.zeros(2), 4,
+                                mask=np.ones((4, 3)))  # fmt: skip
+    # a batch with no samples: count 0 and the neutral statistics
+    n, mean, m2 = bk.channel_stats(np.ones((0, 2, 3)), mask=np.ones((0, 3), bool))
+    assert n == 0 and not mean.any() and not m2.any()
+    # no valid position: count 0
+    n, mean, m2 = bk.channel_stats(np.ones((4, 2, 3)), mask=np.zeros((4, 3), bool))
+    assert n == 0 and not mean.any() and not m2.any()

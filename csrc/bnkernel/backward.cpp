@@ -116,6 +116,26 @@ void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
 }
 
 template <typename T>
+void masked_backward_elementwise(const T* dy, const T* x, Shape s, const uint8_t* mask,
+                                 const double* mean, const double* invstd, const Param<T>* gamma,
+                                 const double* sum_dy, const double* sum_dy_xhat, int64_t count,
+                                 T* dx, ReluGrad<T> relu) {
+  const int64_t C = s.channels;
+  const auto m = static_cast<double>(count);
+  std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
+      k_x(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    const auto i = static_cast<size_t>(c);
+    const auto k = grad_coefficients(gamma, invstd, sum_dy, sum_dy_xhat, m, c);
+    k_scale[i] = k.k_scale;
+    k_dy[i] = k.k_dy;
+    k_x[i] = k.k_x;
+  }
+  detail::masked_grad(dy, x, relu.y, mask, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
+                      threads_for(s.size()));
+}
+
+template <typename T>
 void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
                     const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta,
                     ReluGrad<T> relu) {
@@ -135,6 +155,9 @@ void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const
   template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
                                         const Param<T>*, const double*, const double*, int64_t,  \
                                         T*, ReluGrad<T>);                                        \
+  template void masked_backward_elementwise<T>(                                                  \
+      const T*, const T*, Shape, const uint8_t*, const double*, const double*, const Param<T>*,  \
+      const double*, const double*, int64_t, T*, ReluGrad<T>);                                   \
   template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
                                   const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);       \
   template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \

@@ -96,6 +96,20 @@ void channel_stats(const T* x, Shape s, double* mean, double* m2) {
 }
 
 template <typename T>
+int64_t masked_channel_stats(const T* x, Shape s, const uint8_t* mask, double* mean, double* m2) {
+  BNKERNEL_DISPATCH(masked_channel_stats(x, s, mask, mean, m2))
+}
+
+template <typename T>
+void masked_backward_elementwise(const T* dy, const T* x, Shape s, const uint8_t* mask,
+                                 const double* mean, const double* invstd, const Param<T>* gamma,
+                                 const double* sum_dy, const double* sum_dy_xhat, int64_t count,
+                                 T* dx, ReluGrad<T> relu) {
+  BNKERNEL_DISPATCH(masked_backward_elementwise(dy, x, s, mask, mean, invstd, gamma, sum_dy,
+                                                sum_dy_xhat, count, dx, relu))
+}
+
+template <typename T>
 void normalize(const T* x, Shape s, const double* mean, const double* invstd, const Param<T>* gamma,
                const Param<T>* beta, T* y, Epilogue<T> epilogue) {
   BNKERNEL_DISPATCH(normalize(x, s, mean, invstd, gamma, beta, y, epilogue))
@@ -137,6 +151,10 @@ void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const
 
 #define BNKERNEL_INSTANTIATE(T)                                                                  \
   template void channel_stats<T>(const T*, Shape, double*, double*);                             \
+  template int64_t masked_channel_stats<T>(const T*, Shape, const uint8_t*, double*, double*);   \
+  template void masked_backward_elementwise<T>(                                                  \
+      const T*, const T*, Shape, const uint8_t*, const double*, const double*, const Param<T>*,  \
+      const double*, const double*, int64_t, T*, ReluGrad<T>);                                   \
   template void normalize<T>(const T*, Shape, const double*, const double*, const Param<T>*,     \
                              const Param<T>*, T*, Epilogue<T>);                                  \
   template void forward_train<T>(const T*, Shape, const Param<T>*, const Param<T>*, double, T*,  \

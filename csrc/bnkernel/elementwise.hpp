@@ -283,13 +283,14 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
 // (two threads, 32x56x56x64 float32: forward 2.6 against 3.7 ms, backward 4.9 against 6.0 ms).
 constexpr int64_t kCoefficientBytesInL1 = 16 << 10;
 
-// The interleaved pattern goes by register blocks when a row's coefficients would crowd L1 (and
-// there is at least one whole block); everything else by contiguous spans.
+// The interleaved pattern goes by register blocks when a row's coefficients would crowd L1, or
+// the data are 16-bit (the blocks convert a vector at a time, see vector_run), and there is at
+// least one whole block; everything else by contiguous spans.
 template <typename T, class Op>
 void elementwise_op(Shape s, T* y, int threads, const Op& op) {
   const int64_t coefficient_bytes = Op::kCoefficients * int64_t{8} * s.channels;
   if (s.inner == 1 && s.channels >= kLanes && s.outer > 0 &&
-      coefficient_bytes > kCoefficientBytesInL1) {
+      (is_half_v<T> || coefficient_bytes > kCoefficientBytesInL1)) {
     interleaved_blocks(s, y, threads, op);
   } else {
     elementwise(s, y, threads, [&](int64_t e, int64_t c) { return op.value(e, c); });
@@ -335,9 +336,9 @@ inline double relu_value(double v) {
   std::memcpy(&v, &u, sizeof u);
   return v;
 }
-inline vd relu_vec(vd v) {
+inline vd relu_vec(vd v) {  // relu_value's results: -0 -> +0, NaN kept
   const vd zero = splat(0.0);
-  return v < zero ? zero : v;
+  return v <= zero ? zero : v;
 }
 
 // y = epilogue((x - mean[c]) * scale[c] + shift[c])
@@ -389,10 +390,46 @@ void affine(const T* x, Shape s, const double* mean, const double* scale, const 
   });
 }
 
-// one channel's contiguous run (the fused per-channel kernels); residual at the same offset
+// ---- 16-bit runs -------------------------------------------------------------------------------
+//
+// Value by value, 16-bit data are widened and narrowed by integer code, at several times the cost
+// of the vector conversions (F16C, AVX-512's rounding modes), which the compiler cannot use for
+// them.  The per-channel runs of 16-bit data are therefore computed a vector at a time: vec(i) is
+// values [i, i + kVecLen) as a vector, computed with the same arithmetic as scalar(i) (see fmav),
+// so the two give the same bits and the run's ends may take either.  Streaming as write_run.
+template <typename T, class V, class S>
+inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&& scalar) {
+  (void)stream;  // unused where there are no streaming stores
+  constexpr auto kSize = static_cast<int64_t>(sizeof(T));
+  int64_t i = 0;
+  if constexpr (kStreamAlign > 0) {
+    if (stream) {
+      constexpr int64_t kBlock = 256 / kSize;  // a multiple of kVecLen
+      const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % kStreamAlign);
+      int64_t head = misaligned == 0 ? 0 : (kStreamAlign - misaligned) / kSize;
+      if (misaligned % kSize != 0) head = len;
+      head = std::min(head, len);
+      for (; i < head; ++i) y[i] = narrow<T>(scalar(i));
+      if (i + kBlock <= len) {
+        alignas(64) T buffer[kBlock];
+        for (; i + kBlock <= len; i += kBlock) {
+          for (int64_t j = 0; j < kBlock; j += kVecLen) storev(buffer + j, vec(i + j));
+          for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
+            stream_block(reinterpret_cast<char*>(y + i) + b,
+                         reinterpret_cast<const char*>(buffer) + b);
+          }
+        }
+      }
+    }
+  }
+  for (; i + kVecLen <= len; i += kVecLen) storev(y + i, vec(i));
+  for (; i < len; ++i) y[i] = narrow<T>(scalar(i));
+}
+
 template <typename T>
-inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
-                       double scale, double shift, bool stream, const T* residual, bool relu) {
+inline void affine_run_values(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
+                              double scale, double shift, bool stream, const T* residual,
+                              bool relu) {
   with_flags(residual != nullptr, relu, [&](auto res, auto act) {
     write_run(y, len, stream, [&](int64_t i) {
       double r = affine_value(x[i], mean, scale, shift);
@@ -403,6 +440,33 @@ inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, 
   });
 }
 
+// one channel's contiguous run (the fused per-channel kernels); residual at the same offset
+template <typename T>
+inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
+                       double scale, double shift, bool stream, const T* residual, bool relu) {
+  if constexpr (!is_half_v<T>) {
+    affine_run_values(x, y, len, mean, scale, shift, stream, residual, relu);
+  } else {
+    with_flags(residual != nullptr, relu, [&](auto res, auto act) {
+      const vd vmean = splat(mean), vscale = splat(scale), vshift = splat(shift);
+      vector_run(
+          y, len, stream,
+          [&](int64_t i) {
+            vd r = fmav(loadv(x + i) - vmean, vscale, vshift);
+            if constexpr (decltype(res)::value) r += loadv(residual + i);
+            if constexpr (decltype(act)::value) r = relu_vec(r);
+            return r;
+          },
+          [&](int64_t i) {
+            double r = affine_value(x[i], mean, scale, shift);
+            if constexpr (decltype(res)::value) r += widen(residual[i]);
+            if constexpr (decltype(act)::value) r = relu_value(r);
+            return r;
+          });
+    });
+  }
+}
+
 // Training backward, per channel, with k_scale = gamma * invstd, k_dy = sum_dy / m and
 // k_x = invstd * sum_dy_xhat / m:
 //   dx = k_scale * (g - k_dy - (x - mean) * k_x),   g = dy, or masked_dy(dy, y) under a ReLU
@@ -410,6 +474,15 @@ inline double grad_value(double g, double x, double mean, double k_scale, double
   const double d = x - mean;
 #if defined(__FMA__)
   return k_scale * __builtin_fma(-d, k_x, g - k_dy);
+#else
+  return k_scale * (g - k_dy - d * k_x);
+#endif
+}
+
+// grad_value on a vector (d = x - mean), with the same arithmetic
+inline vd grad_vec(vd g, vd d, vd k_scale, vd k_dy, vd k_x) {
+#if defined(__FMA__)
+  return k_scale * fmav(-d, k_x, g - k_dy);
 #else
   return k_scale * (g - k_dy - d * k_x);
 #endif
@@ -442,11 +515,7 @@ struct GradOp {
     const vd d = loadv(x + e) - k.mean[v];
     vd g = loadv(dy + e);
     if constexpr (Mask) g = masked_vec(g, loadv(y + e));
-#if defined(__FMA__)
-    return k.k_scale[v] * fmav(-d, k.k_x[v], g - k.k_dy[v]);
-#else
-    return k.k_scale[v] * (g - k.k_dy[v] - d * k.k_x[v]);
-#endif
+    return grad_vec(g, d, k.k_scale[v], k.k_dy[v], k.k_x[v]);
   }
   double value(int64_t e, int64_t c) const {
     const double g = Mask ? masked_dy(dy[e], y[e]) : widen(dy[e]);
@@ -469,14 +538,101 @@ void grad(const T* dy, const T* x, const T* y, Shape s, const double* mean, cons
 }
 
 template <typename T>
-inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y,
-                     T* __restrict__ dx, int64_t len, double mean, double k_scale, double k_dy,
-                     double k_x, bool stream) {
+inline void grad_run_values(const T* __restrict__ dy, const T* __restrict__ x,
+                            const T* __restrict__ y, T* __restrict__ dx, int64_t len, double mean,
+                            double k_scale, double k_dy, double k_x, bool stream) {
   with_flag(y != nullptr, [&](auto mask) {
     write_run(dx, len, stream, [&](int64_t i) {
       const double g = decltype(mask)::value ? masked_dy(dy[i], y[i]) : widen(dy[i]);
       return grad_value(g, widen(x[i]), mean, k_scale, k_dy, k_x);
     });
+  });
+}
+
+template <typename T>
+inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y,
+                     T* __restrict__ dx, int64_t len, double mean, double k_scale, double k_dy,
+                     double k_x, bool stream) {
+  if constexpr (!is_half_v<T>) {
+    grad_run_values(dy, x, y, dx, len, mean, k_scale, k_dy, k_x, stream);
+  } else {
+    with_flag(y != nullptr, [&](auto mask) {
+      constexpr bool kMask = decltype(mask)::value;
+      const vd vmean = splat(mean), vk_scale = splat(k_scale), vk_dy = splat(k_dy),
+               vk_x = splat(k_x);
+      vector_run(
+          dx, len, stream,
+          [&](int64_t i) {
+            vd g = loadv(dy + i);
+            if constexpr (kMask) g = masked_vec(g, loadv(y + i));
+            return grad_vec(g, loadv(x + i) - vmean, vk_scale, vk_dy, vk_x);
+          },
+          [&](int64_t i) {
+            const double g = kMask ? masked_dy(dy[i], y[i]) : widen(dy[i]);
+            return grad_value(g, widen(x[i]), mean, k_scale, k_dy, k_x);
+          });
+    });
+  }
+}
+
+// The training dx under a mask over the positions (one byte per (o, i) at o * inner + i, nonzero
+// where valid): valid positions as grad (the same arithmetic, so the same bits), padded ones the
+// direct term g * k_scale[c] alone (the statistics do not depend on them).  A planar run is cut
+// where the mask changes; an interleaved row is one position.
+template <typename T, bool Mask>
+void masked_grad_impl(const T* dy, const T* x, const T* y, const uint8_t* valid, Shape s,
+                      const double* mean, const double* k_scale, const double* k_dy,
+                      const double* k_x, T* dx, int threads) {
+  (void)threads;  // used by the OpenMP pragmas only
+  auto g_of = [&](int64_t e) { return Mask ? masked_dy(dy[e], y[e]) : widen(dy[e]); };
+  const int64_t C = s.channels;
+  if (s.inner == 1) {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t r = 0; r < s.outer; ++r) {
+      const int64_t e0 = r * C;
+      if (valid[r] != 0) {
+        narrow_run(dx + e0, C, [&](int64_t c) {
+          return grad_value(g_of(e0 + c), widen(x[e0 + c]), mean[c], k_scale[c], k_dy[c], k_x[c]);
+        });
+      } else {
+        narrow_run(dx + e0, C, [&](int64_t c) { return g_of(e0 + c) * k_scale[c]; });
+      }
+    }
+    return;
+  }
+  const int64_t runs = s.outer * C;
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+  for (int64_t q = 0; q < runs; ++q) {
+    const int64_t c = q % C;
+    const uint8_t* m = valid + (q / C) * s.inner;
+    for (int64_t i = 0; i < s.inner;) {
+      const bool v = m[i] != 0;
+      int64_t j = i + 1;
+      while (j < s.inner && (m[j] != 0) == v) ++j;
+      const int64_t e0 = q * s.inner + i;
+      if (v) {
+        narrow_run(dx + e0, j - i, [&](int64_t k) {
+          return grad_value(g_of(e0 + k), widen(x[e0 + k]), mean[c], k_scale[c], k_dy[c], k_x[c]);
+        });
+      } else {
+        narrow_run(dx + e0, j - i, [&](int64_t k) { return g_of(e0 + k) * k_scale[c]; });
+      }
+      i = j;
+    }
+  }
+}
+
+template <typename T>
+void masked_grad(const T* dy, const T* x, const T* y, const uint8_t* valid, Shape s,
+                 const double* mean, const double* k_scale, const double* k_dy, const double* k_x,
+                 T* dx, int threads) {
+  with_flag(y != nullptr, [&](auto mask) {
+    masked_grad_impl<T, decltype(mask)::value>(dy, x, y, valid, s, mean, k_scale, k_dy, k_x, dx,
+                                               threads);
   });
 }
 
@@ -518,14 +674,35 @@ void scale(const T* dy, const T* y, Shape s, const double* k_scale, T* dx, int t
 }
 
 template <typename T>
-inline void scale_run(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
-                      int64_t len, double k, bool stream) {
+inline void scale_run_values(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                             int64_t len, double k, bool stream) {
   with_flag(y != nullptr, [&](auto mask) {
     write_run(dx, len, stream, [&](int64_t i) {
       const double g = decltype(mask)::value ? masked_dy(dy[i], y[i]) : widen(dy[i]);
       return g * k;
     });
   });
+}
+
+template <typename T>
+inline void scale_run(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                      int64_t len, double k, bool stream) {
+  if constexpr (!is_half_v<T>) {
+    scale_run_values(dy, y, dx, len, k, stream);
+  } else {
+    with_flag(y != nullptr, [&](auto mask) {
+      constexpr bool kMask = decltype(mask)::value;
+      const vd vk = splat(k);
+      vector_run(
+          dx, len, stream,
+          [&](int64_t i) {
+            vd g = loadv(dy + i);
+            if constexpr (kMask) g = masked_vec(g, loadv(y + i));
+            return g * vk;
+          },
+          [&](int64_t i) { return (kMask ? masked_dy(dy[i], y[i]) : widen(dy[i])) * k; });
+    });
+  }
 }
 
 // Calls f(o, offset) for each of channel c's rows (planar pattern), offset = (o * C + c) * inner.

@@ -160,6 +160,22 @@ inline vu round_to_odd_vec(vd d) {
   const __mmask8 inexact = _mm512_cmp_pd_mask(_mm512_cvtps_pd(t), v, _CMP_NEQ_UQ);
   const __m256i bits = _mm256_castps_si256(t);
   return reinterpret_cast<vu>(_mm256_mask_or_epi32(bits, inexact, bits, _mm256_set1_epi32(1)));
+#elif defined(__AVX2__)
+  // to nearest, then one step back where that went away from zero; the 64-bit comparison masks
+  // are all ones or all zeros, so their even 32-bit halves are the 32-bit masks
+  const __m256d v = reinterpret_cast<__m256d>(d);
+  const __m128 f = _mm256_cvtpd_ps(v);
+  const __m256d back = _mm256_cvtps_pd(f);
+  const __m256d abs = _mm256_castsi256_pd(_mm256_set1_epi64x(static_cast<int64_t>(kAbs64)));
+  const __m256d away = _mm256_cmp_pd(_mm256_and_pd(back, abs), _mm256_and_pd(v, abs), _CMP_GT_OQ);
+  const __m256d inexact = _mm256_cmp_pd(back, v, _CMP_NEQ_UQ);
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  const __m128i away32 =
+      _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(away), even));
+  const __m128i inexact32 =
+      _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(inexact), even));
+  const __m128i u = _mm_add_epi32(_mm_castps_si128(f), away32);
+  return reinterpret_cast<vu>(_mm_or_si128(u, _mm_and_si128(inexact32, _mm_set1_epi32(1))));
 #else
   const vf f = __builtin_convertvector(d, vf);
   const vd back = __builtin_convertvector(f, vd);
@@ -186,10 +202,20 @@ inline vd loadv(const float16* p) {
 #endif
 }
 inline vd loadv(const bfloat16* p) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  const __m256i u = _mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return reinterpret_cast<vd>(_mm512_cvtps_pd(_mm256_castsi256_ps(u)));
+#elif defined(__AVX2__)
+  const __m128i u =
+      _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16);
+  return reinterpret_cast<vd>(_mm256_cvtps_pd(_mm_castsi128_ps(u)));
+#else
   vh h;
   std::memcpy(&h, p, sizeof h);
   const vu u = __builtin_convertvector(h, vu) << 16;
   return __builtin_convertvector(reinterpret_cast<vf>(u), vd);
+#endif
 }
 // a * b + c, rounded once where the instruction set has a fused multiply-add (the AVX2 and AVX-512
 // copies), else twice; fmas is the same for one value, so a value's arithmetic is the same
@@ -248,11 +274,30 @@ inline void storev(float16* p, vd v) {
 }
 inline void storev(bfloat16* p, vd v) {
   const vu u = round_to_odd_vec(v);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // as below; the NaN test as a signed comparison (AVX2 has no unsigned one), exact on 31 bits
+  const auto q = reinterpret_cast<__m128i>(u);
+  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(q, 16), _mm_set1_epi32(1));
+  const __m128i rounded =
+      _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(q, _mm_set1_epi32(0x7fff)), lsb), 16);
+  const __m128i nan = _mm_or_si128(_mm_srli_epi32(q, 16), _mm_set1_epi32(0x40));
+  const __m128i is_nan =
+      _mm_cmpgt_epi32(_mm_and_si128(q, _mm_set1_epi32(0x7fffffff)), _mm_set1_epi32(0x7f800000));
+  const __m128i r = _mm_blendv_epi8(rounded, nan, is_nan);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(r, r));
+#else
   const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const vu nan = (u >> 16) | 0x40u;
   const auto is_nan = reinterpret_cast<vu>((u & 0x7fffffffu) > 0x7f800000u);
-  const vh h = __builtin_convertvector((nan & is_nan) | (rounded & ~is_nan), vh);
+  const vu r = (nan & is_nan) | (rounded & ~is_nan);  // each lane < 2^16
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtepi32_epi16(reinterpret_cast<__m256i>(r)));
+#else
+  const vh h = __builtin_convertvector(r, vh);
   std::memcpy(p, &h, sizeof h);
+#endif
+#endif
 }
 
 // The gradient reaching batch normalization under a ReLU: dy where the output y > 0, else 0 (a

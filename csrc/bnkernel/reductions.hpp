@@ -114,9 +114,102 @@ struct PlanarMoments {
   }
 };
 
+// ---- moments over the valid positions of a mask, planar pattern
+// ------------------------------------
+//
+// mask has one byte per position (o, i), at o * inner + i, nonzero where valid: the same index as
+// a channel's j-th value.  A leaf takes its valid values' mean as the center (a first pass), then
+// d = x - center over them as PlanarMoments does; padded values never enter an operation that
+// reaches the sums (they are masked out on the bits, so NaN or inf padding is harmless).
+inline vd mask_bits(const uint8_t* m) {
+  vq q;
+  for (int64_t i = 0; i < kVecLen; ++i) q[i] = -static_cast<int64_t>(m[i] != 0);
+  return reinterpret_cast<vd>(q);
+}
+inline vd select_bits(vd v, vd mask) {
+  return reinterpret_cast<vd>(reinterpret_cast<vq>(v) & reinterpret_cast<vq>(mask));
+}
+
+template <typename T>
+struct MaskedPlanarMoments {
+  static constexpr int64_t width = 3;
+  const T* x;
+  const uint8_t* mask;
+  Shape s;
+  int64_t c;
+
+  // f(values, mask bytes, len) over the runs of values [j0, j1) in order
+  template <class F>
+  void runs(int64_t j0, int64_t j1, F&& f) const {
+    int64_t j = j0;
+    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
+      f(p, mask + j, len);
+      j += len;
+    });
+  }
+
+  void leaf(int64_t k, double* out) const {
+    const int64_t j0 = k * kPlanarLeaf;
+    const int64_t j1 = std::min(s.per_channel(), j0 + kPlanarLeaf);
+    alignas(64) double tail[kLanes];
+    alignas(64) uint8_t tail_mask[kLanes];
+    int64_t count = 0;
+    Lanes sum;
+    runs(j0, j1, [&](const T* p, const uint8_t* m, int64_t len) {
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) {
+        for_each_vec([&](int v, int64_t o) {
+          sum.v[v] += select_bits(loadv(p + i + o), mask_bits(m + i + o));
+        });
+      }
+      for (int64_t q = 0; q < kLanes; ++q) tail_mask[q] = q < len - i ? m[i + q] : 0;
+      if (i < len) {
+        pad_tail(p + i, len - i, 0.0, tail);
+        for_each_vec([&](int v, int64_t o) {
+          sum.v[v] += select_bits(loadv(tail + o), mask_bits(tail_mask + o));
+        });
+      }
+      for (int64_t q = 0; q < len; ++q) count += m[q] != 0;
+    });
+    if (count == 0) {
+      out[0] = out[1] = out[2] = 0.0;  // neutral in the merge
+      return;
+    }
+    const auto n = static_cast<double>(count);
+    const double center = sum.total() / n;
+    const vd vcenter = splat(center);
+    Lanes m2, corr;
+    auto add2 = [&](const auto* b, const uint8_t* m) {
+      for_each_vec([&](int v, int64_t o) {
+        const vd d = select_bits(loadv(b + o) - vcenter, mask_bits(m + o));
+        m2.v[v] = fmav(d, d, m2.v[v]);
+        corr.v[v] += d;
+      });
+    };
+    runs(j0, j1, [&](const T* p, const uint8_t* m, int64_t len) {
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) add2(p + i, m + i);
+      if (i < len) {
+        for (int64_t q = 0; q < kLanes; ++q) tail_mask[q] = q < len - i ? m[i + q] : 0;
+        pad_tail(p + i, len - i, center, tail);
+        add2(tail, tail_mask);
+      }
+    });
+    const double dsum = corr.total();
+    out[0] = n;
+    out[1] = center + dsum / n;
+    out[2] = clamp_m2(m2.total() - dsum * dsum / n);
+  }
+
+  void merge(double* into, const double* other) const {
+    chan_merge(into[0], into[1], into[2], other[0], other[1], other[2]);
+  }
+};
+
 // ---- moments, interleaved pattern (inner == 1): all channels of a block of rows -----------------
 // accumulator: [n, mean[C], M2[C], scratch[C]]
-template <typename T>
+// With Masked, rows whose mask byte is zero (padded positions: a row is one position) are skipped.
+template <typename T, bool Masked = false>
 struct InterleavedMoments {
   int64_t width;
   const T* x;  // the window's first column
@@ -124,23 +217,45 @@ struct InterleavedMoments {
   int64_t channels;   // columns in the window
   int64_t stride;     // values per row of the array
   int64_t leaf_rows;  // from the whole row, so every window has the same tree
+  const uint8_t* mask = nullptr;
 
-  InterleavedMoments(const T* x_, Shape s, int64_t col0, int64_t cols)
+  InterleavedMoments(const T* x_, Shape s, int64_t col0, int64_t cols,
+                     const uint8_t* mask_ = nullptr)
       : width(1 + 3 * cols),
         x(x_ + col0),
         rows(s.outer),
         channels(cols),
         stride(s.channels),
-        leaf_rows(interleaved_leaf_rows(s.channels, 1)) {}
+        leaf_rows(interleaved_leaf_rows(s.channels, 1)),
+        mask(mask_) {}
+
+  bool skip(int64_t r) const {
+    if constexpr (Masked) {
+      return mask[r] == 0;
+    } else {
+      (void)r;
+      return false;
+    }
+  }
 
   int64_t leaves() const { return ceil_div(rows, leaf_rows); }
 
   void leaf(int64_t k, double* out) const {
     const int64_t C = channels;
-    const int64_t r0 = k * leaf_rows;
+    int64_t r0 = k * leaf_rows;
     const int64_t r1 = std::min(rows, r0 + leaf_rows);
-    const auto n = static_cast<double>(r1 - r0);
     const int64_t next_end = std::min(rows, r1 + leaf_rows);
+    int64_t count = r1 - r0;
+    if constexpr (Masked) {
+      count = 0;
+      for (int64_t r = r0; r < r1; ++r) count += mask[r] != 0;
+      if (count == 0) {
+        std::fill(out, out + 1 + 2 * C, 0.0);  // neutral in the merge
+        return;
+      }
+      while (skip(r0)) ++r0;  // the first valid row (the center below float64)
+    }
+    const auto n = static_cast<double>(count);
     double* __restrict__ mean = out + 1;
     double* __restrict__ m2 = out + 1 + C;
     double* __restrict__ corr = out + 1 + 2 * C;
@@ -157,6 +272,7 @@ struct InterleavedMoments {
         vd a[kVecs];
         for_each_vec([&](int v, int64_t) { a[v] = splat(0.0); });
         for (int64_t r = r0; r < r1; ++r) {
+          if (skip(r)) continue;
           const T* row = x + r * stride + c;
           for_each_vec([&](int v, int64_t o) { a[v] += loadv(row + o); });
         }
@@ -164,6 +280,7 @@ struct InterleavedMoments {
       }
       std::fill(mean + blocked, mean + C, 0.0);
       for (int64_t r = r0; r < r1; ++r) {
+        if (skip(r)) continue;
         const T* row = x + r * stride;
 #pragma omp simd
         for (int64_t c = blocked; c < C; ++c) mean[c] += widen(row[c]);
@@ -183,6 +300,7 @@ struct InterleavedMoments {
         a1[v] = splat(0.0);
       });
       for (int64_t r = r0; r < r1; ++r) {
+        if (skip(r)) continue;
         const T* row = x + r * stride + c;
         for_each_vec([&](int v, int64_t o) {
           const vd d = loadv(row + o) - center[v];
@@ -198,6 +316,7 @@ struct InterleavedMoments {
     std::fill(m2 + blocked, m2 + C, 0.0);
     std::fill(corr + blocked, corr + C, 0.0);
     for (int64_t r = r0; r < r1; ++r) {
+      if (skip(r)) continue;
       const T* row = x + r * stride;
 #pragma omp simd
       for (int64_t c = blocked; c < C; ++c) {
@@ -443,10 +562,11 @@ void for_each_window(Shape s, int& threads, F&& f) {
   });
 }
 
-template <typename T>
-void interleaved_moments(const T* x, Shape s, int threads, double* mean, double* m2) {
+template <typename T, bool Masked = false>
+void interleaved_moments(const T* x, Shape s, int threads, double* mean, double* m2,
+                         const uint8_t* mask = nullptr) {
   for_each_window(s, threads, [&](int64_t col0, int64_t cols) {
-    const InterleavedMoments<T> ops(x, s, col0, cols);
+    const InterleavedMoments<T, Masked> ops(x, s, col0, cols, mask);
     if (ops.leaves() == 0) {
       std::fill(mean + col0, mean + col0 + cols, 0.0);
       std::fill(m2 + col0, m2 + col0 + cols, 0.0);
@@ -549,6 +669,32 @@ void channel_moments(const T* x, Shape s, int threads, double* mean, double* m2)
     for (int64_t c = 0; c < s.channels; ++c) {
       planar_channel_moments(x, s, c, threads, mean[c], m2[c]);
     }
+  }
+}
+
+// Moments over the valid positions of `mask` (see MaskedPlanarMoments), every channel; a channel
+// with no valid value gets (0, 0).  The pattern depends on the shape alone, as above, without the
+// short-run columns (their positions vary along a row).
+template <typename T>
+void masked_channel_moments(const T* x, Shape s, const uint8_t* mask, int threads, double* mean,
+                            double* m2) {
+  if (s.inner == 1) {
+    interleaved_moments<T, true>(x, s, threads, mean, m2, mask);
+    return;
+  }
+  auto one = [&](int64_t c, int channel_threads) {
+    const int64_t leaves = ceil_div(s.per_channel(), kPlanarLeaf);
+    double out[3] = {0.0, 0.0, 0.0};
+    if (leaves > 0) {
+      parallel_tree(MaskedPlanarMoments<T>{x, mask, s, c}, leaves, out, channel_threads);
+    }
+    mean[c] = out[1];
+    m2[c] = out[2];
+  };
+  if (whole_channels_per_thread(s, threads)) {
+    for_each_channel(s.channels, threads, false, [&](int64_t c) { one(c, 1); });
+  } else {
+    for (int64_t c = 0; c < s.channels; ++c) one(c, threads);
   }
 }
 

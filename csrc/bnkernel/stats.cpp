@@ -12,9 +12,22 @@ void channel_stats(const T* x, Shape s, double* mean, double* m2) {
   detail::channel_moments(x, s, threads_for(s.size()), mean, m2);
 }
 
-template void channel_stats<float>(const float*, Shape, double*, double*);
-template void channel_stats<double>(const double*, Shape, double*, double*);
-template void channel_stats<float16>(const float16*, Shape, double*, double*);
-template void channel_stats<bfloat16>(const bfloat16*, Shape, double*, double*);
+template <typename T>
+int64_t masked_channel_stats(const T* x, Shape s, const uint8_t* mask, double* mean, double* m2) {
+  int64_t count = 0;
+  const int64_t positions = s.outer * s.inner;
+  for (int64_t p = 0; p < positions; ++p) count += mask[p] != 0;
+  detail::masked_channel_moments(x, s, mask, threads_for(s.size()), mean, m2);
+  return count;
+}
+
+#define BNKERNEL_INSTANTIATE(T)                                      \
+  template void channel_stats<T>(const T*, Shape, double*, double*); \
+  template int64_t masked_channel_stats<T>(const T*, Shape, const uint8_t*, double*, double*);
+BNKERNEL_INSTANTIATE(float)
+BNKERNEL_INSTANTIATE(double)
+BNKERNEL_INSTANTIATE(float16)
+BNKERNEL_INSTANTIATE(bfloat16)
+#undef BNKERNEL_INSTANTIATE
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

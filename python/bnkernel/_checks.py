@@ -51,22 +51,6 @@ def param_dtype_text(dtype: np.dtype[Any]) -> str:
     return f"{dtype} (the dtype of x)"
 
 
-def round_to(values: NDArray[np.float64], dtype: np.dtype[Any]) -> NDArray[Any]:
-    """float64 values rounded once to `dtype` (to nearest, ties to even), as the kernels round.
-    NumPy's float64 -> float16 is such a rounding; ml_dtypes' float64 -> bfloat16 goes through
-    float32 and can round twice, so bfloat16 is reached through float32 rounded to odd (truncated,
-    with the last bit set when inexact), which keeps the one rounding exact."""
-    a = np.asarray(values, dtype=np.float64)
-    if dtype.itemsize != 2 or dtype == F16:
-        return a.astype(dtype)
-    f = a.astype(np.float32)
-    back = f.astype(np.float64)
-    bits = f.view(np.uint32)
-    bits -= (np.abs(back) > np.abs(a)).astype(np.uint32)
-    bits |= (back != a).astype(np.uint32)
-    return f.astype(dtype)
-
-
 def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
     """x as an ndarray of a supported float dtype with ndim >= 2 (not copied unless it must be)."""
     arr = x if type(x) is np.ndarray else np.asarray(x)

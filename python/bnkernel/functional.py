@@ -344,6 +344,12 @@ def _mask_arg(mask: Any, xa: NDArray[Any], ax: int) -> NDArray[np.bool_]:
     return m
 
 
+def _mask_view(valid: NDArray[np.bool_], x3: NDArray[Any]) -> NDArray[np.uint8]:
+    """The mask as the kernels take it: (outer, inner) bytes, in the order of x's (outer, C, inner)
+    view (x's shape without the channel axis is (outer..., inner...) in C order already)."""
+    return np.ascontiguousarray(valid).view(np.uint8).reshape(x3.shape[0], x3.shape[2])
+
+
 def _masked_forward(
     x: Any, gamma: Any, beta: Any, mask: Any, running_mean: Any, running_var: Any,
     training: bool, momentum: float, eps: float, axis: int, unbiased: bool,
@@ -357,8 +363,9 @@ def _masked_forward(
     count = int(np.count_nonzero(valid))
     if count < 2:
         raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
-    # the valid positions' values, gathered as a (count, C) array, then the kernels
-    n, mean, m2 = channel_stats(np.moveaxis(xa, ax, -1)[valid], axis=1)
+    # the statistics of the valid positions (one pass, the mask read alongside), then the
+    # normalize of every position
+    n, mean, m2 = channel_stats(xa, axis=ax, mask=valid)
     eps_f = chk.real_number(eps, "eps", minimum=0.0)
     invstd = invstd_from_stats(n, m2, eps_f)
     mom = chk.real_number(momentum, "momentum")
@@ -387,19 +394,13 @@ def _masked_backward(
         return result
     if count < 2:
         raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
-    C = xa.shape[ax]
     relu = _relu_arg(activation)
     dres = np.empty(xa.shape, dtype=xa.dtype) if relu else None
+    # the sums over every position, then dx with the mask (padded positions: the direct term)
     sum_dy, sum_dy_xhat = backward_reduce(dy, xa, mean, invstd, axis=ax, y=y if relu else None,
                                           dresidual=dres)  # fmt: skip
     dx = backward_elementwise(dy, xa, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis=ax,
-                              y=y if relu else None, out=out)  # fmt: skip
-    # padded positions: the direct term only, gamma * invstd * g
-    g = dres if dres is not None else np.asarray(dy)
-    g64 = np.ones(C) if gamma is None else chk.channel_param(gamma, "gamma", C, xa.dtype)
-    k = np.asarray(g64, np.float64) * chk.saved_stat(invstd, "invstd", C)
-    dxl = np.moveaxis(dx, ax, -1)
-    dxl[~valid] = chk.round_to(np.moveaxis(g, ax, -1)[~valid] * k, xa.dtype)
+                              y=y if relu else None, mask=valid, out=out)  # fmt: skip
     dgamma = sum_dy_xhat.astype(chk.param_dtype(xa.dtype))
     dbeta = sum_dy.astype(chk.param_dtype(xa.dtype))
     if residual_grad:
@@ -410,19 +411,29 @@ def _masked_backward(
 # ---- split phases -------------------------------------------------------------------------------
 
 
-def channel_stats(x: NDArray[Any], *, axis: int = 1) -> Stats:
+def channel_stats(
+    x: NDArray[Any], *, axis: int = 1, mask: NDArray[np.bool_] | None = None
+) -> Stats:
     """Per-channel ``(count, mean, M2)`` with ``M2 = sum((x - mean)**2)``, the first phase of the
     forward.  ``count`` is the number of values per channel (an int); mean and M2 are float64.
 
     A batch with no samples (a zero-length non-channel axis) is allowed and gives ``(0, 0, 0)``,
     the neutral element of :func:`merge_stats` (a process of a data-parallel job may get none).
+
+    ``mask`` (x's shape without the channel axis, bool): the statistics of the positions where it
+    is True, read in the same pass (padded values, even NaN, never enter the sums); ``count`` is
+    the number of those.
     """
     xa = chk.as_input(x, "x", allow_empty=True)
     ax = chk.channel_axis(xa.ndim, axis)
     C = chk.check_channels(xa, ax)
     mean = np.empty(C, dtype=np.float64)
     m2 = np.empty(C, dtype=np.float64)
-    _core.channel_stats(chk.view3(xa, ax), mean, m2)
+    x3 = chk.view3(xa, ax)
+    if mask is not None:
+        m = _mask_view(_mask_arg(mask, xa, ax), x3)
+        return int(_core.masked_channel_stats(x3, m, mean, m2)), mean, m2
+    _core.channel_stats(x3, mean, m2)
     return xa.size // C, mean, m2
 
 
@@ -599,16 +610,21 @@ def backward_elementwise(
     *,
     axis: int = 1,
     y: NDArray[Any] | None = None,
+    mask: NDArray[np.bool_] | None = None,
     out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """The elementwise phase of the training backward::
 
         dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
 
-    ``count`` is the number of values per channel the sums were taken over (across all processes
-    in data-parallel training).  ``gamma`` may be None (ones).  With ``y`` (the output of a
-    forward with ``activation="relu"``) dy is masked where ``y <= 0``, as in
+    ``count`` is the number of values per channel the statistics were taken over (across all
+    processes in data-parallel training).  ``gamma`` may be None (ones).  With ``y`` (the output
+    of a forward with ``activation="relu"``) dy is masked where ``y <= 0``, as in
     :func:`backward_reduce`.
+
+    ``mask``: the statistics came from the positions where it is True (``count`` of them) and the
+    sums from :func:`backward_reduce` over every position; a padded position gets only the direct
+    term ``gamma * invstd * dy`` (see :func:`batch_norm_backward`).
     """
     xa = chk.as_input(x, "x", allow_empty=True)
     dya = chk.as_input(dy, "dy", allow_empty=True)
@@ -624,6 +640,12 @@ def backward_elementwise(
     y3 = None if y is None else _like_x(y, "y", xa, ax)
     dx = chk.output(out, "out", xa, (xa, dya, g, None if y is None else np.asarray(y)))
     x3 = chk.view3(xa, ax)
+    if mask is not None:
+        mv = _mask_view(_mask_arg(mask, xa, ax), x3)
+        _core.masked_backward_elementwise(
+            chk.view3(dya, ax), x3, mv, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape), y3
+        )
+        return dx
     _core.backward_elementwise(
         chk.view3(dya, ax), x3, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape), y3
     )
