@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import bnkernel as bk
 from bnkernel import _core
 
 
@@ -80,3 +81,14 @@ def test_merge_stats_rejects_negative_counts():
             np.empty(3),
             np.empty(3),
         )
+
+
+def test_info_command(capsys):
+    from bnkernel.__main__ import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"bnkernel {bk.__version__}\n")
+    assert f"SIMD kernels (chosen at run time): {bk._core.isa}" in out
+    assert "OpenMP: yes" in out or "OpenMP: no" in out
+    assert "data dtypes: float32, float64, float16, bfloat16 (ml_dtypes " in out

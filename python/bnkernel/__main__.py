@@ -126,7 +126,19 @@ def info_lines() -> list[str]:
         f"threads: {_core.get_num_threads()}",
         f"SIMD kernels (chosen at run time): {_core.isa}",
         f"native build (-march=native): {'yes' if _core.native_build else 'no'}",
+        "data dtypes: float32, float64, float16, bfloat16 "
+        f"(ml_dtypes {_ml_dtypes_version() or 'not installed'})",
     ]
+
+
+def _ml_dtypes_version() -> str | None:
+    """The version of ml_dtypes, which provides NumPy's bfloat16, without importing it."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ml_dtypes")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
