@@ -1,0 +1,274 @@
+"""Run by tests/test_distributed.py under ``mpiexec -n N python -m mpi4py tests/mpi_worker.py
+SCENARIO``: every rank builds the same global data (same seeds), takes its part of the batch, runs
+the synchronized op, and compares with the single-process result on the whole batch, computed on
+the same rank.  A failed check raises, which ``python -m mpi4py`` turns into an abort of the whole
+job (a non-zero exit, never a hang).  Rank 0 prints one JSON line with what it checked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import bnkernel as bk
+from bnkernel import distributed as dist
+
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+SIZE = COMM.Get_size()
+TOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
+
+# (shape, channel axis, batch axis to split)
+LAYOUTS = [
+    ((12, 5, 4, 3), 1, 0),  # NCHW
+    ((12, 4, 3, 5), -1, 0),  # NHWC
+    ((13, 7), 1, 0),  # (N, C)
+    ((3, 4, 6, 9), 2, 0),  # channel axis in the middle
+    ((5, 40), 0, 1),  # channels first, the batch along axis 1
+    ((9, 1, 300), 1, 0),  # one channel, long runs
+]
+
+
+def splits(n: int) -> dict[str, list[int]]:
+    """Per-rank sample counts summing to n: even-ish, uneven, and with empty ranks."""
+    even = [len(a) for a in np.array_split(np.arange(n), SIZE)]
+    uneven = [n - (SIZE - 1)] + [1] * (SIZE - 1)
+    empty = [0] * (SIZE - 1) + [n]  # every rank but the last has nothing
+    if SIZE == 1:
+        return {"even": even}
+    empty_middle = [n // 2] + [0] * (SIZE - 2) + [n - n // 2]
+    return {"even": even, "uneven": uneven, "empty": empty, "empty-middle": empty_middle}
+
+
+def part(a: np.ndarray, axis: int, counts: list[int]) -> np.ndarray:
+    start = sum(counts[:RANK])
+    idx = [slice(None)] * a.ndim
+    idx[axis] = slice(start, start + counts[RANK])
+    return np.ascontiguousarray(a[tuple(idx)])
+
+
+def close(got, want, tol, scale=None, what=""):
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if scale is None:
+        scale = float(np.max(np.abs(want), initial=0.0))
+    err = np.abs(got - want)
+    bound = tol * np.abs(want) + tol * scale
+    assert np.all(err <= bound), f"rank {RANK}: {what}: max error {err.max()} (scale {scale})"
+
+
+def identical_everywhere(a, what):
+    """The same bits on every rank."""
+    mine = np.ascontiguousarray(np.asarray(a, np.float64))
+    all_ = np.empty((SIZE, *mine.shape))
+    COMM.Allgather(mine, all_)
+    assert all(np.array_equal(all_[0], r) for r in all_[1:]), f"{what}: differs between ranks"
+
+
+def consistency() -> dict:
+    checked = 0
+    for shape, axis, batch_axis in LAYOUTS:
+        for dtype in (np.float32, np.float64):
+            rng = np.random.default_rng(hash((shape, axis)) % 2**32)
+            dt = np.dtype(dtype)
+            x = (rng.standard_normal(shape) * 2 + 1).astype(dt)
+            dy = rng.standard_normal(shape).astype(dt)
+            C = shape[axis]
+            g = rng.uniform(0.5, 1.5, C).astype(dt)
+            b = rng.standard_normal(C).astype(dt)
+            tol = TOL[dt]
+            # single process, whole batch
+            rm0, rv0 = np.zeros(C, dt), np.ones(C, dt)
+            y0, mean0, invstd0 = bk.batch_norm_forward(
+                x, g, b, running_mean=rm0, running_var=rv0, axis=axis
+            )
+            dx0, dg0, db0 = bk.batch_norm_backward(dy, x, mean0, invstd0, g, axis=axis)
+            for name, counts in splits(shape[batch_axis]).items():
+                xp, dyp = part(x, batch_axis, counts), part(dy, batch_axis, counts)
+                rm, rv = np.zeros(C, dt), np.ones(C, dt)
+                y, mean, invstd, count = dist.sync_batch_norm_forward(
+                    xp, g, b, running_mean=rm, running_var=rv, axis=axis
+                )
+                assert count == x.size // C, (count, name)
+                what = f"{shape} axis {axis} {dt.name} {name}"
+                close(y, part(y0, batch_axis, counts), tol, scale=float(np.abs(y0).max()),
+                      what=f"y {what}")  # fmt: skip
+                close(mean, mean0, 1e-12, scale=float(np.abs(x).max()), what=f"mean {what}")
+                close(invstd, invstd0, 1e-12, what=f"invstd {what}")
+                close(rm, rm0, tol, what=f"running_mean {what}")
+                close(rv, rv0, tol, what=f"running_var {what}")
+                dx, dg, db = dist.sync_batch_norm_backward(dyp, xp, mean, invstd, count, g,
+                                                           axis=axis)  # fmt: skip
+                terms = float(np.abs(g).max() * np.abs(invstd0).max() * np.abs(dy).max())
+                close(dx, part(dx0, batch_axis, counts), tol, scale=terms, what=f"dx {what}")
+                size = float(np.abs(dy.astype(np.float64)).sum())
+                close(dg, dg0, tol, scale=size * float(np.abs(invstd0).max()) * 4,
+                      what=f"dgamma {what}")  # fmt: skip
+                close(db, db0, tol, scale=size, what=f"dbeta {what}")
+                for arr, nm in ((mean, "mean"), (invstd, "invstd"), (rv, "running_var"),
+                                (dg, "dgamma"), (db, "dbeta")):  # fmt: skip
+                    identical_everywhere(arr, f"{nm} {what}")
+                checked += 1
+    return {"checked": checked}
+
+
+def fused_and_masked() -> dict:
+    """relu + residual and a mask, through the synchronized split phases."""
+    rng = np.random.default_rng(5)
+    shape, axis = (10, 6, 4), -1  # (N, L, C), the mask over (N, L)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    res = rng.standard_normal(shape)
+    mask = rng.random(shape[:2]) < 0.6
+    mask[0, :2] = True
+    g = rng.uniform(0.5, 1.5, 4)
+    y0, mean0, invstd0 = bk.batch_norm_forward(x, g, None, axis=axis, activation="relu",
+                                               residual=res, mask=mask)  # fmt: skip
+    dx0, dg0, db0, dr0 = bk.batch_norm_backward(dy, x, mean0, invstd0, g, axis=axis,
+                                                activation="relu", y=y0, residual_grad=True,
+                                                mask=mask)  # fmt: skip
+    for name, counts in splits(10).items():
+        p = [part(a, 0, counts) for a in (x, dy, res)]
+        pm = part(mask, 0, counts)
+        y, mean, invstd, count = dist.sync_batch_norm_forward(
+            p[0], g, None, axis=axis, activation="relu", residual=p[2], mask=pm
+        )
+        assert count == int(mask.sum())
+        close(y, part(y0, 0, counts), 1e-12, scale=float(np.abs(y0).max()) + 3, what=f"y {name}")
+        dx, dg, db, dr = dist.sync_batch_norm_backward(
+            p[1], p[0], mean, invstd, count, g, axis=axis, activation="relu", y=y,
+            residual_grad=True, mask=pm,
+        )  # fmt: skip
+        close(dx, part(dx0, 0, counts), 1e-12, scale=10.0, what=f"dx {name}")
+        close(dg, dg0, 1e-12, scale=100.0, what=f"dgamma {name}")
+        close(db, db0, 1e-12, scale=100.0, what=f"dbeta {name}")
+        np.testing.assert_array_equal(dr, part(dr0, 0, counts))
+    return {"checked": len(splits(10))}
+
+
+def layer() -> dict:
+    """SyncBatchNorm over several steps against BatchNorm on the whole batch, both conventions,
+    then eval (no communication)."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for convention in ("torch", "keras"):
+        for dtype in (np.float32, np.float64):
+            tol = TOL[np.dtype(dtype)]
+            ref = bk.BatchNorm(3, axis=-1, convention=convention, dtype=dtype)
+            sync = dist.SyncBatchNorm(3, axis=-1, convention=convention, dtype=dtype)
+            for step in range(4):
+                n = 5 + step
+                x = (rng.standard_normal((n, 2, 3)) * 3 + step).astype(dtype)
+                dy = rng.standard_normal((n, 2, 3)).astype(dtype)
+                counts = splits(n)["uneven" if step % 2 else "empty"]
+                y0 = ref.forward(x)
+                dx0 = ref.backward(dy)
+                y = sync.forward(part(x, 0, counts))
+                dx = sync.backward(part(dy, 0, counts))
+                close(y, part(y0, 0, counts), tol, scale=float(np.abs(y0).max()), what="y")
+                close(dx, part(dx0, 0, counts), tol, scale=10.0, what="dx")
+                close(sync.grads["gamma"], ref.grads["gamma"], tol, scale=100.0, what="dgamma")
+                assert ref.running_var is not None and sync.running_var is not None
+                close(sync.running_var, ref.running_var, tol, what="running_var")
+                identical_everywhere(sync.running_var, "running_var")
+                identical_everywhere(sync.grads["beta"], "dbeta")
+                assert sync.num_batches_tracked == ref.num_batches_tracked
+            sync.eval()
+            ref.eval()
+            x = rng.standard_normal((4, 2, 3)).astype(dtype)
+            # the running statistics agree to rounding (merged from parts vs one pass)
+            close(sync.forward(x), ref.forward(x), tol, scale=10.0, what="eval y")
+            checked += 1
+    assert "SyncBatchNorm(" in repr(sync) and f"ranks={SIZE}" in repr(sync)
+    return {"checked": checked}
+
+
+def total_of_one() -> dict:
+    """One sample in the whole batch: every rank raises, none waits."""
+    x = np.ones((1, 3)) if RANK == 0 else np.ones((0, 3))
+    try:
+        dist.sync_batch_norm_forward(x)
+    except ValueError as e:
+        assert "more than 1 value per channel in the whole batch" in str(e), e
+        return {"raised": True}
+    raise AssertionError("expected a ValueError on every rank")
+
+
+def bad_argument() -> dict:
+    """Rank 1 passes gamma of the wrong dtype: it raises its TypeError, every other rank a
+    PeerError naming it, in the forward; likewise a bad count in the backward."""
+    x = np.random.default_rng(RANK).standard_normal((4, 3))
+    g = np.ones(3, np.float32 if RANK == 1 else np.float64)
+    try:
+        dist.sync_batch_norm_forward(x, g)
+    except TypeError as e:
+        assert RANK == 1 and str(e).startswith("gamma: expected dtype float64"), e
+    except dist.PeerError as e:
+        assert RANK != 1 and "rank(s) [1]" in str(e), e
+    else:
+        raise AssertionError("expected an error on every rank")
+    _, mean, invstd, count = dist.sync_batch_norm_forward(x)  # the communicator still works
+    try:
+        dist.sync_batch_norm_backward(x, x, mean, invstd, 0 if RANK == 0 else count)
+    except ValueError as e:
+        assert RANK == 0 and str(e).startswith("count:"), e
+    except dist.PeerError as e:
+        assert RANK != 0 and "rank(s) [0]" in str(e), e
+    else:
+        raise AssertionError("expected an error on every rank")
+    layer = dist.SyncBatchNorm(3, dtype=np.float64)
+    try:
+        layer.forward(x if RANK != SIZE - 1 else x.astype(np.float32))
+    except TypeError as e:
+        assert RANK == SIZE - 1 and "the layer's dtype" in str(e), e
+    except dist.PeerError:
+        assert RANK != SIZE - 1
+    else:
+        raise AssertionError("expected an error on every rank")
+    return {"raised": True}
+
+
+def uncaught() -> dict:
+    """Rank 1 fails outside any synchronized call; the others go on to a collective.  Under
+    `python -m mpi4py` the job is aborted rather than left waiting (the test checks the exit)."""
+    if RANK == 1:
+        raise RuntimeError("rank 1 fails on its own")
+    dist.sync_batch_norm_forward(np.ones((4, 3)))
+    return {}
+
+
+def sums() -> dict:
+    """sum_over_ranks: rank-ordered sums, identical everywhere."""
+    a = np.full((2, 3), RANK + 0.1)
+    b = np.arange(4.0) * (RANK + 1)
+    sa, sb = dist.sum_over_ranks(a, b)
+    np.testing.assert_allclose(sa, sum(r + 0.1 for r in range(SIZE)) * np.ones((2, 3)))
+    np.testing.assert_allclose(sb, np.arange(4.0) * sum(r + 1 for r in range(SIZE)))
+    identical_everywhere(sa, "sum")
+    count, mean, m2 = dist.allreduce_stats(bk.channel_stats(np.full((RANK + 1, 2), float(RANK))))
+    xs = np.concatenate([np.full((r + 1, 2), float(r)) for r in range(SIZE)])
+    rc, rmean, rm2 = bk.channel_stats(xs)
+    assert count == rc
+    np.testing.assert_allclose(mean, rmean, rtol=1e-15)
+    np.testing.assert_allclose(m2, rm2, rtol=1e-14)
+    return {"checked": 1}
+
+
+SCENARIOS = {
+    "consistency": consistency,
+    "fused_and_masked": fused_and_masked,
+    "layer": layer,
+    "total_of_one": total_of_one,
+    "bad_argument": bad_argument,
+    "uncaught": uncaught,
+    "sums": sums,
+}
+
+if __name__ == "__main__":
+    result = SCENARIOS[sys.argv[1]]()
+    COMM.Barrier()
+    if RANK == 0:
+        print(json.dumps({"scenario": sys.argv[1], "size": SIZE, **result}))
