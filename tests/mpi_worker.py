@@ -186,6 +186,51 @@ def layer() -> dict:
     return {"checked": checked}
 
 
+class CountingComm(MPI.Intracomm):
+    """A communicator object counting the collectives bnkernel.distributed could call."""
+
+    calls: list[str]
+
+    def Allgather(self, *args, **kwargs):
+        self.calls.append("Allgather")
+        return super().Allgather(*args, **kwargs)
+
+    def Allreduce(self, *args, **kwargs):
+        self.calls.append("Allreduce")
+        return super().Allreduce(*args, **kwargs)
+
+    def allgather(self, *args, **kwargs):
+        self.calls.append("allgather")
+        return super().allgather(*args, **kwargs)
+
+    def allreduce(self, *args, **kwargs):
+        self.calls.append("allreduce")
+        return super().allreduce(*args, **kwargs)
+
+
+def two_collectives() -> dict:
+    """Exactly two collectives per training step of a layer (one in the forward, one in the
+    backward), none in eval or frozen mode."""
+    comm = CountingComm(COMM)  # the same communicator, another Python object
+    comm.calls = []
+    bn = dist.SyncBatchNorm(4, comm=comm, dtype=np.float64)
+    x = np.random.default_rng(RANK).standard_normal((3 + RANK, 4, 5))
+    for _ in range(3):
+        bn.forward(x)
+        assert comm.calls == ["Allgather"], comm.calls
+        bn.backward(x)
+        assert comm.calls == ["Allgather", "Allgather"], comm.calls
+        comm.calls.clear()
+    bn.eval()
+    bn.forward(x)
+    bn.backward(x)
+    bn.freeze()
+    bn.forward(x)
+    bn.backward(x)
+    assert comm.calls == [], comm.calls
+    return {"checked": 3}
+
+
 def total_of_one() -> dict:
     """One sample in the whole batch: every rank raises, none waits."""
     x = np.ones((1, 3)) if RANK == 0 else np.ones((0, 3))
@@ -265,6 +310,7 @@ SCENARIOS = {
     "bad_argument": bad_argument,
     "uncaught": uncaught,
     "sums": sums,
+    "two_collectives": two_collectives,
 }
 
 if __name__ == "__main__":

@@ -50,7 +50,10 @@ def run(n: int, scenario: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-SCENARIOS = ["consistency", "fused_and_masked", "layer", "total_of_one", "bad_argument", "sums"]
+SCENARIOS = [
+    "consistency", "fused_and_masked", "layer", "two_collectives", "total_of_one",
+    "bad_argument", "sums",
+]  # fmt: skip
 
 
 @needs_mpi

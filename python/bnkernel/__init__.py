@@ -3,8 +3,9 @@
 The functional API (:mod:`bnkernel.functional`, re-exported here) works on NumPy arrays with any
 channel axis; :mod:`bnkernel.variants` (also re-exported) adds batch renormalization, ghost batch
 normalization and population statistics; :class:`BatchNorm` is a layer for hand-written training
-loops; and
-:mod:`bnkernel.reference` is the plain float64 implementation every kernel is tested against.
+loops; :mod:`bnkernel.distributed` (imported on its own: it needs mpi4py) synchronizes batch
+normalization across the processes of an MPI job; and :mod:`bnkernel.reference` is the plain
+float64 implementation every kernel is tested against.
 """
 
 from __future__ import annotations
