@@ -91,4 +91,13 @@ def test_info_command(capsys):
     assert out.startswith(f"bnkernel {bk.__version__}\n")
     assert f"SIMD kernels (chosen at run time): {bk._core.isa}" in out
     assert "OpenMP: yes" in out or "OpenMP: no" in out
+    assert "CUDA: no (this version has CPU kernels only)" in out and bk._core.cuda is False
     assert "data dtypes: float32, float64, float16, bfloat16 (ml_dtypes " in out
+
+
+def test_one_version_everywhere():
+    """python/bnkernel/_version.py is the one place: the package metadata and the compiled module
+    (CMake gets it from scikit-build-core) carry the same."""
+    from importlib import metadata
+
+    assert bk.__version__ == _core.version == metadata.version("bnkernel")

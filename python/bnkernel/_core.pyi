@@ -13,6 +13,7 @@ have_openmp: bool
 isa: str
 version: str
 native_build: bool
+cuda: bool
 
 def channel_stats(x: _F, mean: _D, m2: _D) -> None: ...
 def masked_channel_stats(x: _F, mask: NDArray[np.uint8], mean: _D, m2: _D) -> int: ...

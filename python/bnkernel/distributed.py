@@ -49,7 +49,7 @@ from .functional import (
     normalize,
     update_running_stats,
 )
-from .layer import DEFAULT, BatchNorm, Convention, _Default
+from .layer import DEFAULT, BatchNorm, Convention, _Default, _exclusive
 
 try:
     from mpi4py import MPI
@@ -347,6 +347,7 @@ class SyncBatchNorm(BatchNorm):
             f", ranks={self.comm.Get_size()})"
         )
 
+    @_exclusive
     def forward(
         self,
         x: NDArray[Any],
@@ -389,6 +390,7 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward
 
+    @_exclusive
     def backward(self, dy: NDArray[Any]) -> Any:
         if self._saved is None or self._saved[0] != "sync":
             return super().backward(dy)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import functools
 import numbers
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
@@ -46,6 +48,30 @@ _STATE_KEYS = {
     "torch": ("weight", "bias", "running_mean", "running_var"),
     "keras": ("gamma", "beta", "moving_mean", "moving_variance"),
 }
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _exclusive(method: F) -> F:
+    """One thread at a time in a layer's forward / backward: the layer keeps the forward's inputs
+    for the backward and updates its running statistics in place, so overlapping calls from two
+    threads would mix their steps up.  A call while another thread is inside one raises instead of
+    waiting (a wait would hide the mix-up in the order of the steps); the same thread may nest."""
+
+    @functools.wraps(method)
+    def wrapper(self: BatchNorm, *args: Any, **kwargs: Any) -> Any:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"{type(self).__name__}.{method.__name__}: the layer is in use by another thread; "
+                "a layer holds one training step's state at a time, so give each thread its own"
+            )
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy.release()
+
+    return cast(F, wrapper)
 
 
 class BatchNorm:
@@ -109,6 +135,7 @@ class BatchNorm:
     virtual_batch_size: int | None
     single_value: str
     activation: Literal["relu"] | None
+    _busy: threading.RLock
 
     def __init__(
         self,
@@ -201,6 +228,7 @@ class BatchNorm:
         self.activation: Literal["relu"] | None = activation
         # what backward needs from the last forward: (kind, x, mean, invstd, extra)
         self._saved: tuple[str, NDArray[Any], NDArray[Any], NDArray[Any], Any] | None = None
+        self._busy = threading.RLock()  # see _exclusive
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -293,6 +321,7 @@ class BatchNorm:
             )
         return xa
 
+    @_exclusive
     def forward(
         self,
         x: NDArray[Any],
@@ -365,6 +394,17 @@ class BatchNorm:
 
     __call__ = forward
 
+    # copy / pickle: everything but the lock, a fresh one on the other side
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_busy"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._busy = threading.RLock()
+
+    @_exclusive
     def backward(self, dy: NDArray[Any]) -> Any:
         """``dx`` for ``dy = dL/dy`` of the last forward; stores dgamma/dbeta in ``grads``.
         After a forward with a residual, returns ``(dx, dresidual)``."""
