@@ -127,6 +127,7 @@ def info_lines() -> list[str]:
         f"SIMD kernels (chosen at run time): {_core.isa}",
         f"native build (-march=native): {'yes' if _core.native_build else 'no'}",
         f"CUDA: {'yes' if _core.cuda else 'no (this version has CPU kernels only)'}",
+        f"sanitizers (ASan + UBSan): {'yes' if _core.sanitized else 'no'}",
         "data dtypes: float32, float64, float16, bfloat16 "
         f"(ml_dtypes {_ml_dtypes_version() or 'not installed'})",
     ]

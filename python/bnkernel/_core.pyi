@@ -14,6 +14,7 @@ isa: str
 version: str
 native_build: bool
 cuda: bool
+sanitized: bool
 
 def channel_stats(x: _F, mean: _D, m2: _D) -> None: ...
 def masked_channel_stats(x: _F, mask: NDArray[np.uint8], mean: _D, m2: _D) -> int: ...
