@@ -661,3 +661,60 @@ def test_set_num_threads_rejects_bad_values():
     for bad in (-1, 1.5, "2", True):
         with pytest.raises(ValueError, match=r"^n: expected an int >= 0 or None"):
             bk.set_num_threads(bad)
+
+
+# ---- allocation failures inside parallel regions -------------------------------------------------
+
+FAIL_SCRIPT = r"""
+import sys, numpy as np, bnkernel as bk
+from bnkernel import reference as ref
+bk.set_num_threads(3)
+op = sys.argv[1]
+rng = np.random.default_rng(0)
+shapes = {
+    "planar-shared": ((2, 3, 40000), 1),     # few channels: the threads share each channel's tree
+    "planar-channels": ((4, 16, 4096), 1),   # a channel per thread, fused forward / backward
+    "interleaved-windows": ((40, 5000), 1),  # C > 2048: windows of columns, one tree per window
+}
+shape, axis = shapes[op.split(":")[0]]
+x = rng.standard_normal(shape)
+dy = rng.standard_normal(shape)
+def run():
+    if op.endswith(":backward"):
+        _, mean, invstd = bk.batch_norm_forward(x, axis=axis)
+        return bk.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0], ref.backward_train(
+            dy, x, *ref.forward_train(x, None, None, 1e-5, axis)[1:], None, axis)[0]
+    return bk.batch_norm_forward(x, axis=axis)[0], ref.forward_train(x, None, None, 1e-5, axis)[0]
+outcome = "ok"
+for _ in range(3):  # the n-th allocation may come in the first call or a later one
+    try:
+        run()
+    except MemoryError:
+        outcome = "MemoryError"
+got, want = run()  # the injected failure is spent: the same call works, and is right
+np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+print(outcome)
+"""
+
+
+@pytest.mark.parametrize(
+    "op",
+    ["planar-shared:forward", "planar-shared:backward", "planar-channels:forward",
+     "planar-channels:backward", "interleaved-windows:forward", "interleaved-windows:backward"],
+)  # fmt: skip
+def test_allocation_failure_in_a_parallel_region_is_a_memory_error(op):
+    """BNKERNEL_TEST_FAIL_ALLOC=n makes the kernels' n-th scratch allocation throw std::bad_alloc,
+    which inside an OpenMP region would terminate the process; it must come out as a MemoryError
+    (every n from the first allocation to past the last), and the module must keep working."""
+    import os
+    import subprocess
+    import sys
+
+    outcomes = []
+    for n in range(1, 9):
+        env = {**os.environ, "BNKERNEL_TEST_FAIL_ALLOC": str(n)}
+        proc = subprocess.run([sys.executable, "-c", FAIL_SCRIPT, op], capture_output=True,
+                              text=True, env=env, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, f"n={n}: {proc.stderr[-2000:]}"
+        outcomes.append(proc.stdout.strip())
+    assert "MemoryError" in outcomes, outcomes  # the injection reached this op's allocations

@@ -3,8 +3,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <memory>
+#include <new>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -76,11 +79,48 @@ inline void with_flag(bool a, F&& f) {
 // the scratch (wide for interleaved arrays: 1 + 3C doubles a level) would be wasted work.
 class Scratch {
  public:
-  explicit Scratch(int64_t n) : data_(new double[static_cast<size_t>(n)]) {}
+  explicit Scratch(int64_t n) : data_(allocate(n)) {}
   double* data() { return data_.get(); }
 
  private:
+  static double* allocate(int64_t n) {
+    if (bnkernel::test_allocation_fails()) throw std::bad_alloc();
+    return new double[static_cast<size_t>(n)];
+  }
   std::unique_ptr<double[]> data_;
+};
+
+// ---- exceptions and parallel regions ------------------------------------------------------------
+//
+// An exception must not leave an OpenMP region (that is std::terminate, an abort of the Python
+// process).  Code in a region that may throw (an allocation) runs under run(): the first exception
+// is kept, later work of the region is skipped with failed(), and the caller rethrows after the
+// region, where the bindings turn it into a Python exception (std::bad_alloc: MemoryError).  Every
+// thread still reaches every worksharing construct, so no barrier waits for a thread that threw.
+class RegionErrors {
+ public:
+  template <class F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp critical(bnkernel_region_errors)
+#endif
+      {
+        if (!first_) first_ = std::current_exception();
+      }
+      failed_.store(true, std::memory_order_relaxed);
+    }
+  }
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::exception_ptr first_;
+  std::atomic<bool> failed_{false};
 };
 
 inline int tree_levels(int64_t leaves) {
@@ -150,19 +190,25 @@ void parallel_tree(const Ops& ops, int64_t leaves, double* out, int threads) {
   collect_nodes(0, leaves, 0, depth, nodes);
   const auto count = static_cast<int64_t>(nodes.size());
   Scratch results(count * ops.width);
+  RegionErrors errors;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    Scratch scratch(tree_levels(leaves) * ops.width);
+    std::unique_ptr<Scratch> scratch;
+    errors.run([&] { scratch = std::make_unique<Scratch>(tree_levels(leaves) * ops.width); });
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t t = 0; t < count; ++t) {
-      tree_reduce(ops, nodes[static_cast<size_t>(t)].first, nodes[static_cast<size_t>(t)].second,
-                  results.data() + t * ops.width, scratch.data(), 0);
+      if (errors.failed()) continue;
+      errors.run([&] {
+        tree_reduce(ops, nodes[static_cast<size_t>(t)].first, nodes[static_cast<size_t>(t)].second,
+                    results.data() + t * ops.width, scratch->data(), 0);
+      });
     }
   }
+  errors.rethrow();
   Scratch scratch(tree_levels(leaves) * ops.width);
   size_t next = 0;
   combine_nodes(ops, 0, leaves, 0, depth, results.data(), next, out, scratch.data());
@@ -215,9 +261,11 @@ inline void stream_fence(bool stream) {
 }
 
 // f(c) for every channel, a channel per task (planar kernels that keep a channel in cache).
+// An exception from f is rethrown after the region (see RegionErrors).
 template <class F>
 void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
   (void)threads;  // used by the OpenMP pragmas only
+  RegionErrors errors;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
@@ -225,9 +273,12 @@ void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1) nowait
 #endif
-    for (int64_t c = 0; c < channels; ++c) f(c);
+    for (int64_t c = 0; c < channels; ++c) {
+      if (!errors.failed()) errors.run([&] { f(c); });
+    }
     stream_fence(stream);
   }
+  errors.rethrow();
 }
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS::detail

@@ -28,6 +28,10 @@ int threads_for(int64_t elements);
 // The calling thread's index in the innermost enclosing parallel region (0 outside one).
 int thread_index();
 
+// Fault injection for the tests: true for the n-th call when BNKERNEL_TEST_FAIL_ALLOC=n was set at
+// load time (the kernels' scratch allocations then throw std::bad_alloc), else always false.
+bool test_allocation_fails();
+
 struct Shape {
   int64_t outer = 0;
   int64_t channels = 0;

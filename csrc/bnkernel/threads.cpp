@@ -2,6 +2,7 @@
 // OMP_NUM_THREADS and threadpoolctl's limits apply; a positive count set from Python pins it for
 // every calling thread.
 #include <atomic>
+#include <cstdlib>
 
 #include "bnkernel/kernels.hpp"
 
@@ -40,6 +41,20 @@ int threads_for(int64_t elements) {
   (void)elements;
   return 1;
 #endif
+}
+
+namespace {
+// BNKERNEL_TEST_FAIL_ALLOC=n (tests only): the n-th scratch allocation fails, as if out of memory
+int64_t initial_countdown() {
+  const char* v = std::getenv("BNKERNEL_TEST_FAIL_ALLOC");
+  return v ? std::strtoll(v, nullptr, 10) : 0;
+}
+std::atomic<int64_t> fail_countdown{initial_countdown()};
+}  // namespace
+
+bool test_allocation_fails() {
+  if (fail_countdown.load(std::memory_order_relaxed) <= 0) return false;
+  return fail_countdown.fetch_sub(1) == 1;
 }
 
 int thread_index() {
