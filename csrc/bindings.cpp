@@ -229,8 +229,10 @@ template <typename T>
 void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<double>& mean,
                           const carray<double>& invstd, const opt_carray<Param<T>>& gamma,
                           const carray<double>& sum_dy, const carray<double>& sum_dy_xhat,
-                          int64_t count, carray<T>& dx, const opt_carray<T>& y) {
+                          int64_t count, carray<T>& dx, const opt_carray<T>& y,
+                          const std::optional<carray<uint8_t>>& mask) {
   const Shape s = view3(x, "x");
+  const uint8_t* pmask = mask ? position_mask(*mask, s) : nullptr;
   opt_carray<T> no_dresidual;
   const auto relu = relu_grad(y, no_dresidual, s);
   same_shape(dy, s, "dy");
@@ -243,32 +245,13 @@ void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<
   const Param<T>* pg = optional_data(gamma, s, "gamma");
   T* pdx = mutable_out(dx, "out");
   py::gil_scoped_release release;
-  bnkernel::backward_elementwise(dy.data(), x.data(), s, mean.data(), invstd.data(), pg,
-                                 sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
-}
-
-template <typename T>
-void masked_backward_elementwise(const carray<T>& dy, const carray<T>& x,
-                                 const carray<uint8_t>& mask, const carray<double>& mean,
-                                 const carray<double>& invstd, const opt_carray<Param<T>>& gamma,
-                                 const carray<double>& sum_dy, const carray<double>& sum_dy_xhat,
-                                 int64_t count, carray<T>& dx, const opt_carray<T>& y) {
-  const Shape s = view3(x, "x");
-  const uint8_t* pmask = position_mask(mask, s);
-  opt_carray<T> no_dresidual;
-  const auto relu = relu_grad(y, no_dresidual, s);
-  same_shape(dy, s, "dy");
-  same_shape(dx, s, "out");
-  per_channel(mean, s, "mean");
-  per_channel(invstd, s, "invstd");
-  per_channel(sum_dy, s, "sum_dy");
-  per_channel(sum_dy_xhat, s, "sum_dy_xhat");
-  require(count > 0, "count: must be > 0");
-  const Param<T>* pg = optional_data(gamma, s, "gamma");
-  T* pdx = mutable_out(dx, "out");
-  py::gil_scoped_release release;
-  bnkernel::masked_backward_elementwise(dy.data(), x.data(), s, pmask, mean.data(), invstd.data(),
-                                        pg, sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
+  if (pmask) {
+    bnkernel::masked_backward_elementwise(dy.data(), x.data(), s, pmask, mean.data(), invstd.data(),
+                                          pg, sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
+  } else {
+    bnkernel::backward_elementwise(dy.data(), x.data(), s, mean.data(), invstd.data(), pg,
+                                   sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
+  }
 }
 
 template <typename T>
@@ -305,11 +288,6 @@ void register_dtype(py::module_& m) {
         py::arg("m2").noconvert());
   m.def("masked_channel_stats", &masked_channel_stats<T>, py::arg("x").noconvert(),
         py::arg("mask").noconvert(), py::arg("mean").noconvert(), py::arg("m2").noconvert());
-  m.def("masked_backward_elementwise", &masked_backward_elementwise<T>, py::arg("dy").noconvert(),
-        py::arg("x").noconvert(), py::arg("mask").noconvert(), py::arg("mean").noconvert(),
-        py::arg("invstd").noconvert(), py::arg("gamma").noconvert().none(true),
-        py::arg("sum_dy").noconvert(), py::arg("sum_dy_xhat").noconvert(), py::arg("count"),
-        py::arg("out").noconvert(), py::arg("y").noconvert().none(true) = py::none());
   m.def("normalize", &normalize<T>, py::arg("x").noconvert(), py::arg("mean").noconvert(),
         py::arg("invstd").noconvert(), py::arg("gamma").noconvert().none(true),
         py::arg("beta").noconvert().none(true), py::arg("out").noconvert(),
@@ -328,7 +306,8 @@ void register_dtype(py::module_& m) {
         py::arg("x").noconvert(), py::arg("mean").noconvert(), py::arg("invstd").noconvert(),
         py::arg("gamma").noconvert().none(true), py::arg("sum_dy").noconvert(),
         py::arg("sum_dy_xhat").noconvert(), py::arg("count"), py::arg("out").noconvert(),
-        py::arg("y").noconvert().none(true) = py::none());
+        py::arg("y").noconvert().none(true) = py::none(),
+        py::arg("mask").noconvert().none(true) = py::none());
   m.def("backward", &backward<T>, py::arg("training"), py::arg("dy").noconvert(),
         py::arg("x").noconvert(), py::arg("mean").noconvert(), py::arg("invstd").noconvert(),
         py::arg("gamma").noconvert().none(true), py::arg("out").noconvert(),

@@ -96,10 +96,14 @@ void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const
   for (int64_t c = 0; c < s.channels; ++c) sum_dy_xhat[c] *= invstd[c];
 }
 
+namespace {
+
+// dx from the sums (both elementwise kernels): the training dx, or with a position mask the
+// masked one (valid positions the same, padded ones the direct term)
 template <typename T>
-void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
-                          const double* invstd, const Param<T>* gamma, const double* sum_dy,
-                          const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
+void elementwise_dx(const T* dy, const T* x, Shape s, const uint8_t* mask, const double* mean,
+                    const double* invstd, const Param<T>* gamma, const double* sum_dy,
+                    const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(count);
   std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
@@ -111,8 +115,23 @@ void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
     k_dy[i] = k.k_dy;
     k_x[i] = k.k_x;
   }
-  detail::grad(dy, x, relu.y, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
-               threads_for(s.size()));
+  if (mask) {
+    detail::masked_grad(dy, x, relu.y, mask, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
+                        threads_for(s.size()));
+  } else {
+    detail::grad(dy, x, relu.y, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
+                 threads_for(s.size()));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
+                          const double* invstd, const Param<T>* gamma, const double* sum_dy,
+                          const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
+  elementwise_dx(dy, x, s, static_cast<const uint8_t*>(nullptr), mean, invstd, gamma, sum_dy,
+                 sum_dy_xhat, count, dx, relu);
 }
 
 template <typename T>
@@ -120,19 +139,7 @@ void masked_backward_elementwise(const T* dy, const T* x, Shape s, const uint8_t
                                  const double* mean, const double* invstd, const Param<T>* gamma,
                                  const double* sum_dy, const double* sum_dy_xhat, int64_t count,
                                  T* dx, ReluGrad<T> relu) {
-  const int64_t C = s.channels;
-  const auto m = static_cast<double>(count);
-  std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
-      k_x(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) {
-    const auto i = static_cast<size_t>(c);
-    const auto k = grad_coefficients(gamma, invstd, sum_dy, sum_dy_xhat, m, c);
-    k_scale[i] = k.k_scale;
-    k_dy[i] = k.k_dy;
-    k_x[i] = k.k_x;
-  }
-  detail::masked_grad(dy, x, relu.y, mask, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
-                      threads_for(s.size()));
+  elementwise_dx(dy, x, s, mask, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, dx, relu);
 }
 
 template <typename T>

@@ -18,19 +18,6 @@ sanitized: bool
 
 def channel_stats(x: _F, mean: _D, m2: _D) -> None: ...
 def masked_channel_stats(x: _F, mask: NDArray[np.uint8], mean: _D, m2: _D) -> int: ...
-def masked_backward_elementwise(
-    dy: _F,
-    x: _F,
-    mask: NDArray[np.uint8],
-    mean: _D,
-    invstd: _D,
-    gamma: _F | None,
-    sum_dy: _D,
-    sum_dy_xhat: _D,
-    count: int,
-    out: _F,
-    y: _F | None = None,
-) -> None: ...
 def merge_stats(counts: NDArray[np.int64], means: _D, m2s: _D, mean: _D, m2: _D) -> int: ...
 def normalize(
     x: _F,
@@ -78,6 +65,7 @@ def backward_elementwise(
     count: int,
     out: _F,
     y: _F | None = None,
+    mask: NDArray[np.uint8] | None = None,
 ) -> None: ...
 def backward(
     training: bool,

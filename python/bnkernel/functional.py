@@ -640,13 +640,8 @@ def backward_elementwise(
     y3 = None if y is None else _like_x(y, "y", xa, ax)
     dx = chk.output(out, "out", xa, (xa, dya, g, None if y is None else np.asarray(y)))
     x3 = chk.view3(xa, ax)
-    if mask is not None:
-        mv = _mask_view(_mask_arg(mask, xa, ax), x3)
-        _core.masked_backward_elementwise(
-            chk.view3(dya, ax), x3, mv, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape), y3
-        )
-        return dx
+    mv = None if mask is None else _mask_view(_mask_arg(mask, xa, ax), x3)
     _core.backward_elementwise(
-        chk.view3(dya, ax), x3, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape), y3
+        chk.view3(dya, ax), x3, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape), y3, mv
     )
     return dx
