@@ -35,6 +35,11 @@ settings.register_profile(
 settings.register_profile(
     "explore", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+# under the sanitizers (.ci/sanitize), where every example runs several times slower
+settings.register_profile(
+    "sanitize", max_examples=60, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SETTINGS = settings()
 
