@@ -162,8 +162,8 @@ struct MaskedPlanarMoments {
           sum.v[v] += select_bits(loadv(p + i + o), mask_bits(m + i + o));
         });
       }
-      for (int64_t q = 0; q < kLanes; ++q) tail_mask[q] = q < len - i ? m[i + q] : 0;
       if (i < len) {
+        for (int64_t q = 0; q < kLanes; ++q) tail_mask[q] = q < len - i ? m[i + q] : 0;
         pad_tail(p + i, len - i, 0.0, tail);
         for_each_vec([&](int v, int64_t o) {
           sum.v[v] += select_bits(loadv(tail + o), mask_bits(tail_mask + o));

@@ -139,6 +139,14 @@ def _merge_rows(rows: NDArray[np.float64], C: int) -> Stats:
     return merge_stats(*parts)
 
 
+def _sum_rows(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The ranks' rows added in rank order (the same additions, so the same bits, everywhere)."""
+    total: NDArray[np.float64] = rows[0].copy()
+    for r in rows[1:]:
+        total += r
+    return total
+
+
 def sum_over_ranks(*arrays: NDArray[Any], comm: Any = None) -> list[NDArray[np.float64]]:
     """The element-wise sums over all processes of the given float arrays (each process passing
     arrays of the same shapes), in float64: one Allgather of the arrays packed together, then the
@@ -148,10 +156,7 @@ def sum_over_ranks(*arrays: NDArray[Any], comm: Any = None) -> list[NDArray[np.f
     flat = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
     sizes = [f.size for f in flat]
     packed = np.concatenate(flat) if flat else np.zeros(0)
-    rows = _exchange(comm, "sum_over_ranks", packed.size, packed, None)
-    total = rows[0].copy()
-    for r in rows[1:]:
-        total += r
+    total = _sum_rows(_exchange(comm, "sum_over_ranks", packed.size, packed, None))
     out = []
     start = 0
     for a, n in zip(arrays, sizes, strict=True):
@@ -296,10 +301,7 @@ def sync_batch_norm_backward(
         local = np.concatenate((sdy, sdyx))
     except Exception as e:  # shared with the other processes, then raised here
         error = e
-    rows = _exchange(comm, "sync_batch_norm_backward", 2 * C, local, error)
-    total = rows[0].copy()
-    for r in rows[1:]:
-        total += r
+    total = _sum_rows(_exchange(comm, "sync_batch_norm_backward", 2 * C, local, error))
     sum_dy, sum_dy_xhat = total[:C], total[C:]
     dx = backward_elementwise(dy, xa, mean, invstd, gamma, sum_dy, sum_dy_xhat, int(count),
                               axis=ax, y=y if relu else None, mask=mask, out=out)  # fmt: skip
@@ -357,23 +359,10 @@ class SyncBatchNorm(BatchNorm):
         use_batch_stats = self.mode == "train" or not self.track_running_stats
         if not use_batch_stats:
             return super().forward(x, residual=residual, mask=mask)
-        C = self.num_features
-        error: BaseException | None = None
         try:
-            xa = chk.as_input(x, "x", allow_empty=True)
-            ax = chk.channel_axis(xa.ndim, self.axis)
-            if xa.shape[ax] != C:
-                raise ValueError(
-                    f"x: expected {C} channels on axis {self.axis}, got shape {xa.shape}"
-                )
-            if xa.dtype != self.dtype:
-                raise TypeError(
-                    f"x: expected dtype {self.dtype} (the layer's dtype), got {xa.dtype}"
-                )
-        except Exception as e:
-            error = e
-        if error is not None:  # still take part in the exchange, so the others raise too
-            _exchange(self.comm, "SyncBatchNorm.forward", 1 + 2 * C, None, error)
+            xa = self._check_input(x, allow_empty=True)  # a rank may have no samples
+        except Exception as e:  # still take part in the exchange, so the others raise too
+            _exchange(self.comm, "SyncBatchNorm.forward", 1 + 2 * self.num_features, None, e)
         updating = self.mode == "train" and self.track_running_stats
         momentum = self._kernel_momentum(self.num_batches_tracked + 1) if updating else 0.0
         y, mean, invstd, count = sync_batch_norm_forward(

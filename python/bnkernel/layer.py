@@ -306,8 +306,8 @@ class BatchNorm:
             return 1.0 - self.momentum
         return self.momentum
 
-    def _check_input(self, x: Any) -> NDArray[Any]:
-        xa = chk.as_input(x, "x")
+    def _check_input(self, x: Any, *, allow_empty: bool = False) -> NDArray[Any]:
+        xa = chk.as_input(x, "x", allow_empty=allow_empty)
         ax = chk.channel_axis(xa.ndim, self.axis)
         if xa.shape[ax] != self.num_features:
             raise ValueError(
