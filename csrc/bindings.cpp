@@ -13,6 +13,7 @@
 #include <string>
 
 #include "bnkernel/kernels.hpp"
+#include "bnkernel/workspace.hpp"
 #include "fastpath.hpp"
 
 namespace py = pybind11;
@@ -329,6 +330,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("m2").noconvert());
   m.def("set_num_threads", &bnkernel::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &bnkernel::get_num_threads);
+  m.def("workspace_allocations", &bnkernel::workspace_allocations);
   if (!bnkernel_python::add_fast_paths(m.ptr())) throw py::error_already_set();
   m.attr("have_openmp") = bnkernel::have_openmp();
   m.attr("isa") = bnkernel::isa_name();

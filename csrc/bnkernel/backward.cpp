@@ -1,10 +1,10 @@
 // The backward passes: the fused reduction, the elementwise dx, and the two fused paths.
 #include <cstdint>
-#include <vector>
 
 #include "bnkernel/elementwise.hpp"
 #include "bnkernel/isa_kernels.hpp"
 #include "bnkernel/reductions.hpp"
+#include "bnkernel/workspace.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
 
@@ -49,16 +49,18 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
   // first and last cache lines with other channels, and mixing store kinds on a line is slow
   const bool stream_runs = detail::stream_output(s.size(), sizeof(T)) &&
                            s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
-  std::vector<double> sum_dy(static_cast<size_t>(C)), sum_dy_xhat(static_cast<size_t>(C));
+  Workspace ws;
+  double* sum_dy = ws.take<double>(C);
+  double* sum_dy_xhat = ws.take<double>(C);
 
   if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its sums, then its dx while (dy, x) are still in cache
     detail::for_each_channel(C, threads, stream_runs, [&](int64_t c) {
-      double& sdy = sum_dy[static_cast<size_t>(c)];
-      double& sdyx = sum_dy_xhat[static_cast<size_t>(c)];
+      double& sdy = sum_dy[c];
+      double& sdyx = sum_dy_xhat[c];
       detail::planar_channel_sums(dy, x, s, c, mean[c], 1, sdy, sdyx, relu);
       sdyx *= invstd[c];
-      const auto k = grad_coefficients(gamma, invstd, sum_dy.data(), sum_dy_xhat.data(), m, c);
+      const auto k = grad_coefficients(gamma, invstd, sum_dy, sum_dy_xhat, m, c);
       detail::for_channel_rows(s, c, [&](int64_t offset) {
         const T* y = relu.y ? relu.y + offset : nullptr;
         if (mode == Mode::train) {
@@ -71,20 +73,17 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
     });
   } else {
     // the split phases, in this namespace (qualified: Shape brings bnkernel:: in by ADL)
-    BNKERNEL_ISA_NS::backward_reduce(dy, x, s, mean, invstd, sum_dy.data(), sum_dy_xhat.data(),
-                                     relu);
+    BNKERNEL_ISA_NS::backward_reduce(dy, x, s, mean, invstd, sum_dy, sum_dy_xhat, relu);
     if (mode == Mode::train) {
-      BNKERNEL_ISA_NS::backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy.data(),
-                                            sum_dy_xhat.data(), s.per_channel(), dx, relu);
+      BNKERNEL_ISA_NS::backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xhat,
+                                            s.per_channel(), dx, relu);
     } else {
-      std::vector<double> k_scale(static_cast<size_t>(C));
-      for (int64_t c = 0; c < C; ++c) {
-        k_scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
-      }
-      detail::scale(dy, relu.y, s, k_scale.data(), dx, threads);
+      double* k_scale = ws.take<double>(C);
+      for (int64_t c = 0; c < C; ++c) k_scale[c] = detail::gamma_of(gamma, c) * invstd[c];
+      detail::scale(dy, relu.y, s, k_scale, dx, threads);
     }
   }
-  store_param_grads(s, sum_dy.data(), sum_dy_xhat.data(), dgamma, dbeta);
+  store_param_grads(s, sum_dy, sum_dy_xhat, dgamma, dbeta);
 }
 
 }  // namespace
@@ -106,21 +105,21 @@ void elementwise_dx(const T* dy, const T* x, Shape s, const uint8_t* mask, const
                     const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
   const int64_t C = s.channels;
   const auto m = static_cast<double>(count);
-  std::vector<double> k_scale(static_cast<size_t>(C)), k_dy(static_cast<size_t>(C)),
-      k_x(static_cast<size_t>(C));
+  Workspace ws;
+  double* k_scale = ws.take<double>(C);
+  double* k_dy = ws.take<double>(C);
+  double* k_x = ws.take<double>(C);
   for (int64_t c = 0; c < C; ++c) {
-    const auto i = static_cast<size_t>(c);
     const auto k = grad_coefficients(gamma, invstd, sum_dy, sum_dy_xhat, m, c);
-    k_scale[i] = k.k_scale;
-    k_dy[i] = k.k_dy;
-    k_x[i] = k.k_x;
+    k_scale[c] = k.k_scale;
+    k_dy[c] = k.k_dy;
+    k_x[c] = k.k_x;
   }
   if (mask) {
-    detail::masked_grad(dy, x, relu.y, mask, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
+    detail::masked_grad(dy, x, relu.y, mask, s, mean, k_scale, k_dy, k_x, dx,
                         threads_for(s.size()));
   } else {
-    detail::grad(dy, x, relu.y, s, mean, k_scale.data(), k_dy.data(), k_x.data(), dx,
-                 threads_for(s.size()));
+    detail::grad(dy, x, relu.y, s, mean, k_scale, k_dy, k_x, dx, threads_for(s.size()));
   }
 }
 

@@ -6,16 +6,15 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
-#include <memory>
 #include <new>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "bnkernel/isa_kernels.hpp"
+#include "bnkernel/workspace.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS::detail {
 
@@ -75,20 +74,9 @@ inline void with_flag(bool a, F&& f) {
 // The tree over leaves [k0, k1) always splits at k0 + (k1 - k0) / 2, so its shape depends only on
 // the number of leaves.  scratch holds one accumulator per tree level.
 
-// Doubles left uninitialized: the tree writes every accumulator before it reads it, so zeroing
-// the scratch (wide for interleaved arrays: 1 + 3C doubles a level) would be wasted work.
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : data_(allocate(n)) {}
-  double* data() { return data_.get(); }
-
- private:
-  static double* allocate(int64_t n) {
-    if (bnkernel::test_allocation_fails()) throw std::bad_alloc();
-    return new double[static_cast<size_t>(n)];
-  }
-  std::unique_ptr<double[]> data_;
-};
+// The tree's scratch comes from a Workspace (workspace.hpp) and is left uninitialized: the tree
+// writes every accumulator before it reads it, so zeroing it (wide for interleaved arrays: 1 + 3C
+// doubles a level) would be wasted work.
 
 // ---- exceptions and parallel regions ------------------------------------------------------------
 //
@@ -145,20 +133,26 @@ void tree_reduce(const Ops& ops, int64_t k0, int64_t k1, double* out, double* sc
 
 template <class Ops>
 void serial_tree(const Ops& ops, int64_t leaves, double* out) {
-  Scratch scratch(tree_levels(leaves) * ops.width);
-  tree_reduce(ops, 0, leaves, out, scratch.data(), 0);
+  Workspace ws;
+  tree_reduce(ops, 0, leaves, out, ws.take<double>(tree_levels(leaves) * ops.width), 0);
 }
 
-// The nodes `depth` levels below the root (or leaves, when the tree is shallower), in tree order.
-inline void collect_nodes(int64_t k0, int64_t k1, int level, int depth,
-                          std::vector<std::pair<int64_t, int64_t>>& nodes) {
+// A run of leaves [k0, k1).
+struct LeafRange {
+  int64_t k0, k1;
+};
+
+// The nodes `depth` levels below the root (or leaves, when the tree is shallower), in tree order,
+// appended at nodes[count]: at most 2^depth of them.
+inline void collect_nodes(int64_t k0, int64_t k1, int level, int depth, LeafRange* nodes,
+                          int64_t& count) {
   if (level == depth || k1 - k0 == 1) {
-    nodes.emplace_back(k0, k1);
+    nodes[count++] = LeafRange{k0, k1};
     return;
   }
   const int64_t mid = k0 + (k1 - k0) / 2;
-  collect_nodes(k0, mid, level + 1, depth, nodes);
-  collect_nodes(mid, k1, level + 1, depth, nodes);
+  collect_nodes(k0, mid, level + 1, depth, nodes, count);
+  collect_nodes(mid, k1, level + 1, depth, nodes, count);
 }
 
 template <class Ops>
@@ -186,32 +180,33 @@ void parallel_tree(const Ops& ops, int64_t leaves, double* out, int threads) {
     serial_tree(ops, leaves, out);
     return;
   }
-  std::vector<std::pair<int64_t, int64_t>> nodes;
-  collect_nodes(0, leaves, 0, depth, nodes);
-  const auto count = static_cast<int64_t>(nodes.size());
-  Scratch results(count * ops.width);
+  Workspace ws;
+  auto* nodes = ws.take<LeafRange>(int64_t{1} << depth);
+  int64_t count = 0;
+  collect_nodes(0, leaves, 0, depth, nodes, count);
+  double* results = ws.take<double>(count * ops.width);
   RegionErrors errors;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    std::unique_ptr<Scratch> scratch;
-    errors.run([&] { scratch = std::make_unique<Scratch>(tree_levels(leaves) * ops.width); });
+    // each thread's own scratch, from its own arena (an allocation the first time: under run())
+    Workspace thread_ws;
+    double* scratch = nullptr;
+    errors.run([&] { scratch = thread_ws.take<double>(tree_levels(leaves) * ops.width); });
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t t = 0; t < count; ++t) {
       if (errors.failed()) continue;
-      errors.run([&] {
-        tree_reduce(ops, nodes[static_cast<size_t>(t)].first, nodes[static_cast<size_t>(t)].second,
-                    results.data() + t * ops.width, scratch->data(), 0);
-      });
+      errors.run(
+          [&] { tree_reduce(ops, nodes[t].k0, nodes[t].k1, results + t * ops.width, scratch, 0); });
     }
   }
   errors.rethrow();
-  Scratch scratch(tree_levels(leaves) * ops.width);
   size_t next = 0;
-  combine_nodes(ops, 0, leaves, 0, depth, results.data(), next, out, scratch.data());
+  combine_nodes(ops, 0, leaves, 0, depth, results, next, out,
+                ws.take<double>(tree_levels(leaves) * ops.width));
 }
 
 // Prefetches [p, p + bytes) into L2.  The interleaved leaves read their rows a block of channels
@@ -260,14 +255,35 @@ inline void stream_fence(bool stream) {
 #endif
 }
 
+// body() on `threads` threads: an OpenMP parallel region when threads > 1, else a plain call on
+// the calling thread.  The body's worksharing loops must be schedule(static): orphaned, as in the
+// plain call, such a loop runs every iteration on the calling thread without the runtime.  (Not a
+// region of one thread, `if (threads > 1)`: libgomp allocates a team for each of those, and an
+// orphaned dynamic loop its work share, where the plain call allocates nothing.)
+template <class F>
+void parallel_region(int threads, F&& body) {
+  if (threads > 1) {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    body();
+  } else {
+    body();
+  }
+}
+
 // f(c) for every channel, a channel per task (planar kernels that keep a channel in cache).
 // An exception from f is rethrown after the region (see RegionErrors).
 template <class F>
 void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
-  (void)threads;  // used by the OpenMP pragmas only
+  if (threads <= 1) {  // no region (see parallel_region), so an exception may simply propagate
+    for (int64_t c = 0; c < channels; ++c) f(c);
+    stream_fence(stream);
+    return;
+  }
   RegionErrors errors;
 #if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(threads)
 #endif
   {
 #if BNKERNEL_HAVE_OPENMP

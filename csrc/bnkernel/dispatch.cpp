@@ -19,9 +19,26 @@ namespace bnkernel::avx512 {
 }  // namespace bnkernel::avx512
 #endif
 
+// A hook for the tests (tests/test_memory.py): a library preloaded into the process that defines
+// bnkernel_kernel_probe is called with +1 as each kernel call starts and -1 as it ends, and counts
+// the mallocs in between, on every thread.  Otherwise the weak reference is null, and the probe
+// costs a test of it per call.
+extern "C" __attribute__((weak, visibility("default"))) void bnkernel_kernel_probe(int delta);
+
 namespace bnkernel {
 
 namespace {
+
+struct KernelProbe {
+  KernelProbe() {
+    if (bnkernel_kernel_probe) bnkernel_kernel_probe(1);
+  }
+  ~KernelProbe() {
+    if (bnkernel_kernel_probe) bnkernel_kernel_probe(-1);
+  }
+  KernelProbe(const KernelProbe&) = delete;
+  KernelProbe& operator=(const KernelProbe&) = delete;
+};
 
 enum class Isa { baseline, avx2, avx512 };
 
@@ -83,6 +100,7 @@ const char* isa_name() {
 #define BNKERNEL_CASE_AVX2(call)
 #endif
 #define BNKERNEL_DISPATCH(call) \
+  const KernelProbe probe;      \
   switch (active) {             \
     BNKERNEL_CASE_AVX512(call)  \
     BNKERNEL_CASE_AVX2(call)    \

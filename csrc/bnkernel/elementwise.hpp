@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <type_traits>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -148,7 +147,6 @@ inline void fill_values(Shape s, int64_t e, int64_t n, T* __restrict__ out, F&& 
 // and streaming stores except the array's first and last (mixing them on one line is slow).
 template <typename T, class F>
 void elementwise(Shape s, T* y, int threads, F&& value) {
-  (void)threads;  // used by the OpenMP pragmas only
   const int64_t size = s.size();
   if (size == 0) return;
   const bool stream = kStreamAlign > 0 && stream_output(size, sizeof(T));
@@ -162,10 +160,7 @@ void elementwise(Shape s, T* y, int threads, F&& value) {
     if (misaligned % kSize == 0) first = std::min(size, ((64 - misaligned) % 64) / kSize);
   }
   const int64_t spans = 1 + ceil_div(size - first, kSpan);
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
-#endif
-  {
+  parallel_region(threads, [&] {
     alignas(64) T buffer[kBlock];
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(static) nowait
@@ -187,7 +182,7 @@ void elementwise(Shape s, T* y, int threads, F&& value) {
       if (e < e1) fill_values(s, e, e1 - e, y + e, value);
     }
     stream_fence(stream);
-  }
+  });
 }
 
 // ---- interleaved pattern, channels in registers ----------------------------------------------
@@ -226,15 +221,11 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   const int64_t chunk_rows =
       stream ? kTileRows * ceil_div(kStreamChunk, kTileRows * std::max<int64_t>(C, 1)) : kTileRows;
   const int64_t chunk_values = chunk_rows * C;
-  std::unique_ptr<T[]> chunk_buffers(stream ? new T[static_cast<size_t>(threads * chunk_values)]
-                                            : nullptr);
+  Workspace ws;
+  T* const chunk_buffers = stream ? ws.take<T>(threads * chunk_values) : nullptr;
   const int64_t chunks = ceil_div(rows, chunk_rows);
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
-#endif
-  {
-    T* chunk_buffer =
-        stream ? chunk_buffers.get() + bnkernel::thread_index() * chunk_values : nullptr;
+  parallel_region(threads, [&] {
+    T* chunk_buffer = stream ? chunk_buffers + bnkernel::thread_index() * chunk_values : nullptr;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(static) nowait
 #endif
@@ -274,7 +265,7 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
       }
     }
     stream_fence(stream);
-  }
+  });
 }
 
 // Coefficient bytes per row up to which the per-value path keeps them in L1 (half of a 32 KiB L1d):
@@ -583,47 +574,50 @@ template <typename T, bool Mask>
 void masked_grad_impl(const T* dy, const T* x, const T* y, const uint8_t* valid, Shape s,
                       const double* mean, const double* k_scale, const double* k_dy,
                       const double* k_x, T* dx, int threads) {
-  (void)threads;  // used by the OpenMP pragmas only
   auto g_of = [&](int64_t e) { return Mask ? masked_dy(dy[e], y[e]) : widen(dy[e]); };
   const int64_t C = s.channels;
   if (s.inner == 1) {
+    parallel_region(threads, [&] {
 #if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp for schedule(static)
 #endif
-    for (int64_t r = 0; r < s.outer; ++r) {
-      const int64_t e0 = r * C;
-      if (valid[r] != 0) {
-        narrow_run(dx + e0, C, [&](int64_t c) {
-          return grad_value(g_of(e0 + c), widen(x[e0 + c]), mean[c], k_scale[c], k_dy[c], k_x[c]);
-        });
-      } else {
-        narrow_run(dx + e0, C, [&](int64_t c) { return g_of(e0 + c) * k_scale[c]; });
+      for (int64_t r = 0; r < s.outer; ++r) {
+        const int64_t e0 = r * C;
+        if (valid[r] != 0) {
+          narrow_run(dx + e0, C, [&](int64_t c) {
+            return grad_value(g_of(e0 + c), widen(x[e0 + c]), mean[c], k_scale[c], k_dy[c], k_x[c]);
+          });
+        } else {
+          narrow_run(dx + e0, C, [&](int64_t c) { return g_of(e0 + c) * k_scale[c]; });
+        }
       }
-    }
+    });
     return;
   }
   const int64_t runs = s.outer * C;
+  parallel_region(threads, [&] {
 #if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp for schedule(static)
 #endif
-  for (int64_t q = 0; q < runs; ++q) {
-    const int64_t c = q % C;
-    const uint8_t* m = valid + (q / C) * s.inner;
-    for (int64_t i = 0; i < s.inner;) {
-      const bool v = m[i] != 0;
-      int64_t j = i + 1;
-      while (j < s.inner && (m[j] != 0) == v) ++j;
-      const int64_t e0 = q * s.inner + i;
-      if (v) {
-        narrow_run(dx + e0, j - i, [&](int64_t k) {
-          return grad_value(g_of(e0 + k), widen(x[e0 + k]), mean[c], k_scale[c], k_dy[c], k_x[c]);
-        });
-      } else {
-        narrow_run(dx + e0, j - i, [&](int64_t k) { return g_of(e0 + k) * k_scale[c]; });
+    for (int64_t q = 0; q < runs; ++q) {
+      const int64_t c = q % C;
+      const uint8_t* m = valid + (q / C) * s.inner;
+      for (int64_t i = 0; i < s.inner;) {
+        const bool v = m[i] != 0;
+        int64_t j = i + 1;
+        while (j < s.inner && (m[j] != 0) == v) ++j;
+        const int64_t e0 = q * s.inner + i;
+        if (v) {
+          narrow_run(dx + e0, j - i, [&](int64_t k) {
+            return grad_value(g_of(e0 + k), widen(x[e0 + k]), mean[c], k_scale[c], k_dy[c], k_x[c]);
+          });
+        } else {
+          narrow_run(dx + e0, j - i, [&](int64_t k) { return g_of(e0 + k) * k_scale[c]; });
+        }
+        i = j;
       }
-      i = j;
     }
-  }
+  });
 }
 
 template <typename T>

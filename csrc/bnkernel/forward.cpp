@@ -1,11 +1,11 @@
 // normalize and the fused training forward.
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "bnkernel/elementwise.hpp"
 #include "bnkernel/isa_kernels.hpp"
 #include "bnkernel/reductions.hpp"
+#include "bnkernel/workspace.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
 
@@ -35,12 +35,14 @@ template <typename T>
 void normalize(const T* x, Shape s, const double* mean, const double* invstd, const Param<T>* gamma,
                const Param<T>* beta, T* y, Epilogue<T> epilogue) {
   const int64_t C = s.channels;
-  std::vector<double> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
+  Workspace ws;
+  double* scale = ws.take<double>(C);
+  double* shift = ws.take<double>(C);
   for (int64_t c = 0; c < C; ++c) {
-    scale[static_cast<size_t>(c)] = detail::gamma_of(gamma, c) * invstd[c];
-    shift[static_cast<size_t>(c)] = detail::beta_of(beta, c);
+    scale[c] = detail::gamma_of(gamma, c) * invstd[c];
+    shift[c] = detail::beta_of(beta, c);
   }
-  detail::affine(x, s, mean, scale.data(), shift.data(), y, threads_for(s.size()), epilogue);
+  detail::affine(x, s, mean, scale, shift, y, threads_for(s.size()), epilogue);
 }
 
 /*
@@ -59,12 +61,13 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
   // first and last cache lines with other channels, and mixing store kinds on a line is slow
   const bool stream_runs = detail::stream_output(s.size(), sizeof(T)) &&
                            s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
-  std::vector<double> m2(static_cast<size_t>(C));
+  Workspace ws;
+  double* m2 = ws.take<double>(C);
 
   if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its statistics, then its normalize while it is still in cache
     detail::for_each_channel(C, threads, stream_runs, [&](int64_t c) {
-      double& m2c = m2[static_cast<size_t>(c)];
+      double& m2c = m2[c];
       detail::planar_channel_moments(x, s, c, 1, mean[c], m2c);
       invstd[c] = 1.0 / std::sqrt(m2c / m + eps);
       const double scale = detail::gamma_of(gamma, c) * invstd[c];
@@ -76,12 +79,11 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
     });
   } else {
     // the split phases, in this namespace (qualified: Shape brings bnkernel:: in by ADL)
-    BNKERNEL_ISA_NS::channel_stats(x, s, mean, m2.data());
-    for (int64_t c = 0; c < C; ++c)
-      invstd[c] = 1.0 / std::sqrt(m2[static_cast<size_t>(c)] / m + eps);
+    BNKERNEL_ISA_NS::channel_stats(x, s, mean, m2);
+    for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(m2[c] / m + eps);
     BNKERNEL_ISA_NS::normalize(x, s, mean, invstd, gamma, beta, y, epilogue);
   }
-  update_running(running, s, mean, m2.data());
+  update_running(running, s, mean, m2);
 }
 
 #define BNKERNEL_INSTANTIATE(T)                                                                 \

@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "bnkernel/detail.hpp"
 #include "bnkernel/lanes.hpp"
@@ -572,10 +571,11 @@ void interleaved_moments(const T* x, Shape s, int threads, double* mean, double*
       std::fill(m2 + col0, m2 + col0 + cols, 0.0);
       return;
     }
-    std::vector<double> out(static_cast<size_t>(ops.width));
-    parallel_tree(ops, ops.leaves(), out.data(), threads);
-    std::copy(out.begin() + 1, out.begin() + 1 + cols, mean + col0);
-    std::copy(out.begin() + 1 + cols, out.begin() + 1 + 2 * cols, m2 + col0);
+    Workspace ws;
+    double* out = ws.take<double>(ops.width);
+    parallel_tree(ops, ops.leaves(), out, threads);
+    std::copy(out + 1, out + 1 + cols, mean + col0);
+    std::copy(out + 1 + cols, out + 1 + 2 * cols, m2 + col0);
   });
 }
 
@@ -609,10 +609,11 @@ void interleaved_sums(const T* dy, const T* x, Shape s, const double* mean, int 
         std::fill(sum_dyd + col0, sum_dyd + col0 + cols, 0.0);
         return;
       }
-      std::vector<double> out(static_cast<size_t>(ops.width));
-      parallel_tree(ops, ops.leaves(), out.data(), threads);
-      std::copy(out.begin(), out.begin() + cols, sum_dy + col0);
-      std::copy(out.begin() + cols, out.begin() + 2 * cols, sum_dyd + col0);
+      Workspace ws;
+      double* out = ws.take<double>(ops.width);
+      parallel_tree(ops, ops.leaves(), out, threads);
+      std::copy(out, out + cols, sum_dy + col0);
+      std::copy(out + cols, out + 2 * cols, sum_dyd + col0);
     });
   });
 }
@@ -649,14 +650,15 @@ void channel_moments(const T* x, Shape s, int threads, double* mean, double* m2)
   } else if (short_runs(s)) {
     // per-column moments over the outer rows, then each channel's inner columns merged in order
     const Shape wide{s.outer, s.channels * s.inner, 1};
-    std::vector<double> col_mean(static_cast<size_t>(wide.channels));
-    std::vector<double> col_m2(static_cast<size_t>(wide.channels));
-    interleaved_moments(x, wide, threads, col_mean.data(), col_m2.data());
+    Workspace ws;
+    double* col_mean = ws.take<double>(wide.channels);
+    double* col_m2 = ws.take<double>(wide.channels);
+    interleaved_moments(x, wide, threads, col_mean, col_m2);
     const auto rows = static_cast<double>(s.outer);
     for (int64_t c = 0; c < s.channels; ++c) {
       double n = 0.0, mu = 0.0, q = 0.0;
       for (int64_t i = 0; i < s.inner; ++i) {
-        const auto col = static_cast<size_t>(c * s.inner + i);
+        const int64_t col = c * s.inner + i;
         chan_merge(n, mu, q, rows, col_mean[col], col_m2[col]);
       }
       mean[c] = mu;
@@ -706,17 +708,17 @@ void channel_sums(const T* dy, const T* x, Shape s, const double* mean, int thre
     interleaved_sums(dy, x, s, mean, threads, sum_dy, sum_dyd, relu);
   } else if (short_runs(s)) {
     const Shape wide{s.outer, s.channels * s.inner, 1};
-    const auto cols = static_cast<size_t>(wide.channels);
-    std::vector<double> col_mean(cols), col_dy(cols), col_dyd(cols);
-    for (int64_t c = 0; c < s.channels; ++c) {
-      std::fill_n(col_mean.begin() + c * s.inner, s.inner, mean[c]);
-    }
-    interleaved_sums(dy, x, wide, col_mean.data(), threads, col_dy.data(), col_dyd.data(), relu);
+    Workspace ws;
+    double* col_mean = ws.take<double>(wide.channels);
+    double* col_dy = ws.take<double>(wide.channels);
+    double* col_dyd = ws.take<double>(wide.channels);
+    for (int64_t c = 0; c < s.channels; ++c) std::fill_n(col_mean + c * s.inner, s.inner, mean[c]);
+    interleaved_sums(dy, x, wide, col_mean, threads, col_dy, col_dyd, relu);
     for (int64_t c = 0; c < s.channels; ++c) {
       double a = 0.0, b = 0.0;
       for (int64_t i = 0; i < s.inner; ++i) {
-        a += col_dy[static_cast<size_t>(c * s.inner + i)];
-        b += col_dyd[static_cast<size_t>(c * s.inner + i)];
+        a += col_dy[c * s.inner + i];
+        b += col_dyd[c * s.inner + i];
       }
       sum_dy[c] = a;
       sum_dyd[c] = b;

@@ -83,6 +83,10 @@ def backward(
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 
+# Heap allocations the kernels' per-thread workspaces have made so far, every thread together
+# (csrc/bnkernel/workspace.hpp); for the tests.
+def workspace_allocations() -> int: ...
+
 # The per-call fast path (csrc/fastpath.cpp): the public functions' arguments as given; the
 # results for the plain case, None for anything else (the caller then checks and raises).
 def forward_fast(
