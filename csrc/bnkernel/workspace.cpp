@@ -7,6 +7,20 @@
 
 #include "bnkernel/kernels.hpp"
 
+// Under AddressSanitizer the arena marks what is not handed out as unaddressable, with a redzone
+// after each take, so that an overrun of one take is caught as it would be between two separate
+// heap allocations (BNKERNEL_SANITIZE builds; no code at all otherwise).
+#if defined(__SANITIZE_ADDRESS__)
+#define BNKERNEL_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define BNKERNEL_ASAN 1
+#endif
+#endif
+#if defined(BNKERNEL_ASAN)
+#include <sanitizer/asan_interface.h>
+#endif
+
 namespace bnkernel {
 
 namespace {
@@ -27,14 +41,41 @@ void release(void* p) {
   if (p) ::operator delete(p, kAlignment);
 }
 
-size_t round_up(size_t bytes) {
-  return (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign;
+#if defined(BNKERNEL_ASAN)
+constexpr size_t kRedzone = kAlign;
+void poison(void* p, size_t bytes) {
+  ASAN_POISON_MEMORY_REGION(p, bytes);
+}
+void unpoison(void* p, size_t bytes) {
+  ASAN_UNPOISON_MEMORY_REGION(p, bytes);
+}
+#else
+constexpr size_t kRedzone = 0;
+void poison(void*, size_t) {}
+void unpoison(void*, size_t) {}
+#endif
+
+// The room a take of `bytes` occupies: whole cache lines, and the redzone under ASan.
+size_t slot_size(size_t bytes) {
+  return (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign + kRedzone;
 }
 
 // An extra block taken when the arena's block is full: this header, then the memory handed out.
 struct alignas(kAlign) Overflow {
   Overflow* next;
+  size_t bytes;  // after the header
 };
+
+// (memory goes back to the heap unpoisoned, as it came)
+void release_block(char* block, size_t bytes) {
+  unpoison(block, bytes);
+  release(block);
+}
+
+void release_overflow(Overflow* extra) {
+  unpoison(extra + 1, extra->bytes);
+  release(extra);
+}
 
 }  // namespace
 
@@ -52,10 +93,10 @@ struct Arena {
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
   ~Arena() {
-    release(block);
+    release_block(block, capacity);
     while (overflow) {
       Overflow* next = overflow->next;
-      release(overflow);
+      release_overflow(overflow);
       overflow = next;
     }
   }
@@ -74,9 +115,10 @@ Workspace::~Workspace() {
   Arena& a = *arena_;
   while (a.overflow != overflow_) {
     Overflow* next = a.overflow->next;
-    release(a.overflow);
+    release_overflow(a.overflow);
     a.overflow = next;
   }
+  poison(a.block + used_, a.used - used_);
   a.used = used_;
   a.demand = demand_;
   if (--a.depth == 0) {
@@ -87,25 +129,28 @@ Workspace::~Workspace() {
 
 void* Workspace::take_bytes(size_t bytes) {
   Arena& a = *arena_;
-  bytes = round_up(bytes);
+  const size_t slot = slot_size(bytes);
   // Nothing of the block is in use: grow it now to the most this thread has needed (the growth
   // waits for this moment because the block cannot move while pointers into it are held).
   if (a.used == 0 && a.want > a.capacity) {
     char* grown = allocate(a.want);
-    release(a.block);
+    poison(grown, a.want);
+    release_block(a.block, a.capacity);
     a.block = grown;
     a.capacity = a.want;
   }
-  void* p = nullptr;
-  if (a.used + bytes <= a.capacity) {
+  char* p = nullptr;
+  if (a.used + slot <= a.capacity) {
     p = a.block + a.used;
-    a.used += bytes;
+    a.used += slot;
   } else {
-    auto* extra = new (allocate(sizeof(Overflow) + bytes)) Overflow{a.overflow};
+    auto* extra = new (allocate(sizeof(Overflow) + slot)) Overflow{a.overflow, slot};
     a.overflow = extra;
-    p = extra + 1;
+    p = reinterpret_cast<char*>(extra + 1);
+    poison(p, slot);
   }
-  a.demand += bytes;
+  unpoison(p, bytes);
+  a.demand += slot;
   a.peak = std::max(a.peak, a.demand);
   return p;
 }
