@@ -6,12 +6,10 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
-#include <new>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
-#include <utility>
 
 #include "bnkernel/isa_kernels.hpp"
 #include "bnkernel/workspace.hpp"
@@ -72,11 +70,9 @@ inline void with_flag(bool a, F&& f) {
 //   void leaf(int64_t k, double* out) const;           // statistics of leaf k
 //   void merge(double* into, const double* other) const;  // into <- into (+) other, in that order
 // The tree over leaves [k0, k1) always splits at k0 + (k1 - k0) / 2, so its shape depends only on
-// the number of leaves.  scratch holds one accumulator per tree level.
-
-// The tree's scratch comes from a Workspace (workspace.hpp) and is left uninitialized: the tree
-// writes every accumulator before it reads it, so zeroing it (wide for interleaved arrays: 1 + 3C
-// doubles a level) would be wasted work.
+// the number of leaves.  scratch holds one accumulator per tree level; it comes from a Workspace
+// (workspace.hpp) and is left uninitialized: the tree writes every accumulator before it reads it,
+// so zeroing it (wide for interleaved arrays: 1 + 3C doubles a level) would be wasted work.
 
 // ---- exceptions and parallel regions ------------------------------------------------------------
 //

@@ -225,7 +225,9 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   T* const chunk_buffers = stream ? ws.take<T>(threads * chunk_values) : nullptr;
   const int64_t chunks = ceil_div(rows, chunk_rows);
   parallel_region(threads, [&] {
-    T* chunk_buffer = stream ? chunk_buffers + bnkernel::thread_index() * chunk_values : nullptr;
+    // (one thread: no region of its own, where an enclosing one's thread index would be wrong)
+    const int slot = threads > 1 ? bnkernel::thread_index() : 0;
+    T* chunk_buffer = stream ? chunk_buffers + slot * chunk_values : nullptr;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(static) nowait
 #endif
