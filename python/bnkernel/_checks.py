@@ -1,8 +1,36 @@
-"""Argument checking and the canonical (outer, C, inner) view.
+"""Every rule about arguments, in one place.
 
-Every public function goes through these helpers, so a bad argument always gets the same kind of
-message: the argument's name, what was expected, and what was given.  Copies happen here, in plain
-sight (``np.ascontiguousarray``), never inside the compiled module.
+Each public function (the fused functions, the split phases, the variants, the layer and
+``SyncBatchNorm``) declares its arguments here by role and lets this module decide whether the
+call is valid, before any kernel runs and before anything is written:
+
+* the data (``x``, and the arrays of x's shape and dtype beside it: ``dy``, ``residual``, ``y``):
+  a float16 / bfloat16 / float32 / float64 array with ndim >= 2, never a ``np.ma.MaskedArray``
+  (its mask would be dropped: ``mask=`` is the way), viewed as (outer, C, inner);
+* parameters (``gamma``, ``beta``, and the running statistics when they are only read): 1-d,
+  length C, exactly the parameter dtype of x's dtype;
+* running statistics that the call updates in place: numpy arrays, exactly right already (a copy
+  would drop the update);
+* saved statistics (``mean``, ``invstd``, ``r``, ``d``, the backward's sums, ``M2``): 1-d float32
+  or float64, read as float64;
+* outputs (``out=``, ``dresidual``): exactly right already (shape, dtype, C-contiguous,
+  writeable), or None for a new array;
+* scalars: ``eps`` finite and >= 0, ``momentum`` in [0, 1], flags (``training``...) real bools,
+  ``axis`` an int in range, counts ints in range, ``activation`` / ``single_value`` by name.
+
+One overlap rule for all (:meth:`Call.seal`): an output shares memory with no other argument (no
+input, parameter, running statistic, saved statistic or other output), and a running statistic
+that is written shares memory with no other argument either; the one exception is the documented
+in-place forward, whose ``out`` may be ``x`` itself (the very same elements).
+
+The compiled fast path (``csrc/fastpath.cpp``) accepts only calls that these rules accept; the
+rules it re-checks in C are listed in :data:`FAST_PATH_RULES` with the function here that states
+each (tests/test_fastpath.py holds the two lists together and shows, by property tests, that the
+fast path never accepts a call the checked path refuses, and agrees with it bit for bit).
+
+Copies happen here, in plain sight, and only of what is read: a non-contiguous or unaligned input
+is copied once; an unaligned output or running statistic is computed in an aligned scratch array
+and copied back by :meth:`Call.finish` (nothing is lost).
 """
 
 from __future__ import annotations
@@ -10,6 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +51,29 @@ F64 = np.dtype(np.float64)
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
 DATA_DTYPES_TEXT = "a float16, bfloat16, float32 or float64 array"
+INT64_MAX = 2**63 - 1
+
+# The rules csrc/fastpath.cpp checks again in C, each with the function here that states it.  The
+# fast path declines (returns None) whenever one fails, and the checked path then raises.
+FAST_PATH_RULES: Mapping[str, str] = {
+    "x-plain": "data: an exact ndarray, float32/float64, C-contiguous, aligned, ndim >= 2, "
+    "not empty (Call.data)",
+    "axis": "channel_axis: an int in [-ndim, ndim)",
+    "flags": "flag: training and running_var_unbiased are bools",
+    "eps": "eps: a finite float >= 0",
+    "momentum": "momentum: a finite float in [0, 1] (training)",
+    "per-channel": "Call.param / Call.running / Call.saved: 1-d, length C, the exact dtype",
+    "one-value": "one_value_check: more than one value per channel when training",
+    "running-required": "running statistics required for inference",
+    "running-writeable": "Call.running: writeable when updated",
+    "out-plain": "Call.output: exact ndarray, x's shape and dtype, C-contiguous, aligned, "
+    "writeable",
+    "overlap": "Call.seal: outputs and updated running statistics share memory with no other "
+    "argument",
+}
+
+
+# ---- dtypes -------------------------------------------------------------------------------------
 
 
 def bfloat16_dtype() -> np.dtype[Any] | None:
@@ -51,19 +103,71 @@ def param_dtype_text(dtype: np.dtype[Any]) -> str:
     return f"{dtype} (the dtype of x)"
 
 
-def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
-    """x as an ndarray of a supported float dtype with ndim >= 2 (not copied unless it must be)."""
-    arr = x if type(x) is np.ndarray else np.asarray(x)
-    if arr.dtype not in SUPPORTED_DTYPES and not is_data_dtype(arr.dtype):
-        raise TypeError(f"{name}: expected {DATA_DTYPES_TEXT}, got dtype {arr.dtype}")
-    if arr.ndim < 2:
-        raise ValueError(
-            f"{name}: expected an array with ndim >= 2 (batch, channels, ...), "
-            f"got ndim {arr.ndim} with shape {arr.shape}"
+# ---- scalars ------------------------------------------------------------------------------------
+
+
+def real_number(v: Any, name: str, *, minimum: float | None = None) -> float:
+    """A finite real number (not a bool), >= minimum when given."""
+    if type(v) is not float and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number, got {f}")
+    if minimum is not None and f < minimum:
+        raise ValueError(f"{name}: expected a number >= {minimum}, got {f}")
+    return f
+
+
+def eps(v: Any, name: str = "eps") -> float:
+    """eps: a finite number >= 0."""
+    return real_number(v, name, minimum=0.0)
+
+
+def momentum(v: Any, name: str = "momentum") -> float:
+    """The weight of a batch in a running update: a number in [0, 1].  (The layer's
+    ``momentum=None``, a cumulative average, is resolved by the layer from its batch count.)"""
+    if v is None:
+        raise TypeError(
+            f"{name}: expected a real number, got NoneType: a number in [0, 1] (the cumulative "
+            "average, momentum=None, is BatchNorm's, which counts the batches; pass 1 / batches)"
         )
-    if arr.size == 0 and not allow_empty:
-        raise ValueError(f"{name}: expected a non-empty array, got shape {arr.shape}")
-    return arr
+    f = real_number(v, name)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {f}")
+    return f
+
+
+def flag(v: Any, name: str) -> bool:
+    """A truth value that is really one: a bool (Python's or NumPy's) or the int 0 or 1.  Anything
+    else is refused, so that ``training="False"`` cannot train."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) and v in (0, 1):
+        return bool(v)
+    raise TypeError(f"{name}: expected a bool (True or False), got {type(v).__name__} {v!r}")
+
+
+def count(v: Any, name: str = "count") -> int:
+    """A number of values per channel: an int >= 1."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= INT64_MAX:
+        raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    return int(v)
+
+
+def activation(v: Any) -> bool:
+    """Whether the fused ReLU is on: None or 'relu'."""
+    if v is None:
+        return False
+    if isinstance(v, str) and v == "relu":
+        return True
+    raise ValueError(f"activation: expected None or 'relu', got {v!r}")
+
+
+def single_value(v: Any) -> str:
+    """The one-value-batch policy: 'raise' or 'running'."""
+    if not isinstance(v, str) or v not in ("raise", "running"):
+        raise ValueError(f"single_value: expected 'raise' or 'running', got {v!r}")
+    return v
 
 
 def channel_axis(ndim: int, axis: Any) -> int:
@@ -77,14 +181,59 @@ def channel_axis(ndim: int, axis: Any) -> int:
     return a % ndim
 
 
+def one_value_check(x: NDArray[Any], axis: int) -> int:
+    """The values per channel of a training batch, which must be more than one."""
+    n = int(x.size // x.shape[axis])
+    if n < 2:
+        raise ValueError(
+            "x: expected more than 1 value per channel when training "
+            f"(shape {x.shape}, channel axis {axis}); use training=False for single samples, "
+            "or single_value='running' to fall back to the running statistics"
+        )
+    return n
+
+
+# ---- arrays -------------------------------------------------------------------------------------
+
+
+def _not_masked(v: Any, name: str) -> None:
+    if isinstance(v, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name}: a numpy.ma.MaskedArray is not taken (its mask would be ignored); pass the "
+            "data (x.data) and the valid positions as mask= (bool, x's shape without the "
+            "channel axis, True where valid)"
+        )
+
+
+def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
+    """x as an ndarray of a supported float dtype with ndim >= 2 (not copied unless it must be)."""
+    _not_masked(x, name)
+    arr = x if type(x) is np.ndarray else np.asarray(x)
+    if arr.dtype not in SUPPORTED_DTYPES and not is_data_dtype(arr.dtype):
+        raise TypeError(f"{name}: expected {DATA_DTYPES_TEXT}, got dtype {arr.dtype}")
+    if arr.ndim < 2:
+        raise ValueError(
+            f"{name}: expected an array with ndim >= 2 (batch, channels, ...), "
+            f"got ndim {arr.ndim} with shape {arr.shape}"
+        )
+    if arr.size == 0 and not allow_empty:
+        raise ValueError(f"{name}: expected a non-empty array, got shape {arr.shape}")
+    return arr
+
+
+def kernel_view(a: NDArray[Any]) -> NDArray[Any]:
+    """a itself if the kernels can read it (C-contiguous and aligned), else one explicit copy."""
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.require(a, requirements=["C", "A"])
+
+
 def view3(x: NDArray[Any], axis: int) -> NDArray[Any]:
-    """C-contiguous (outer, C, inner) view of x; copies only when x is not C-contiguous."""
+    """C-contiguous, aligned (outer, C, inner) view of x; copies only when it must."""
     shape = x.shape
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1 :])
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)  # the one explicit copy: kernels need C order
-    return x.reshape(outer, shape[axis], inner)
+    return kernel_view(x).reshape(outer, shape[axis], inner)
 
 
 def check_channels(x: NDArray[Any], axis: int, name: str = "x") -> int:
@@ -106,24 +255,32 @@ def channel_param(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDA
     data of `dtype` (see param_dtype)."""
     if v is None:
         return None
+    _not_masked(v, name)
     arr = v if type(v) is np.ndarray else np.asarray(v)
     if arr.dtype != param_dtype(dtype):
         raise TypeError(f"{name}: expected dtype {param_dtype_text(dtype)}, got {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != channels:
         raise ValueError(f"{name}: expected shape ({channels},), got {arr.shape}")
-    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+    return kernel_view(arr)
 
 
-def running_buffer(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDArray[Any] | None:
+def running_buffer(
+    v: Any, name: str, channels: int, dtype: np.dtype[Any] | None
+) -> NDArray[Any] | None:
     """A per-channel array updated in place (running statistics, of the parameter dtype of data of
-    `dtype`): it must already be exactly right, since a copy would silently drop the update."""
+    `dtype`, or float32/float64 when `dtype` is None): it must already be exactly right, since a
+    copy would silently drop the update."""
     if v is None:
         return None
+    _not_masked(v, name)
     if not isinstance(v, np.ndarray):
         raise TypeError(
             f"{name}: expected a numpy array (it is updated in place), got {type(v).__name__}"
         )
-    if v.dtype != param_dtype(dtype):
+    if dtype is None:
+        if v.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {v.dtype}")
+    elif v.dtype != param_dtype(dtype):
         raise TypeError(f"{name}: expected dtype {param_dtype_text(dtype)}, got {v.dtype}")
     if v.ndim != 1 or v.shape[0] != channels:
         raise ValueError(f"{name}: expected shape ({channels},), got {v.shape}")
@@ -134,17 +291,20 @@ def running_buffer(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> ND
     return v
 
 
-def saved_stat(v: Any, name: str, channels: int) -> NDArray[np.float64]:
-    """Per-channel statistics (mean, invstd, sums): 1-d, length C, float32 or float64; passed to the
-    kernels as float64."""
+def saved_stat(v: Any, name: str, channels: int | tuple[int, ...]) -> NDArray[np.float64]:
+    """Per-channel statistics (mean, invstd, sums): 1-d, length C (or the given shape), float32 or
+    float64; passed to the kernels as float64."""
     if v is None:
         raise TypeError(f"{name}: required, got None")
+    _not_masked(v, name)
     arr = np.asarray(v)
     if arr.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}")
-    if arr.ndim != 1 or arr.shape[0] != channels:
-        raise ValueError(f"{name}: expected shape ({channels},), got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=F64)
+    shape = (channels,) if isinstance(channels, int) else channels
+    if arr.shape != shape:
+        want = f"({channels},)" if isinstance(channels, int) else str(shape)
+        raise ValueError(f"{name}: expected shape {want}, got {arr.shape}")
+    return np.require(arr, dtype=F64, requirements=["C", "A"])
 
 
 def same_array(a: NDArray[Any], b: NDArray[Any]) -> bool:
@@ -157,44 +317,218 @@ def same_array(a: NDArray[Any], b: NDArray[Any]) -> bool:
     )
 
 
-def output(
-    out: Any,
-    name: str,
-    like: NDArray[Any],
-    inputs: tuple[NDArray[Any] | None, ...],
-    *,
-    in_place: NDArray[Any] | None = None,
-) -> NDArray[Any]:
-    """The array a kernel writes into: a fresh one, or the user's ``out=`` if it is exactly right
-    (shape, dtype, C-contiguous, writeable, sharing no memory with an input).  With ``in_place``,
-    ``out`` may also be that very array (the same elements, not a partial overlap): the kernels
-    that allow it read each value before writing it and never read it again."""
-    if out is None:
-        return np.empty(like.shape, dtype=like.dtype)
+def overlaps(a: NDArray[Any], b: NDArray[Any]) -> bool:
+    """Whether a and b share any memory (exactly: bounds first, then the strides)."""
+    return bool(np.may_share_memory(a, b)) and bool(np.shares_memory(a, b))
+
+
+def check_output(out: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    """An ``out=`` buffer: a numpy array of exactly this shape and dtype, C-contiguous and
+    writeable (a copy would drop the writes)."""
+    _not_masked(out, name)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(out).__name__}")
-    if out.shape != like.shape:
-        raise ValueError(f"{name}: expected shape {like.shape}, got {out.shape}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"{name}: expected dtype {like.dtype}, got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous (a copy would drop the writes)")
     if not out.flags.writeable:
         raise ValueError(f"{name}: is read-only")
-    if in_place is not None and same_array(out, in_place):
-        inputs = tuple(a for a in inputs if a is not in_place)
-    for a in inputs:
-        if a is not None and np.may_share_memory(out, a) and np.shares_memory(out, a):
-            raise ValueError(f"{name}: overlaps an input array; pass a separate buffer")
-    return out
 
 
-def real_number(v: Any, name: str, *, minimum: float | None = None) -> float:
-    if type(v) is not float and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
-        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
-    f = float(v)
-    if not math.isfinite(f):
-        raise ValueError(f"{name}: expected a finite number, got {f}")
-    if minimum is not None and f < minimum:
-        raise ValueError(f"{name}: expected a number >= {minimum}, got {f}")
-    return f
+def mask_arg(mask: Any, xa: NDArray[Any], ax: int) -> NDArray[np.bool_]:
+    """The mask as a bool array of x's shape without the channel axis."""
+    _not_masked(mask, "mask")
+    m = np.asarray(mask)
+    want = xa.shape[:ax] + xa.shape[ax + 1 :]
+    if m.dtype != np.bool_:
+        raise TypeError(f"mask: expected a bool array, got dtype {m.dtype}")
+    if m.shape != want:
+        raise ValueError(
+            f"mask: expected shape {want} (x's shape without the channel axis {ax}), got {m.shape}"
+        )
+    return m
+
+
+def mask_view(valid: NDArray[np.bool_], x3: NDArray[Any]) -> NDArray[np.uint8]:
+    """The mask as the kernels take it: (outer, inner) bytes, in the order of x's (outer, C, inner)
+    view (x's shape without the channel axis is (outer..., inner...) in C order already)."""
+    return kernel_view(valid).view(np.uint8).reshape(x3.shape[0], x3.shape[2])
+
+
+# ---- one call's arguments, by role --------------------------------------------------------------
+
+# roles
+INPUT = "input"
+PARAM = "parameter"
+RUNNING = "running statistic"
+SAVED = "saved statistic"
+OUTPUT = "output"
+_WRITTEN = (RUNNING, OUTPUT)
+
+
+class Call:
+    """One call's arguments, declared by role.
+
+    The data array comes first (:meth:`data`, which fixes the channel axis and count); then each
+    other argument through its role's method, which checks it and returns what the kernels take;
+    then :meth:`seal` applies the overlap rule to everything declared, before anything is
+    written.  After the kernels ran, :meth:`finish` copies any aligned scratch back into the
+    caller's unaligned output (and returns the caller's array).
+    """
+
+    __slots__ = ("C", "_arrays", "_in_place", "_writebacks", "ax", "x")
+
+    def __init__(self) -> None:
+        self._arrays: list[tuple[str, str, NDArray[Any]]] = []
+        self._writebacks: list[tuple[NDArray[Any], NDArray[Any]]] = []
+        self._in_place: NDArray[Any] | None = None
+        self.x: NDArray[Any]
+        self.ax: int
+        self.C: int
+
+    def _declare(self, name: str, role: str, arr: Any) -> None:
+        if isinstance(arr, np.ndarray):
+            self._arrays.append((name, role, arr))
+
+    # the data
+    def data(
+        self, x: Any, axis: Any, *, name: str = "x", allow_empty: bool = False
+    ) -> NDArray[Any]:
+        """The data array: checked, its channel axis and count fixed; returns it as an ndarray."""
+        xa = as_input(x, name, allow_empty=allow_empty)
+        self.ax = channel_axis(xa.ndim, axis)
+        self.C = check_channels(xa, self.ax, name)
+        self.x = xa
+        self._declare(name, INPUT, xa)
+        return xa
+
+    def view3(self, a: NDArray[Any]) -> NDArray[Any]:
+        """a (x's shape) as the kernels' (outer, C, inner) view."""
+        return view3(a, self.ax)
+
+    def like_x(self, a: Any, name: str) -> NDArray[Any] | None:
+        """An input of x's shape and dtype (dy, residual, y); returns its (outer, C, inner) view."""
+        return None if a is None else self.grad(a, name, allow_empty=True)
+
+    def grad(self, a: Any, name: str = "dy", *, allow_empty: bool = False) -> NDArray[Any]:
+        """A required input of x's shape and dtype (dy); returns its (outer, C, inner) view."""
+        arr = as_input(a, name, allow_empty=allow_empty)
+        check_same_shape(arr, self.x, name)
+        self._declare(name, INPUT, arr)
+        return view3(arr, self.ax)
+
+    def param(self, v: Any, name: str) -> NDArray[Any] | None:
+        """A per-channel parameter that is only read (gamma, beta, inference's running stats)."""
+        arr = channel_param(v, name, self.C, self.x.dtype)
+        self._declare(name, PARAM, v)
+        return arr
+
+    def running(self, v: Any, name: str, *, dtype: bool = True) -> NDArray[Any] | None:
+        """A running statistic that this call updates in place (see running_buffer)."""
+        arr = running_buffer(v, name, self.C, self.x.dtype if dtype else None)
+        if arr is None:
+            return None
+        self._declare(name, RUNNING, arr)
+        return self._aligned(arr)
+
+    def saved(self, v: Any, name: str, shape: tuple[int, ...] | None = None) -> NDArray[np.float64]:
+        """A saved statistic (mean, invstd, r, d, sums, M2), read as float64."""
+        arr = saved_stat(v, name, self.C if shape is None else shape)
+        self._declare(name, SAVED, v)
+        return arr
+
+    def mask(self, mask: Any) -> NDArray[np.bool_] | None:
+        if mask is None:
+            return None
+        m = mask_arg(mask, self.x, self.ax)
+        self._declare("mask", INPUT, m)
+        return m
+
+    def output(
+        self,
+        out: Any,
+        name: str = "out",
+        *,
+        in_place: bool = False,
+        shape: tuple[int, ...] | None = None,
+        dtype: np.dtype[Any] | None = None,
+    ) -> NDArray[Any]:
+        """The array a kernel writes into: a new one (x's shape and dtype unless given), or the
+        caller's ``out=`` if it is exactly right.  With ``in_place``, ``out`` may be x itself (the
+        very same elements): the kernels that allow it read each value before writing it."""
+        shape = self.x.shape if shape is None else shape
+        dtype = self.x.dtype if dtype is None else dtype
+        if out is None:
+            return np.empty(shape, dtype=dtype)
+        check_output(out, name, shape, dtype)
+        if in_place and same_array(out, self.x):
+            self._in_place = out
+        self._declare(name, OUTPUT, out)
+        return self._aligned(out)
+
+    def _aligned(self, a: NDArray[Any]) -> NDArray[Any]:
+        """a, or an aligned scratch array that finish() copies back into it."""
+        if a.flags.aligned:
+            return a
+        scratch = np.empty(a.shape, dtype=a.dtype)
+        self._writebacks.append((scratch, a))
+        return scratch
+
+    def seal(self) -> None:
+        """The overlap rule, over every array declared: an output or an updated running statistic
+        shares memory with no other argument (but ``out`` may be ``x`` itself where in-place is
+        allowed)."""
+        arrays = self._arrays
+        for i, (name, role, a) in enumerate(arrays):
+            if role not in _WRITTEN:
+                continue
+            for j, (other, other_role, b) in enumerate(arrays):
+                if j == i or (other_role in _WRITTEN and j < i):
+                    continue  # each pair of written arrays once
+                if self._in_place is not None and _in_place_pair(self, a, role, b, other_role):
+                    continue
+                if overlaps(a, b):
+                    raise ValueError(_overlap_message(name, role, other, other_role))
+
+    def finish(self) -> None:
+        """After the kernels: copy aligned scratch back into the caller's unaligned arrays."""
+        for scratch, target in self._writebacks:
+            np.copyto(target, scratch)
+
+
+def _in_place_pair(call: Call, a: NDArray[Any], role: str, b: NDArray[Any], b_role: str) -> bool:
+    """The in-place exception: ``out`` is x itself, and the other array is an input that is also
+    x itself (x, or a residual that is x): each value is read before its result is written."""
+    if a is call._in_place and b_role == INPUT:
+        return same_array(b, call.x)
+    if b is call._in_place and role == INPUT:
+        return same_array(a, call.x)
+    return False
+
+
+def _overlap_message(name: str, role: str, other: str, other_role: str) -> str:
+    if role == OUTPUT and other_role == OUTPUT:
+        return f"{name}: overlaps another output ({other}); pass separate buffers"
+    if role == OUTPUT:
+        if other_role == INPUT and other == "x":
+            return (
+                f"{name}: overlaps an input array (x); pass a separate buffer (only x itself, "
+                "the very same array, is allowed, and only by the forwards)"
+            )
+        return f"{name}: overlaps an input array ({other}, {_ROLE_TEXT[other_role]}); pass a separate buffer"
+    return (
+        f"{name}: overlaps {other} ({_ROLE_TEXT[other_role]}); a running statistic is updated in "
+        "place, so it must have memory of its own"
+    )
+
+
+_ROLE_TEXT = {
+    INPUT: "an input",
+    PARAM: "a parameter",
+    RUNNING: "a running statistic",
+    SAVED: "a saved statistic",
+    OUTPUT: "an output",
+}

@@ -48,51 +48,10 @@ Stats = tuple[int, NDArray[np.float64], NDArray[np.float64]]
 
 # batch_norm_forward and batch_norm_backward first offer their arguments to a compiled fast path,
 # which runs the plain case (exact ndarrays of the right dtypes, contiguous, Python scalars) in one
-# call and declines everything else, invalid arguments included, to the checks below.  The tests
-# switch it off to run every case through both paths.
+# call and declines everything else, invalid arguments included, to the checked path below (the
+# rules it re-checks: _checks.FAST_PATH_RULES).  The tests switch it off to run every case through
+# both paths.
 _FAST_PATH = True
-
-
-def _relu_arg(activation: Any) -> bool:
-    if activation is None:
-        return False
-    if activation == "relu":
-        return True
-    raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-
-
-def _like_x(a: Any, name: str, xa: NDArray[Any], ax: int) -> NDArray[Any]:
-    """An array with x's shape and dtype (residual, y), as the (outer, C, inner) view."""
-    arr = chk.as_input(a, name, allow_empty=True)
-    chk.check_same_shape(arr, xa, name)
-    return chk.view3(arr, ax)
-
-
-def _single_value_arg(policy: Any) -> str:
-    if policy != "raise" and policy != "running":
-        raise ValueError(f"single_value: expected 'raise' or 'running', got {policy!r}")
-    return str(policy)
-
-
-def _one_value_check(x: NDArray[Any], axis: int) -> int:
-    count = int(x.size // x.shape[axis])
-    if count < 2:
-        raise ValueError(
-            "x: expected more than 1 value per channel when training "
-            f"(shape {x.shape}, channel axis {axis}); use training=False for single samples, "
-            "or single_value='running' to fall back to the running statistics"
-        )
-    return count
-
-
-def _single_value_batch(x: NDArray[Any], axis: int, training: bool, policy: str) -> bool:
-    """True when a training call has one value per channel and the policy says to fall back to
-    the running statistics; raises for the 'raise' policy."""
-    if training and x.size // x.shape[axis] < 2:
-        if policy == "running":
-            return True
-        _one_value_check(x, axis)
-    return False
 
 
 def batch_norm_forward(
@@ -151,12 +110,13 @@ def batch_norm_forward(
     whose unbiased correction uses the number of valid positions) come from the valid positions
     only; every position is normalized with them.  Pass the same mask to the backward.
     """
-    policy = _single_value_arg(single_value)
-    relu = _relu_arg(activation)
+    policy = chk.single_value(single_value)
+    relu = chk.activation(activation)
+    training = chk.flag(training, "training")
     if mask is not None:
         return _masked_forward(
             x, gamma, beta, mask, running_mean, running_var, training, momentum, eps, axis,
-            running_var_unbiased, activation, residual, out,
+            running_var_unbiased, relu, residual, out,
         )  # fmt: skip
     if _FAST_PATH and not relu and residual is None:
         fast = _core.forward_fast(
@@ -165,47 +125,51 @@ def batch_norm_forward(
         )  # fmt: skip
         if fast is not None:  # the plain case, done in one compiled call (csrc/fastpath.cpp)
             return fast
-    xa = chk.as_input(x, "x")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    b = chk.channel_param(beta, "beta", C, xa.dtype)
-    eps_f = chk.real_number(eps, "eps", minimum=0.0)
-    x3 = chk.view3(xa, ax)
-    res3 = None if residual is None else _like_x(residual, "residual", xa, ax)
-    res_arr = None if residual is None else np.asarray(residual)
-    if _single_value_batch(xa, ax, bool(training), policy):
+    call = chk.Call()
+    xa = call.data(x, axis)
+    ax, C = call.ax, call.C
+    eps_f = chk.eps(eps)
+    unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
+    if _single_value_batch(xa, ax, training, policy):
         if running_mean is None or running_var is None:
             raise ValueError(
                 "running_mean, running_var: single_value='running' normalizes a one-value "
                 "batch with the running statistics, so both are required"
             )
         training = False
+    g = call.param(gamma, "gamma")
+    b = call.param(beta, "beta")
+    res3 = call.like_x(residual, "residual")
     if training:
-        mom = chk.real_number(momentum, "momentum")
-        rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
-        rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
-        y = chk.output(out, "out", xa, (xa, g, b, rm, rv, res_arr), in_place=xa)
+        mom = chk.momentum(momentum)
+        rm = call.running(running_mean, "running_mean")
+        rv = call.running(running_var, "running_var")
+        y = call.output(out, in_place=True)
+        call.seal()
+        x3 = call.view3(xa)
         mean = np.empty(C, dtype=np.float64)
         invstd = np.empty(C, dtype=np.float64)
         _core.forward_train(
-            x3, g, b, eps_f, y.reshape(x3.shape), mean, invstd, rm, rv, mom,
-            bool(running_var_unbiased), res3, relu,
+            x3, g, b, eps_f, y.reshape(x3.shape), mean, invstd, rm, rv, mom, unbiased, res3, relu,
         )  # fmt: skip
-        return y, mean, invstd
+        call.finish()
+        return (y if out is None else out), mean, invstd
     if running_mean is None or running_var is None:
         raise ValueError(
             "running_mean, running_var: both are required when training=False "
             "(inference normalizes with the running statistics)"
         )
-    rm_in = chk.channel_param(running_mean, "running_mean", C, xa.dtype)
-    rv_in = chk.channel_param(running_var, "running_var", C, xa.dtype)
+    rm_in = call.param(running_mean, "running_mean")
+    rv_in = call.param(running_var, "running_var")
     assert rm_in is not None and rv_in is not None
+    y = call.output(out, in_place=True)
+    call.seal()
     mean = rm_in.astype(np.float64)
     invstd = 1.0 / np.sqrt(rv_in.astype(np.float64) + eps_f)
-    y = chk.output(out, "out", xa, (xa, g, b, rm_in, rv_in, res_arr), in_place=xa)
+    x3 = call.view3(xa)
     _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
-    return y, mean, invstd
+    call.finish()
+    return (y if out is None else out), mean, invstd
 
 
 @overload
@@ -289,120 +253,184 @@ def batch_norm_backward(
 
     so a padded position gets only the direct term; dgamma and dbeta sum over every position.
     """
-    policy = _single_value_arg(single_value)
-    relu = _relu_arg(activation)
+    policy = chk.single_value(single_value)
+    relu = chk.activation(activation)
+    training = chk.flag(training, "training")
+    residual_grad = chk.flag(residual_grad, "residual_grad")
     if relu and y is None:
         raise ValueError("y: activation='relu' needs the forward's output y (for the mask)")
     if y is not None and not relu:
         raise ValueError("y: only used with activation='relu'")
     if mask is not None:
         return _masked_backward(
-            dy, x, mean, invstd, gamma, mask, training, axis, activation, y, residual_grad, out
+            dy, x, mean, invstd, gamma, mask, training, axis, relu, y, residual_grad, out
         )
     if _FAST_PATH and not relu and not residual_grad:
         fast = _core.backward_fast(dy, x, mean, invstd, gamma, training, axis, out)
         if fast is not None:  # the plain case, done in one compiled call (csrc/fastpath.cpp)
             return fast
-    xa = chk.as_input(x, "x")
-    dya = chk.as_input(dy, "dy")
-    chk.check_same_shape(dya, xa, "dy")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    if _single_value_batch(xa, ax, bool(training), policy):
+    call = chk.Call()
+    xa = call.data(x, axis)
+    dy3 = call.grad(dy)
+    ax, C = call.ax, call.C
+    if _single_value_batch(xa, ax, training, policy):
         training = False
-    m = chk.saved_stat(mean, "mean", C)
-    s = chk.saved_stat(invstd, "invstd", C)
-    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    y3 = None if y is None else _like_x(y, "y", xa, ax)
-    dx = chk.output(out, "out", xa, (xa, dya, g, None if y is None else np.asarray(y)))
-    x3 = chk.view3(xa, ax)
-    dgamma = np.empty(C, dtype=chk.param_dtype(xa.dtype))
-    dbeta = np.empty(C, dtype=chk.param_dtype(xa.dtype))
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    g = call.param(gamma, "gamma")
+    y3 = call.like_x(y, "y")
+    dx = call.output(out)
+    call.seal()
+    x3 = call.view3(xa)
+    P = chk.param_dtype(xa.dtype)
+    dgamma = np.empty(C, dtype=P)
+    dbeta = np.empty(C, dtype=P)
     dres = np.empty(xa.shape, dtype=xa.dtype) if residual_grad and relu else None
     _core.backward(
-        bool(training), chk.view3(dya, ax), x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta,
-        y3, None if dres is None else dres.reshape(x3.shape),
+        training, dy3, x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta, y3,
+        None if dres is None else dres.reshape(x3.shape),
     )  # fmt: skip
+    call.finish()
+    dx = dx if out is None else out
     if residual_grad:
-        return dx, dgamma, dbeta, (dres if dres is not None else dya)
+        return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
     return dx, dgamma, dbeta
 
 
 # ---- masks --------------------------------------------------------------------------------------
 
 
-def _mask_arg(mask: Any, xa: NDArray[Any], ax: int) -> NDArray[np.bool_]:
-    """The mask as a bool array of x's shape without the channel axis."""
-    m = np.asarray(mask)
-    want = xa.shape[:ax] + xa.shape[ax + 1 :]
-    if m.dtype != np.bool_:
-        raise TypeError(f"mask: expected a bool array, got dtype {m.dtype}")
-    if m.shape != want:
-        raise ValueError(
-            f"mask: expected shape {want} (x's shape without the channel axis {ax}), got {m.shape}"
-        )
-    return m
+def _single_value_batch(xa: NDArray[Any], ax: int, training: bool, policy: str) -> bool:
+    """True when a training call has one value per channel and the policy says to fall back to
+    the running statistics; raises for the 'raise' policy."""
+    if training and xa.size // xa.shape[ax] < 2:
+        if policy == "running":
+            return True
+        chk.one_value_check(xa, ax)
+    return False
 
 
-def _mask_view(valid: NDArray[np.bool_], x3: NDArray[Any]) -> NDArray[np.uint8]:
-    """The mask as the kernels take it: (outer, inner) bytes, in the order of x's (outer, C, inner)
-    view (x's shape without the channel axis is (outer..., inner...) in C order already)."""
-    return np.ascontiguousarray(valid).view(np.uint8).reshape(x3.shape[0], x3.shape[2])
+def _invstd(count: int, m2: NDArray[np.float64], eps: float) -> NDArray[np.float64]:
+    """1 / sqrt(M2 / count + eps): the same float64 operations wherever it is computed."""
+    result: NDArray[np.float64] = 1.0 / np.sqrt(m2 / float(count) + eps)
+    return result
+
+
+def _running_update(
+    rm: NDArray[Any] | None, rv: NDArray[Any] | None, count: int, mean: NDArray[np.float64],
+    m2: NDArray[np.float64], momentum: float, unbiased: bool,
+) -> None:  # fmt: skip
+    """The running update from merged statistics, in the same float64 operations as the fused
+    kernel's (csrc/bnkernel/forward.cpp), so the results are bit-identical."""
+    if rm is not None:
+        rm[...] = (1.0 - momentum) * rm.astype(np.float64) + momentum * mean
+    if rv is not None:
+        denom = float(count - 1 if unbiased and count > 1 else count)
+        rv[...] = (1.0 - momentum) * rv.astype(np.float64) + momentum * (m2 / denom)
+
+
+def _masked_count(valid: NDArray[np.bool_]) -> int:
+    count = int(np.count_nonzero(valid))
+    if count < 2:
+        raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
+    return count
 
 
 def _masked_forward(
     x: Any, gamma: Any, beta: Any, mask: Any, running_mean: Any, running_var: Any,
-    training: bool, momentum: float, eps: float, axis: int, unbiased: bool,
-    activation: str | None, residual: Any, out: Any,
+    training: bool, momentum: Any, eps: Any, axis: Any, unbiased: Any, relu: bool, residual: Any,
+    out: Any,
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:  # fmt: skip
     if not training:
         raise ValueError("mask: only used in training (inference uses the running statistics)")
-    xa = chk.as_input(x, "x")
-    ax = chk.channel_axis(xa.ndim, axis)
-    valid = _mask_arg(mask, xa, ax)
-    count = int(np.count_nonzero(valid))
-    if count < 2:
-        raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
+    call = chk.Call()
+    xa = call.data(x, axis)
+    valid = call.mask(mask)
+    assert valid is not None
+    _masked_count(valid)
+    eps_f = chk.eps(eps)
+    mom = chk.momentum(momentum)
+    unbiased = chk.flag(unbiased, "running_var_unbiased")
+    g = call.param(gamma, "gamma")
+    b = call.param(beta, "beta")
+    res3 = call.like_x(residual, "residual")
+    rm = call.running(running_mean, "running_mean")
+    rv = call.running(running_var, "running_var")
+    y = call.output(out, in_place=True)
+    call.seal()
     # the statistics of the valid positions (one pass, the mask read alongside), then the
     # normalize of every position
-    n, mean, m2 = channel_stats(xa, axis=ax, mask=valid)
-    eps_f = chk.real_number(eps, "eps", minimum=0.0)
-    invstd = invstd_from_stats(n, m2, eps_f)
-    mom = chk.real_number(momentum, "momentum")
-    C = xa.shape[ax]
-    rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
-    rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
-    y = normalize(xa, mean, invstd, gamma, beta, axis=ax, activation=activation,
-                  residual=residual, out=out)  # fmt: skip
-    update_running_stats(rm, rv, n, mean, m2, momentum=mom, unbiased=bool(unbiased))
-    return y, mean, invstd
+    x3 = call.view3(xa)
+    mean = np.empty(call.C, dtype=np.float64)
+    m2 = np.empty(call.C, dtype=np.float64)
+    n = int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2))
+    invstd = _invstd(n, m2, eps_f)
+    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
+    _running_update(rm, rv, n, mean, m2, mom, unbiased)
+    call.finish()
+    return (y if out is None else out), mean, invstd
+
+
+def _masked_sums(
+    dy3: NDArray[Any], x3: NDArray[Any], valid: NDArray[np.bool_], mean: NDArray[np.float64],
+    invstd: NDArray[np.float64], y3: NDArray[Any] | None, dres3: NDArray[Any] | None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:  # fmt: skip
+    """``(sum(g), sum(g * xhat))`` over every position (g: dy, ReLU-masked with y), except that a
+    padded position whose value or gradient is not finite (NaN or inf padding) enters no sum:
+    padding never poisons the valid positions' gradients.  Finite padding enters as it always
+    did, so the common case is one pass and bit for bit the unmasked reduction."""
+    C = x3.shape[1]
+    sum_dy = np.empty(C, dtype=np.float64)
+    sum_dy_xhat = np.empty(C, dtype=np.float64)
+    _core.backward_reduce(dy3, x3, mean, invstd, sum_dy, sum_dy_xhat, y3, dres3)
+    if np.isfinite(sum_dy).all() and np.isfinite(sum_dy_xhat).all():
+        return sum_dy, sum_dy_xhat
+    padded = ~valid.reshape(x3.shape[0], 1, x3.shape[2])
+    bad = padded & ~(np.isfinite(x3) & np.isfinite(dy3))
+    if not bad.any():
+        return sum_dy, sum_dy_xhat  # the valid positions' own values are not finite: honest NaN
+    # those positions again with x = mean and dy = 0: a term of exactly 0 each
+    xs = np.where(bad, mean.reshape(1, C, 1).astype(x3.dtype), x3)
+    dys = np.where(bad, np.zeros((), dy3.dtype), dy3)
+    _core.backward_reduce(dys, xs, mean, invstd, sum_dy, sum_dy_xhat, y3, None)
+    return sum_dy, sum_dy_xhat
 
 
 def _masked_backward(
-    dy: Any, x: Any, mean: Any, invstd: Any, gamma: Any, mask: Any, training: bool, axis: int,
-    activation: str | None, y: Any, residual_grad: bool, out: Any,
+    dy: Any, x: Any, mean: Any, invstd: Any, gamma: Any, mask: Any, training: bool, axis: Any,
+    relu: bool, y: Any, residual_grad: bool, out: Any,
 ) -> tuple[NDArray[Any], ...]:  # fmt: skip
-    xa = chk.as_input(x, "x")
-    ax = chk.channel_axis(xa.ndim, axis)
-    valid = _mask_arg(mask, xa, ax)
-    count = int(np.count_nonzero(valid))
+    call = chk.Call()
+    xa = call.data(x, axis)
+    dy3 = call.grad(dy)
+    valid = call.mask(mask)
+    assert valid is not None
     if not training:  # constant statistics: the mask changes nothing
         result: tuple[NDArray[Any], ...] = batch_norm_backward(  # type: ignore[call-overload]
-            dy, xa, mean, invstd, gamma, training=False, axis=ax, activation=activation, y=y,
-            residual_grad=residual_grad, out=out,
+            dy, xa, mean, invstd, gamma, training=False, axis=call.ax,
+            activation="relu" if relu else None, y=y, residual_grad=residual_grad, out=out,
         )  # fmt: skip
         return result
-    if count < 2:
-        raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
-    relu = _relu_arg(activation)
+    count = _masked_count(valid)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    g = call.param(gamma, "gamma")
+    y3 = call.like_x(y, "y")
+    dx = call.output(out)
+    call.seal()
+    x3 = call.view3(xa)
     dres = np.empty(xa.shape, dtype=xa.dtype) if relu else None
     # the sums over every position, then dx with the mask (padded positions: the direct term)
-    sum_dy, sum_dy_xhat = backward_reduce(dy, xa, mean, invstd, axis=ax, y=y if relu else None,
-                                          dresidual=dres)  # fmt: skip
-    dx = backward_elementwise(dy, xa, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis=ax,
-                              y=y if relu else None, mask=valid, out=out)  # fmt: skip
-    dgamma = sum_dy_xhat.astype(chk.param_dtype(xa.dtype))
-    dbeta = sum_dy.astype(chk.param_dtype(xa.dtype))
+    sum_dy, sum_dy_xhat = _masked_sums(
+        dy3, x3, valid.reshape(x3.shape[0], x3.shape[2]), m, s, y3,
+        None if dres is None else dres.reshape(x3.shape),
+    )  # fmt: skip
+    _core.backward_elementwise(dy3, x3, m, s, g, sum_dy, sum_dy_xhat, count,
+                               dx.reshape(x3.shape), y3, chk.mask_view(valid, x3))  # fmt: skip
+    call.finish()
+    P = chk.param_dtype(xa.dtype)
+    dgamma, dbeta = sum_dy_xhat.astype(P), sum_dy.astype(P)
+    dx = dx if out is None else out
     if residual_grad:
         return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
     return dx, dgamma, dbeta
@@ -424,15 +452,15 @@ def channel_stats(
     is True, read in the same pass (padded values, even NaN, never enter the sums); ``count`` is
     the number of those.
     """
-    xa = chk.as_input(x, "x", allow_empty=True)
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    C = call.C
+    valid = call.mask(mask)
     mean = np.empty(C, dtype=np.float64)
     m2 = np.empty(C, dtype=np.float64)
-    x3 = chk.view3(xa, ax)
-    if mask is not None:
-        m = _mask_view(_mask_arg(mask, xa, ax), x3)
-        return int(_core.masked_channel_stats(x3, m, mean, m2)), mean, m2
+    x3 = call.view3(xa)
+    if valid is not None:
+        return int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2)), mean, m2
     _core.channel_stats(x3, mean, m2)
     return xa.size // C, mean, m2
 
@@ -464,6 +492,10 @@ def merge_stats(*stats: Stats) -> Stats:
         m2s.append(chk.saved_stat(m2, f"stats[{i}] M2", channels))
         counts.append(int(n))
     assert channels is not None
+    if sum(counts) > chk.INT64_MAX:
+        raise OverflowError(
+            f"stats: the total count {sum(counts)} does not fit in 64 bits (at most 2**63 - 1)"
+        )
     mean = np.empty(channels, dtype=np.float64)
     m2 = np.empty(channels, dtype=np.float64)
     count = _core.merge_stats(
@@ -475,11 +507,10 @@ def merge_stats(*stats: Stats) -> Stats:
 def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArray[np.float64]:
     """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation, exactly as
     the fused forward computes it (same float64 operations, so the results are bit-identical)."""
-    count = _count_arg(count, "count")
+    count = chk.count(count)
     m2a = np.asarray(m2, dtype=np.float64)
-    eps_f = chk.real_number(eps, "eps", minimum=0.0)
-    result: NDArray[np.float64] = 1.0 / np.sqrt(m2a / float(count) + eps_f)
-    return result
+    eps_f = chk.eps(eps)
+    return _invstd(count, m2a, eps_f)
 
 
 def update_running_stats(
@@ -498,37 +529,27 @@ def update_running_stats(
     running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1)  # unbiased
     running_var  = (1 - momentum) * running_var  + momentum * M2 / count        # biased
     """
-    mom = chk.real_number(momentum, "momentum")
-    count = _count_arg(count, "count")
-    buffers = {"running_mean": running_mean, "running_var": running_var}
-    given = {k: v for k, v in buffers.items() if v is not None}
-    if not given:
+    mom = chk.momentum(momentum)
+    count = chk.count(count)
+    unbiased = chk.flag(unbiased, "unbiased")
+    if running_mean is None and running_var is None:
         return
-    for name, v in given.items():
-        if not isinstance(v, np.ndarray):
-            raise TypeError(
-                f"{name}: expected a numpy array (it is updated in place), got {type(v).__name__}"
-            )
-        if v.dtype not in chk.SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {v.dtype}")
-    first = next(iter(given.values()))
-    C = first.shape[0] if first.ndim == 1 else -1
-    for name, v in given.items():
-        chk.running_buffer(v, name, C, first.dtype)
-    mu = chk.saved_stat(mean, "mean", C)
-    m2a = chk.saved_stat(m2, "m2", C)
-    # the same float64 operations as the fused kernel's update, so the results are bit-identical
-    if running_mean is not None:
-        running_mean[...] = (1.0 - mom) * running_mean.astype(np.float64) + mom * mu
-    if running_var is not None:
-        denom = float(count - 1 if unbiased and count > 1 else count)
-        running_var[...] = (1.0 - mom) * running_var.astype(np.float64) + mom * (m2a / denom)
-
-
-def _count_arg(count: Any, name: str) -> int:
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {count!r}")
-    return int(count)
+    # the running statistics fix C and the dtype (there is no x here): the first one given
+    first: Any = running_mean if running_mean is not None else running_var
+    first_name = "running_mean" if running_mean is not None else "running_var"
+    C = int(np.shape(first)[0]) if np.ndim(first) == 1 else -1
+    first = chk.running_buffer(first, first_name, C, None)
+    assert first is not None
+    call = chk.Call()
+    call.C = C
+    call.x = np.empty((0, C), first.dtype)  # stands for the data: only its dtype is used
+    rm = call.running(running_mean, "running_mean")
+    rv = call.running(running_var, "running_var")
+    mu = call.saved(mean, "mean")
+    m2a = call.saved(m2, "m2")
+    call.seal()
+    _running_update(rm, rv, count, mu, m2a, mom, unbiased)
+    call.finish()
 
 
 def normalize(
@@ -545,20 +566,20 @@ def normalize(
 ) -> NDArray[Any]:
     """``y = (x - mean) * (gamma * invstd) + beta`` with given per-channel statistics, then the
     optional fused epilogue of :func:`batch_norm_forward` (``+ residual``, ``relu``)."""
-    relu = _relu_arg(activation)
-    xa = chk.as_input(x, "x", allow_empty=True)
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    m = chk.saved_stat(mean, "mean", C)
-    s = chk.saved_stat(invstd, "invstd", C)
-    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    b = chk.channel_param(beta, "beta", C, xa.dtype)
-    res3 = None if residual is None else _like_x(residual, "residual", xa, ax)
-    res_arr = None if residual is None else np.asarray(residual)
-    y = chk.output(out, "out", xa, (xa, g, b, res_arr), in_place=xa)
-    x3 = chk.view3(xa, ax)
+    relu = chk.activation(activation)
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    g = call.param(gamma, "gamma")
+    b = call.param(beta, "beta")
+    res3 = call.like_x(residual, "residual")
+    y = call.output(out, in_place=True)
+    call.seal()
+    x3 = call.view3(xa)
     _core.normalize(x3, m, s, g, b, y.reshape(x3.shape), res3, relu)
-    return y
+    call.finish()
+    return y if out is None else out
 
 
 def backward_reduce(
@@ -576,25 +597,24 @@ def backward_reduce(
 
     With ``y`` (the output of a forward with ``activation="relu"``), dy is masked where
     ``y <= 0`` first; ``dresidual`` (x's shape and dtype) then receives the masked dy."""
-    xa = chk.as_input(x, "x", allow_empty=True)
-    dya = chk.as_input(dy, "dy", allow_empty=True)
-    chk.check_same_shape(dya, xa, "dy")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    m = chk.saved_stat(mean, "mean", C)
-    s = chk.saved_stat(invstd, "invstd", C)
-    sum_dy = np.empty(C, dtype=np.float64)
-    sum_dy_xhat = np.empty(C, dtype=np.float64)
-    y3 = None if y is None else _like_x(y, "y", xa, ax)
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    dy3 = call.grad(dy, allow_empty=True)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    y3 = call.like_x(y, "y")
     if dresidual is not None and y is None:
         raise ValueError("dresidual: needs y (the ReLU mask)")
-    dres = None
-    if dresidual is not None:
-        dres = chk.output(dresidual, "dresidual", xa, (xa, dya, np.asarray(y)))
+    dres = None if dresidual is None else call.output(dresidual, "dresidual")
+    call.seal()
+    C = call.C
+    sum_dy = np.empty(C, dtype=np.float64)
+    sum_dy_xhat = np.empty(C, dtype=np.float64)
     _core.backward_reduce(
-        chk.view3(dya, ax), chk.view3(xa, ax), m, s, sum_dy, sum_dy_xhat, y3,
-        None if dres is None else chk.view3(dres, ax),
+        dy3, call.view3(xa), m, s, sum_dy, sum_dy_xhat, y3,
+        None if dres is None else call.view3(dres),
     )  # fmt: skip
+    call.finish()
     return sum_dy, sum_dy_xhat
 
 
@@ -626,22 +646,21 @@ def backward_elementwise(
     sums from :func:`backward_reduce` over every position; a padded position gets only the direct
     term ``gamma * invstd * dy`` (see :func:`batch_norm_backward`).
     """
-    xa = chk.as_input(x, "x", allow_empty=True)
-    dya = chk.as_input(dy, "dy", allow_empty=True)
-    chk.check_same_shape(dya, xa, "dy")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    m = chk.saved_stat(mean, "mean", C)
-    s = chk.saved_stat(invstd, "invstd", C)
-    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    sdy = chk.saved_stat(sum_dy, "sum_dy", C)
-    sdyx = chk.saved_stat(sum_dy_xhat, "sum_dy_xhat", C)
-    count = _count_arg(count, "count")
-    y3 = None if y is None else _like_x(y, "y", xa, ax)
-    dx = chk.output(out, "out", xa, (xa, dya, g, None if y is None else np.asarray(y)))
-    x3 = chk.view3(xa, ax)
-    mv = None if mask is None else _mask_view(_mask_arg(mask, xa, ax), x3)
-    _core.backward_elementwise(
-        chk.view3(dya, ax), x3, m, s, g, sdy, sdyx, int(count), dx.reshape(x3.shape), y3, mv
-    )
-    return dx
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    dy3 = call.grad(dy, allow_empty=True)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    g = call.param(gamma, "gamma")
+    sdy = call.saved(sum_dy, "sum_dy")
+    sdyx = call.saved(sum_dy_xhat, "sum_dy_xhat")
+    n = chk.count(count)
+    y3 = call.like_x(y, "y")
+    valid = call.mask(mask)
+    dx = call.output(out)
+    call.seal()
+    x3 = call.view3(xa)
+    mv = None if valid is None else chk.mask_view(valid, x3)
+    _core.backward_elementwise(dy3, x3, m, s, g, sdy, sdyx, n, dx.reshape(x3.shape), y3, mv)
+    call.finish()
+    return dx if out is None else out

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from . import _checks as chk
-from .functional import Stats, _single_value_arg, batch_norm_backward, batch_norm_forward
+from .functional import Stats, batch_norm_backward, batch_norm_forward
 from .variants import (
     batch_renorm_backward,
     batch_renorm_forward,
@@ -174,7 +174,7 @@ class BatchNorm:
         self.num_features = int(num_features)
         self.axis = int(axis)
         self.convention: Convention = convention
-        self.eps = chk.real_number(defaults["eps"] if eps is None else eps, "eps", minimum=0.0)
+        self.eps = chk.eps(defaults["eps"] if eps is None else eps)
         if momentum is DEFAULT:
             momentum = defaults["momentum"]
         if momentum is not None:
@@ -183,8 +183,8 @@ class BatchNorm:
                 raise ValueError(f"momentum: expected a number in [0, 1] or None, got {momentum}")
         self.momentum: float | None = momentum
         self.unbiased_running_var: bool = defaults["unbiased_running_var"]
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = chk.flag(affine, "affine")
+        self.track_running_stats = chk.flag(track_running_stats, "track_running_stats")
 
         C = self.num_features
         self.params: dict[str, NDArray[Any]] = {}
@@ -200,7 +200,7 @@ class BatchNorm:
             self.running_mean = np.zeros(C, self.param_dtype)
             self.running_var = np.ones(C, self.param_dtype)
         self.mode: Literal["train", "eval", "frozen"] = "train"
-        self.renorm = bool(renorm)
+        self.renorm = chk.flag(renorm, "renorm")
         self.r_max = chk.real_number(r_max, "r_max", minimum=1.0)
         self.d_max = chk.real_number(d_max, "d_max", minimum=0.0)
         if self.renorm and not self.track_running_stats:
@@ -218,9 +218,8 @@ class BatchNorm:
             if self.renorm:
                 raise ValueError("virtual_batch_size: not supported together with renorm=True")
         self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
-        self.single_value = _single_value_arg(single_value)
-        if activation not in (None, "relu"):
-            raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+        self.single_value = chk.single_value(single_value)
+        chk.activation(activation)
         if activation is not None and (self.renorm or self.virtual_batch_size is not None):
             raise ValueError(
                 "activation: the fused ReLU is not supported with renorm or virtual_batch_size"
@@ -274,7 +273,7 @@ class BatchNorm:
 
     def train(self, mode: bool = True) -> BatchNorm:
         """Training mode (``train(False)`` is ``eval()``)."""
-        self.mode = "train" if mode else "eval"
+        self.mode = "train" if chk.flag(mode, "mode") else "eval"
         return self
 
     def eval(self) -> BatchNorm:
@@ -498,6 +497,11 @@ class BatchNorm:
         """Load a state saved by :meth:`state_dict` (or by PyTorch / Keras, as arrays).  ``style``
         is guessed from the keys when not given.  Values are copied into the layer's arrays (cast
         to its dtype); with ``strict`` the keys must be exactly the expected ones."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                "state: expected a mapping of names to arrays (what state_dict() returns), "
+                f"got {type(state).__name__}"
+            )
         if style is None:
             style = "keras" if "moving_mean" in state or "gamma" in state else "torch"
         if style not in _STATE_KEYS:
@@ -516,14 +520,39 @@ class BatchNorm:
             (k_mean, self.running_mean),
             (k_var, self.running_var),
         ]
+        # every value is checked and converted first, then all are written: a bad entry leaves
+        # the layer as it was
+        staged: list[tuple[NDArray[Any], NDArray[Any]]] = []
         for key, target in targets:
             if key not in state or target is None:
                 continue
-            value = np.asarray(state[key])
+            try:
+                value = np.asarray(state[key]).astype(target.dtype)
+            except (TypeError, ValueError) as e:
+                raise type(e)(
+                    f"state[{key!r}]: expected numbers convertible to {target.dtype}: {e}"
+                ) from e
             if value.shape != target.shape:
                 raise ValueError(
                     f"state[{key!r}]: expected shape {target.shape}, got {value.shape}"
                 )
-            target[...] = value.astype(target.dtype, copy=False)
+            staged.append((target, value))
+        batches = self.num_batches_tracked
         if "num_batches_tracked" in state:
-            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+            batches = _batch_count(state["num_batches_tracked"])
+        for target, value in staged:
+            target[...] = value
+        self.num_batches_tracked = batches
+
+
+def _batch_count(v: Any) -> int:
+    """A saved num_batches_tracked: an integer >= 0 (a Python int or a 0-d / 1-element array)."""
+    arr = np.asarray(v)
+    if isinstance(v, bool) or arr.size != 1 or arr.dtype.kind not in "iu":
+        raise TypeError(
+            f"state['num_batches_tracked']: expected an integer >= 0, got {type(v).__name__} {v!r}"
+        )
+    n = int(arr.reshape(()))
+    if n < 0:
+        raise ValueError(f"state['num_batches_tracked']: expected an integer >= 0, got {n}")
+    return n

@@ -16,15 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _checks as chk
-from .functional import (
-    Stats,
-    backward_elementwise,
-    backward_reduce,
-    channel_stats,
-    invstd_from_stats,
-    merge_stats,
-    normalize,
-)
+from . import _core
+from .functional import Stats, _invstd, _running_update, channel_stats, merge_stats
 
 __all__ = [
     "batch_renorm_backward",
@@ -105,37 +98,38 @@ def batch_renorm_forward(
     ``r`` and ``d`` are returned for :func:`batch_renorm_backward`, which treats them as
     constants, as the paper prescribes.
     """
-    xa = chk.as_input(x, "x")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
+    call = chk.Call()
+    xa = call.data(x, axis)
+    C = call.C
     rmax, dmax = _limits(r_max, d_max)
-    eps_f = chk.real_number(eps, "eps", minimum=0.0)
-    mom = chk.real_number(momentum, "momentum")
-    rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
-    rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
+    eps_f = chk.eps(eps)
+    mom = chk.momentum(momentum)
+    unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
+    rm = call.running(running_mean, "running_mean")
+    rv = call.running(running_var, "running_var")
     if rm is None or rv is None:
         raise ValueError("running_mean, running_var: batch renormalization needs both")
-    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    b = chk.channel_param(beta, "beta", C, xa.dtype)
-    count = int(xa.size // C)
-    if count < 2:
-        raise ValueError(
-            f"x: expected more than 1 value per channel when training (shape {xa.shape})"
-        )
-    n, mean, m2 = channel_stats(xa, axis=ax)
-    invstd = invstd_from_stats(n, m2, eps_f)
-    r, d = renorm_corrections(mean, m2 / n, rm, rv, eps=eps_f, r_max=rmax, d_max=dmax)
+    g = call.param(gamma, "gamma")
+    b = call.param(beta, "beta")
+    count = chk.one_value_check(xa, call.ax)
+    y = call.output(out, in_place=True)
+    call.seal()
+    x3 = call.view3(xa)
+    mean = np.empty(C, dtype=np.float64)
+    m2 = np.empty(C, dtype=np.float64)
+    _core.channel_stats(x3, mean, m2)
+    invstd = _invstd(count, m2, eps_f)
+    r, d = renorm_corrections(mean, m2 / count, rm, rv, eps=eps_f, r_max=rmax, d_max=dmax)
     # y = (x - mean) * (gamma * invstd * r) + (beta + gamma * d): r goes into the float64
     # invstd the kernel multiplies by, d into beta
     g64 = np.ones(C) if g is None else g.astype(np.float64)
     b64 = np.zeros(C) if b is None else b.astype(np.float64)
     shift = (b64 + g64 * d).astype(chk.param_dtype(xa.dtype))
-    y = normalize(xa, mean, invstd * r, g, shift, axis=ax, out=out)
+    _core.normalize(x3, mean, invstd * r, g, shift, y.reshape(x3.shape), None, False)
     # the update comes after r and d, which use the statistics from before this batch
-    denom = float(count - 1 if running_var_unbiased else count)
-    rm[...] = (1.0 - mom) * rm.astype(np.float64) + mom * mean
-    rv[...] = (1.0 - mom) * rv.astype(np.float64) + mom * (m2 / denom)
-    return y, mean, invstd, r, d
+    _running_update(rm, rv, count, mean, m2, mom, unbiased)
+    call.finish()
+    return (y if out is None else out), mean, invstd, r, d
 
 
 def batch_renorm_backward(
@@ -160,21 +154,29 @@ def batch_renorm_backward(
     ``invstd * r`` in place of ``invstd`` and ``sum(dy * xhat) / r`` in place of the sum, which is
     the formula above term for term.
     """
-    xa = chk.as_input(x, "x")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    r64 = chk.saved_stat(r, "r", C)
-    d64 = chk.saved_stat(d, "d", C)
+    call = chk.Call()
+    xa = call.data(x, axis)
+    dy3 = call.grad(dy)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    r64 = call.saved(r, "r")
+    d64 = call.saved(d, "d")
     if np.any(~(r64 > 0)):
         raise ValueError("r: expected positive corrections (r is clipped to [1/r_max, r_max])")
-    s = chk.saved_stat(invstd, "invstd", C)
-    sum_dy, sum_dy_xhat = backward_reduce(dy, xa, mean, s, axis=ax)
+    g = call.param(gamma, "gamma")
+    dx = call.output(out)
+    call.seal()
+    C = call.C
+    x3 = call.view3(xa)
+    sum_dy = np.empty(C, dtype=np.float64)
+    sum_dy_xhat = np.empty(C, dtype=np.float64)
+    _core.backward_reduce(dy3, x3, m, s, sum_dy, sum_dy_xhat, None, None)
     count = int(xa.size // C)
-    dx = backward_elementwise(
-        dy, xa, mean, s * r64, gamma, sum_dy, sum_dy_xhat / r64, count, axis=ax, out=out
-    )
+    _core.backward_elementwise(dy3, x3, m, s * r64, g, sum_dy, sum_dy_xhat / r64, count,
+                               dx.reshape(x3.shape), None, None)  # fmt: skip
+    call.finish()
     dgamma = (r64 * sum_dy_xhat + d64 * sum_dy).astype(chk.param_dtype(xa.dtype))
-    return dx, dgamma, sum_dy.astype(chk.param_dtype(xa.dtype))
+    return (dx if out is None else out), dgamma, sum_dy.astype(chk.param_dtype(xa.dtype))
 
 
 # ---- ghost batch normalization -----------------------------------------------------------------
@@ -222,34 +224,39 @@ def ghost_batch_norm_forward(
     batches of their means and of their variances (each variance corrected by ``m / (m - 1)``
     first, m being a virtual batch's values per channel, when ``running_var_unbiased``).
     """
-    xa = chk.as_input(x, "x")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    groups = _groups(xa, ax, virtual_batch_size)
-    eps_f = chk.real_number(eps, "eps", minimum=0.0)
-    mom = chk.real_number(momentum, "momentum")
-    rm = chk.running_buffer(running_mean, "running_mean", C, xa.dtype)
-    rv = chk.running_buffer(running_var, "running_var", C, xa.dtype)
-    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    b = chk.channel_param(beta, "beta", C, xa.dtype)
-    y = chk.output(out, "out", xa, (xa, g, b, rm, rv), in_place=xa)
-    xc = np.ascontiguousarray(xa)
+    call = chk.Call()
+    xa = call.data(x, axis)
+    C = call.C
+    groups = _groups(xa, call.ax, virtual_batch_size)
+    eps_f = chk.eps(eps)
+    mom = chk.momentum(momentum)
+    unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
+    rm = call.running(running_mean, "running_mean")
+    rv = call.running(running_var, "running_var")
+    g = call.param(gamma, "gamma")
+    b = call.param(beta, "beta")
+    y = call.output(out, in_place=True)
+    call.seal()
+    xc = chk.kernel_view(xa)
     v = xa.shape[0] // groups
     means = np.empty((groups, C))
     invstds = np.empty((groups, C))
     variances = np.empty((groups, C))
+    m2 = np.empty(C)
     for k in range(groups):
-        part = xc[k * v : (k + 1) * v]
-        n, mean, m2 = channel_stats(part, axis=ax)
-        means[k] = mean
-        invstds[k] = invstd_from_stats(n, m2, eps_f)
-        variances[k] = m2 / (n - 1 if running_var_unbiased else n)
-        normalize(part, mean, invstds[k], g, b, axis=ax, out=y[k * v : (k + 1) * v])
+        part = call.view3(xc[k * v : (k + 1) * v])
+        _core.channel_stats(part, means[k], m2)
+        n = int(part.size // C)
+        invstds[k] = _invstd(n, m2, eps_f)
+        variances[k] = m2 / (n - 1 if unbiased else n)
+        _core.normalize(part, means[k], invstds[k], g, b,
+                        y[k * v : (k + 1) * v].reshape(part.shape), None, False)  # fmt: skip
     if rm is not None:
         rm[...] = (1.0 - mom) * rm.astype(np.float64) + mom * means.mean(axis=0)
     if rv is not None:
         rv[...] = (1.0 - mom) * rv.astype(np.float64) + mom * variances.mean(axis=0)
-    return y, means, invstds
+    call.finish()
+    return (y if out is None else out), means, invstds
 
 
 def ghost_batch_norm_backward(
@@ -265,34 +272,35 @@ def ghost_batch_norm_backward(
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Gradients ``(dx, dgamma, dbeta)`` of :func:`ghost_batch_norm_forward`: each virtual batch's
     training backward; dgamma and dbeta are summed over them in float64 and rounded once."""
-    xa = chk.as_input(x, "x")
-    dya = chk.as_input(dy, "dy")
-    chk.check_same_shape(dya, xa, "dy")
-    ax = chk.channel_axis(xa.ndim, axis)
-    C = chk.check_channels(xa, ax)
-    groups = _groups(xa, ax, virtual_batch_size)
-    means = np.asarray(mean, dtype=np.float64)
-    invstds = np.asarray(invstd, dtype=np.float64)
-    for name, a in (("mean", means), ("invstd", invstds)):
-        if a.shape != (groups, C):
-            raise ValueError(f"{name}: expected shape ({groups}, {C}), got {a.shape}")
-    g = chk.channel_param(gamma, "gamma", C, xa.dtype)
-    dx = chk.output(out, "out", xa, (xa, dya, g))
-    xc = np.ascontiguousarray(xa)
-    dyc = np.ascontiguousarray(dya)
+    call = chk.Call()
+    xa = call.data(x, axis)
+    call.grad(dy)
+    C = call.C
+    groups = _groups(xa, call.ax, virtual_batch_size)
+    means = call.saved(mean, "mean", (groups, C))
+    invstds = call.saved(invstd, "invstd", (groups, C))
+    g = call.param(gamma, "gamma")
+    dx = call.output(out)
+    call.seal()
+    xc = chk.kernel_view(xa)
+    dyc = chk.kernel_view(np.asarray(dy))
     v = xa.shape[0] // groups
     count = int(xa.size // (C * groups))
     sum_dy = np.zeros(C)
     sum_dy_xhat = np.zeros(C)
+    sdy = np.empty(C)
+    sdyx = np.empty(C)
     for k in range(groups):
         sl = slice(k * v, (k + 1) * v)
-        sdy, sdyx = backward_reduce(dyc[sl], xc[sl], means[k], invstds[k], axis=ax)
-        backward_elementwise(dyc[sl], xc[sl], means[k], invstds[k], g, sdy, sdyx, count,
-                             axis=ax, out=dx[sl])  # fmt: skip
+        x3, dy3 = call.view3(xc[sl]), call.view3(dyc[sl])
+        _core.backward_reduce(dy3, x3, means[k], invstds[k], sdy, sdyx, None, None)
+        _core.backward_elementwise(dy3, x3, means[k], invstds[k], g, sdy, sdyx, count,
+                                   dx[sl].reshape(x3.shape), None, None)  # fmt: skip
         sum_dy += sdy
         sum_dy_xhat += sdyx
+    call.finish()
     return (
-        dx,
+        dx if out is None else out,
         sum_dy_xhat.astype(chk.param_dtype(xa.dtype)),
         sum_dy.astype(chk.param_dtype(xa.dtype)),
     )
