@@ -2,13 +2,30 @@
 //
 // A call on a small array is all overhead: the Python-level checks and pybind11's conversion of a
 // dozen arguments cost ~6 us where the kernel on 64x3 values takes a fraction of one.  These two
-// functions take the public functions' arguments as they came, accept only the plain case (exact
-// ndarrays, native float32/float64, C-contiguous and aligned, parameters of the right dtype and
-// length, Python floats and ints and bools for the scalars), and run it with the numpy C API.
-// Anything else, including every invalid argument, returns None, and the Python function then
-// takes its ordinary path, which raises the descriptive errors.  So the fast path never decides
-// whether a call is valid, only whether it is plain; what it computes is what the ordinary path
-// computes, through the same kernels (the test suite runs every case both ways).
+// functions take the public functions' arguments as they came, accept only the plain case, and
+// run it with the numpy C API.  Anything else, including every invalid argument, returns None, and
+// the Python function then takes its checked path, which raises the descriptive errors.  So the
+// fast path never decides whether a call is valid, only whether it is plain; what it computes is
+// what the checked path computes, through the same kernels.
+//
+// The plain case is the conjunction of the rules below, each a rule of the argument layer
+// (python/bnkernel/_checks.py, FAST_PATH_RULES, which names the Python function stating each;
+// kRules here must list the same names, tests/test_fastpath.py holds them together, and its
+// property tests show that the fast path never accepts a call the checked path refuses):
+//   x-plain            x: exact ndarray, float32/float64, C-contiguous, aligned, ndim >= 2, not
+//                      empty (plain(), input())
+//   axis               an exact int in [-ndim, ndim) (input())
+//   flags              training, running_var_unbiased: exact bools
+//   eps                an exact float, finite, >= 0
+//   momentum           an exact float in [0, 1] (training)
+//   per-channel        gamma, beta, running statistics: plain, 1-d, length C, x's dtype; mean and
+//                      invstd: plain float64 (per_channel())
+//   one-value          training: more than one value per channel
+//   running-required   inference: both running statistics given
+//   running-writeable  training: the running statistics given are writeable
+//   out-plain          out: plain, x's dtype and shape, writeable (output())
+//   overlap            out shares memory with no other argument; updated running statistics share
+//                      none with each other, x or the parameters (overlaps(), disjoint())
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -19,6 +36,7 @@
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
+#include <iterator>
 #include <new>
 
 #include "bnkernel/kernels.hpp"
@@ -63,6 +81,14 @@ bool overlaps(PyArrayObject* a, PyArrayObject* b) {
   const auto* a0 = static_cast<const char*>(PyArray_DATA(a));
   const auto* b0 = static_cast<const char*>(PyArray_DATA(b));
   return a0 < b0 + PyArray_NBYTES(b) && b0 < a0 + PyArray_NBYTES(a);
+}
+
+// Whether a shares memory with none of `others` (null entries ignored).
+bool disjoint(PyArrayObject* a, std::initializer_list<PyArrayObject*> others) {
+  for (PyArrayObject* o : others) {
+    if (overlaps(a, o)) return false;
+  }
+  return true;
 }
 
 // x: plain float32/float64, ndim >= 2, not empty; the channel axis from `axis` (a Python int in
@@ -186,7 +212,11 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
   if (training == Py_True) {
     if (s.per_channel() < 2 || !finite_float(args[6], momentum)) return not_plain();
+    if (momentum < 0.0 || momentum > 1.0) return not_plain();
     if ((rm && !writeable(rm)) || (rv && !writeable(rv))) return not_plain();
+    if (!disjoint(rm, {rv, in.x, gamma, beta}) || !disjoint(rv, {in.x, gamma, beta})) {
+      return not_plain();
+    }
     PyArrayObject* y = output(args[10], in, {in.x, gamma, beta, rm, rv});
     if (!y) return PyErr_Occurred() ? nullptr : not_plain();
     PyObject* mean = new_vector(s.channels, NPY_DOUBLE);
@@ -265,7 +295,7 @@ PyObject* backward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyArrayObject* invstd = per_channel(args[3], NPY_DOUBLE, s.channels, false, ok);
   PyArrayObject* gamma = per_channel(args[4], in.type, s.channels, true, ok);
   if (!ok) return not_plain();
-  PyArrayObject* dx = output(args[7], in, {in.x, dy, gamma});
+  PyArrayObject* dx = output(args[7], in, {in.x, dy, gamma, mean, invstd});
   if (!dx) return PyErr_Occurred() ? nullptr : not_plain();
   PyObject* dgamma = new_vector(s.channels, in.type);
   PyObject* dbeta = new_vector(s.channels, in.type);
@@ -294,6 +324,12 @@ PyObject* backward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return triple(reinterpret_cast<PyObject*>(dx), dgamma, dbeta);
 }
 
+// The rules above, by name (bnkernel._core.fast_path_rules; see the comment at the top).
+constexpr const char* kRules[] = {
+    "x-plain",           "axis",        "flags",     "eps",
+    "momentum",          "per-channel", "one-value", "running-required",
+    "running-writeable", "out-plain",   "overlap"};
+
 PyMethodDef methods[] = {
     {"forward_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward_fast)),
      METH_FASTCALL,
@@ -312,6 +348,20 @@ namespace bnkernel_python {
 
 bool add_fast_paths(PyObject* module) {
   if (PyArray_ImportNumPyAPI() < 0) return false;
+  PyObject* rules = PyTuple_New(static_cast<Py_ssize_t>(std::size(kRules)));
+  if (!rules) return false;
+  for (size_t i = 0; i < std::size(kRules); ++i) {
+    PyObject* name = PyUnicode_FromString(kRules[i]);
+    if (!name) {
+      Py_DECREF(rules);
+      return false;
+    }
+    PyTuple_SET_ITEM(rules, static_cast<Py_ssize_t>(i), name);
+  }
+  if (PyModule_AddObject(module, "fast_path_rules", rules) < 0) {
+    Py_DECREF(rules);
+    return false;
+  }
   return PyModule_AddFunctions(module, methods) == 0;
 }
 

@@ -432,7 +432,7 @@ class Call:
         if arr is None:
             return None
         self._declare(name, RUNNING, arr)
-        return self._aligned(arr)
+        return self._aligned(arr, read=True)
 
     def saved(self, v: Any, name: str, shape: tuple[int, ...] | None = None) -> NDArray[np.float64]:
         """A saved statistic (mean, invstd, r, d, sums, M2), read as float64."""
@@ -469,11 +469,12 @@ class Call:
         self._declare(name, OUTPUT, out)
         return self._aligned(out)
 
-    def _aligned(self, a: NDArray[Any]) -> NDArray[Any]:
-        """a, or an aligned scratch array that finish() copies back into it."""
+    def _aligned(self, a: NDArray[Any], *, read: bool = False) -> NDArray[Any]:
+        """a, or an aligned scratch array (holding a's values if the kernel `read`s them) that
+        finish() copies back into it."""
         if a.flags.aligned:
             return a
-        scratch = np.empty(a.shape, dtype=a.dtype)
+        scratch = np.array(a) if read else np.empty(a.shape, dtype=a.dtype)
         self._writebacks.append((scratch, a))
         return scratch
 
