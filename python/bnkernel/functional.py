@@ -251,7 +251,9 @@ def batch_norm_backward(
 
         dx = gamma * invstd * (dy - valid * (sum(dy) / m + xhat * sum(dy * xhat) / m))
 
-    so a padded position gets only the direct term; dgamma and dbeta sum over every position.
+    so a padded position gets only the direct term; dgamma and dbeta sum over every position,
+    except that a padded position whose value or gradient is not finite (NaN or inf padding)
+    enters no sum: padding never reaches dgamma, dbeta or a valid position's dx.
     """
     policy = chk.single_value(single_value)
     relu = chk.activation(activation)
