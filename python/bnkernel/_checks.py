@@ -426,9 +426,9 @@ class Call:
         self._declare(name, PARAM, v)
         return arr
 
-    def running(self, v: Any, name: str, *, dtype: bool = True) -> NDArray[Any] | None:
+    def running(self, v: Any, name: str) -> NDArray[Any] | None:
         """A running statistic that this call updates in place (see running_buffer)."""
-        arr = running_buffer(v, name, self.C, self.x.dtype if dtype else None)
+        arr = running_buffer(v, name, self.C, self.x.dtype)
         if arr is None:
             return None
         self._declare(name, RUNNING, arr)
@@ -519,7 +519,10 @@ def _overlap_message(name: str, role: str, other: str, other_role: str) -> str:
                 f"{name}: overlaps an input array (x); pass a separate buffer (only x itself, "
                 "the very same array, is allowed, and only by the forwards)"
             )
-        return f"{name}: overlaps an input array ({other}, {_ROLE_TEXT[other_role]}); pass a separate buffer"
+        return (
+            f"{name}: overlaps an input array ({other}, {_ROLE_TEXT[other_role]}); "
+            "pass a separate buffer"
+        )
     return (
         f"{name}: overlaps {other} ({_ROLE_TEXT[other_role]}); a running statistic is updated in "
         "place, so it must have memory of its own"

@@ -13,8 +13,10 @@ Conventions shared by every function here:
 * Saved statistics (``mean``, ``invstd``, the backward sums, ``M2``) are float64 whatever x's
   dtype is, so that a float32 backward recovers ``xhat`` exactly.
 * A non-contiguous ``x`` is copied once (explicitly, in Python).  ``out=`` must be exactly right
-  (shape, dtype, C-contiguous, writeable, not overlapping an input) or the call raises: a silent
-  copy would drop the writes.
+  (shape, dtype, C-contiguous, writeable) or the call raises: a silent copy would drop the
+  writes.  Every argument is checked by its role in :mod:`bnkernel._checks` before anything is
+  written; an output, and a running statistic that is updated, share memory with no other
+  argument (the README's "Arguments" table says exactly what each role accepts).
 * In place: the forwards (:func:`batch_norm_forward`, :func:`normalize`, and the variants'
   forwards) also accept ``out=x`` itself, the very same array (a partial overlap still raises):
   every kernel reads a value before it writes the result there.  The backward needs x, which is
