@@ -208,19 +208,27 @@ class CountingComm(MPI.Intracomm):
         return super().allreduce(*args, **kwargs)
 
 
-def two_collectives() -> dict:
-    """Exactly two collectives per training step of a layer (one in the forward, one in the
-    backward), none in eval or frozen mode."""
+def four_collectives() -> dict:
+    """Exactly four collectives per training step of a layer (in each direction a fixed-size
+    header, then the data), none in eval or frozen mode; a failed step costs the header and the
+    reasons' exchange, and never reaches the data exchange."""
     comm = CountingComm(COMM)  # the same communicator, another Python object
     comm.calls = []
     bn = dist.SyncBatchNorm(4, comm=comm, dtype=np.float64)
     x = np.random.default_rng(RANK).standard_normal((3 + RANK, 4, 5))
     for _ in range(3):
         bn.forward(x)
-        assert comm.calls == ["Allgather"], comm.calls
+        assert comm.calls == ["Allgather"] * 2, comm.calls
         bn.backward(x)
-        assert comm.calls == ["Allgather", "Allgather"], comm.calls
+        assert comm.calls == ["Allgather"] * 4, comm.calls
         comm.calls.clear()
+    try:
+        bn.forward(x if RANK != 1 else x[:, :3])
+    except dist.PeerError:
+        assert comm.calls == ["Allgather", "allgather"], comm.calls
+    else:
+        raise AssertionError("expected a PeerError")
+    comm.calls.clear()
     bn.eval()
     bn.forward(x)
     bn.backward(x)
@@ -237,43 +245,263 @@ def total_of_one() -> dict:
     try:
         dist.sync_batch_norm_forward(x)
     except ValueError as e:
+        assert type(e) is ValueError, repr(e)  # the same everywhere, no PeerError needed
         assert "more than 1 value per channel in the whole batch" in str(e), e
         return {"raised": True}
     raise AssertionError("expected a ValueError on every rank")
 
 
+# ---- errors: every rank raises the same PeerError, nothing written anywhere ----------------------
+
+
+def peer_error(fn, offenders, *fragments, cause=None, same_message=True) -> dist.PeerError:
+    """fn() raises a PeerError on this rank naming `offenders` (ranks) and containing each
+    fragment; on an offending rank that failed locally, its own exception (of class `cause`) is
+    the __cause__; the message is the same on every rank."""
+    try:
+        fn()
+    except dist.PeerError as e:
+        msg = str(e)
+        assert isinstance(e, ValueError)
+        assert e.ranks == offenders, (RANK, e.ranks, msg)
+        assert sorted(e.reasons) == offenders, (RANK, e.reasons)
+        for f in fragments:
+            assert f in msg, (RANK, f, msg)
+        if cause is not None and RANK in offenders:
+            assert isinstance(e.__cause__, cause), (RANK, repr(e.__cause__))
+        else:
+            assert e.__cause__ is None, (RANK, repr(e.__cause__))
+        if same_message:
+            msgs = COMM.allgather(msg)
+            assert all(m == msgs[0] for m in msgs), msgs
+        return e
+    raise AssertionError(f"rank {RANK}: expected a PeerError")
+
+
+def snapshot(*arrays):
+    """Copies of the arrays among the arguments (the rest: None)."""
+    return [np.array(a, copy=True) if isinstance(a, np.ndarray) else None for a in arrays]
+
+
+def unchanged(arrays, copies, what):
+    for i, (a, c) in enumerate(zip(arrays, copies, strict=True)):
+        if c is not None:
+            assert np.array_equal(a, c, equal_nan=True), (
+                f"rank {RANK}: {what}: argument {i} written"
+            )
+
+
+def works_after() -> None:
+    """The communicator is still in step after an error: a plain step runs."""
+    x = np.random.default_rng(RANK).standard_normal((3, 2))
+    _, mean, invstd, count = dist.sync_batch_norm_forward(x)
+    dist.sync_batch_norm_backward(x, x, mean, invstd, count)
+
+
+def forward_case(C: int, dtype=np.float64, **kw):
+    """A forward's arguments on this rank (running statistics and out= included)."""
+    x = np.random.default_rng(RANK).standard_normal((4, C)).astype(dtype)
+    P = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+    args = {"running_mean": np.zeros(C, P), "running_var": np.ones(C, P),
+            "out": np.full((4, C), 7.0, dtype), **kw}  # fmt: skip
+    return x, args
+
+
 def bad_argument() -> dict:
-    """Rank 1 passes gamma of the wrong dtype: it raises its TypeError, every other rank a
-    PeerError naming it, in the forward; likewise a bad count in the backward."""
+    """Rank 1 passes gamma of the wrong dtype: every rank raises the PeerError naming it (its own
+    TypeError the cause there); likewise a bad count on rank 0 in the backward."""
     x = np.random.default_rng(RANK).standard_normal((4, 3))
     g = np.ones(3, np.float32 if RANK == 1 else np.float64)
-    try:
-        dist.sync_batch_norm_forward(x, g)
-    except TypeError as e:
-        assert RANK == 1 and str(e).startswith("gamma: expected dtype float64"), e
-    except dist.PeerError as e:
-        assert RANK != 1 and "rank(s) [1]" in str(e), e
-    else:
-        raise AssertionError("expected an error on every rank")
+    peer_error(lambda: dist.sync_batch_norm_forward(x, g), [1],
+               "sync_batch_norm_forward: rank 1: TypeError: gamma: expected dtype float64",
+               cause=TypeError)  # fmt: skip
     _, mean, invstd, count = dist.sync_batch_norm_forward(x)  # the communicator still works
-    try:
-        dist.sync_batch_norm_backward(x, x, mean, invstd, 0 if RANK == 0 else count)
-    except ValueError as e:
-        assert RANK == 0 and str(e).startswith("count:"), e
-    except dist.PeerError as e:
-        assert RANK != 0 and "rank(s) [0]" in str(e), e
-    else:
-        raise AssertionError("expected an error on every rank")
-    layer = dist.SyncBatchNorm(3, dtype=np.float64)
-    try:
-        layer.forward(x if RANK != SIZE - 1 else x.astype(np.float32))
-    except TypeError as e:
-        assert RANK == SIZE - 1 and "the layer's dtype" in str(e), e
-    except dist.PeerError:
-        assert RANK != SIZE - 1
-    else:
-        raise AssertionError("expected an error on every rank")
+    bad = 0 if RANK == 0 else count
+    peer_error(lambda: dist.sync_batch_norm_backward(x, x, mean, invstd, bad), [0],
+               "sync_batch_norm_backward: rank 0: ValueError: count:",
+               cause=ValueError)  # fmt: skip
+    works_after()
     return {"raised": True}
+
+
+def channels_differ() -> dict:
+    """Rank 1 has 4 channels, the others 3: every rank raises a PeerError naming rank 1 and the
+    counts (no truncated message, no uninitialized statistics, nobody waiting), in the forward
+    and in the backward, and nothing is written."""
+    C = 4 if RANK == 1 else 3
+    x, args = forward_case(C)
+    before = snapshot(*args.values())
+    want = "channel counts differ: rank 0 has 3, rank 1 has 4" if SIZE == 2 else (
+        "channel counts differ: ranks 0, 2 have 3, rank 1 has 4")  # fmt: skip
+    peer_error(lambda: dist.sync_batch_norm_forward(x, **args), [1], want)
+    unchanged(args.values(), before, "channels forward")
+    mean, invstd, dx = np.zeros(C), np.ones(C), np.full_like(x, 7.0)
+    peer_error(lambda: dist.sync_batch_norm_backward(x, x, mean, invstd, 12, out=dx), [1], want)
+    assert (dx == 7.0).all()
+    works_after()
+    return {"raised": True}
+
+
+def dtypes_differ() -> dict:
+    """Rank 1 passes float32, the others float64."""
+    x, args = forward_case(3, np.float32 if RANK == 1 else np.float64)
+    before = snapshot(*args.values())
+    peer_error(lambda: dist.sync_batch_norm_forward(x, **args), [1], "dtypes differ",
+               "rank 1 has float32")  # fmt: skip
+    unchanged(args.values(), before, "dtypes")
+    works_after()
+    return {"raised": True}
+
+
+def bad_out_forward() -> dict:
+    """A wrong out= on rank 1 only: nobody writes its running statistics or out=."""
+    x, args = forward_case(3)
+    if RANK == 1:
+        args["out"] = np.full((2, 3), 7.0)
+    before = snapshot(*args.values())
+    peer_error(lambda: dist.sync_batch_norm_forward(x, **args), [1],
+               "sync_batch_norm_forward: rank 1: ValueError: out: expected shape (4, 3), "
+               "got (2, 3)", cause=ValueError)  # fmt: skip
+    unchanged(args.values(), before, "bad out forward")
+    works_after()
+    return {"raised": True}
+
+
+def bad_out_backward() -> dict:
+    """A wrong out= in rank 1's backward: no rank writes its out=."""
+    x = np.random.default_rng(RANK).standard_normal((4, 3))
+    g = np.ones(3)
+    _, mean, invstd, count = dist.sync_batch_norm_forward(x, g)
+    out = np.full((4, 3), 7.0, np.float32 if RANK == 1 else np.float64)
+    before = snapshot(out, g, mean, invstd)
+    peer_error(lambda: dist.sync_batch_norm_backward(x, x, mean, invstd, count, g, out=out), [1],
+               "sync_batch_norm_backward: rank 1: TypeError: out: expected dtype float64",
+               cause=TypeError)  # fmt: skip
+    unchanged([out, g, mean, invstd], before, "bad out backward")
+    works_after()
+    return {"raised": True}
+
+
+def gelu_on_one_rank() -> dict:
+    x, args = forward_case(3, activation="gelu" if RANK == 1 else None)
+    before = snapshot(*args.values())
+    peer_error(lambda: dist.sync_batch_norm_forward(x, **args), [1],
+               "rank 1: ValueError: activation: expected None or 'relu', got 'gelu'",
+               cause=ValueError)  # fmt: skip
+    unchanged(args.values(), before, "gelu")
+    works_after()
+    return {"raised": True}
+
+
+def axis_out_of_range() -> dict:
+    """An error before the channel count is known (axis out of range on rank 1): every rank
+    raises instead of waiting."""
+    x, args = forward_case(3)
+    before = snapshot(*args.values())
+    peer_error(lambda: dist.sync_batch_norm_forward(x, axis=5 if RANK == 1 else 1, **args), [1],
+               "rank 1: AxisError: axis", cause=np.exceptions.AxisError)  # fmt: skip
+    unchanged(args.values(), before, "axis")
+    works_after()
+    return {"raised": True}
+
+
+def not_an_array() -> dict:
+    """x is not an array on rank 1 (and no gamma tells the channel count)."""
+    x, args = forward_case(3)
+    before = snapshot(*args.values())
+    peer_error(lambda: dist.sync_batch_norm_forward("x" if RANK == 1 else x, **args), [1],
+               "rank 1: TypeError: x: expected", cause=TypeError)  # fmt: skip
+    unchanged(args.values(), before, "not an array")
+    works_after()
+    return {"raised": True}
+
+
+def settings_differ() -> dict:
+    """eps (forward) and count (backward) must be the same everywhere; a forward never pairs
+    with a backward."""
+    x, args = forward_case(3)
+    before = snapshot(*args.values())
+    eps = 1e-3 if RANK == 1 else 1e-5
+    peer_error(lambda: dist.sync_batch_norm_forward(x, eps=eps, **args), [1], "eps differ",
+               "rank 1 has 0.001")  # fmt: skip
+    unchanged(args.values(), before, "eps")
+    _, mean, invstd, count = dist.sync_batch_norm_forward(x)
+    peer_error(lambda: dist.sync_batch_norm_backward(x, x, mean, invstd, count + (RANK == 1)),
+               [1], f"rank 1 has {count + 1}")  # fmt: skip
+    if RANK == 1:
+        call = lambda: dist.sync_batch_norm_backward(x, x, mean, invstd, count)  # noqa: E731
+    else:
+        call = lambda: dist.sync_batch_norm_forward(x, **args)  # noqa: E731
+    peer_error(call, [1], "calls differ", "rank 1 is in a backward", same_message=False)
+    unchanged(args.values(), before, "calls")
+    works_after()
+    return {"raised": True}
+
+
+def layer_wrong_input() -> dict:
+    """SyncBatchNorm: a wrong-channel input on rank 1 (forward), then a wrong dy on rank 1
+    (backward), then a backward before any forward on rank 1: every rank raises, no state
+    changes (running statistics, batch count, grads, the saved step)."""
+    bn = dist.SyncBatchNorm(3, dtype=np.float64)
+    x = np.random.default_rng(RANK).standard_normal((4, 3))
+    state = lambda: [bn.running_mean, bn.running_var, bn.grads["gamma"], bn.grads["beta"]]  # noqa: E731
+    before = snapshot(*state())
+    peer_error(lambda: bn.forward(x if RANK != 1 else x[:, :2]), [1],
+               "SyncBatchNorm.forward: rank 1: ValueError: x: expected 3 channels",
+               cause=ValueError)  # fmt: skip
+    unchanged(state(), before, "layer forward")
+    assert bn.num_batches_tracked == 0 and bn._saved is None
+    bn.forward(x)
+    saved = bn._saved
+    before = snapshot(*state())
+    peer_error(lambda: bn.backward(x if RANK != 1 else x[:3]), [1],
+               "SyncBatchNorm.backward: rank 1: ValueError: dy: expected the shape of x",
+               cause=ValueError)  # fmt: skip
+    unchanged(state(), before, "layer backward")
+    assert bn._saved is saved and bn.num_batches_tracked == 1
+    fresh = bn if RANK != 1 else dist.SyncBatchNorm(3, dtype=np.float64)  # no step saved on 1
+    peer_error(lambda: fresh.backward(x), [1],
+               "SyncBatchNorm.backward: rank 1: RuntimeError: backward: call forward first",
+               cause=RuntimeError)  # fmt: skip
+    unchanged(state(), before, "layer backward before forward")
+    works_after()
+    return {"raised": True}
+
+
+def sums_disagree() -> dict:
+    """sum_over_ranks with another shape on rank 1."""
+    a = np.ones(3 if RANK == 1 else 2)
+    peer_error(lambda: dist.sum_over_ranks(a), [1], "sum_over_ranks: array shapes differ")
+    works_after()
+    return {"raised": True}
+
+
+def masked_nan_padding() -> dict:
+    """NaN in the padded positions of x and dy: the synchronized backward keeps them out of the
+    sums, as the single-process one does."""
+    rng = np.random.default_rng(11)
+    shape = (8, 3, 5)  # (N, C, L), the mask over (N, L)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    mask = rng.random((8, 5)) < 0.7
+    mask[:2] = True
+    pad = np.broadcast_to(~mask[:, None, :], shape)
+    x[pad] = np.nan
+    dy[pad] = np.nan
+    g = rng.uniform(0.5, 1.5, 3)
+    _, mean0, invstd0 = bk.batch_norm_forward(x, g, None, mask=mask)
+    dx0, dg0, db0 = bk.batch_norm_backward(dy, x, mean0, invstd0, g, mask=mask)
+    assert np.isfinite(dg0).all() and np.isfinite(db0).all()
+    for name, counts in splits(8).items():
+        xp, dyp, mp = part(x, 0, counts), part(dy, 0, counts), part(mask, 0, counts)
+        _, mean, invstd, count = dist.sync_batch_norm_forward(xp, g, None, mask=mp)
+        dx, dg, db = dist.sync_batch_norm_backward(dyp, xp, mean, invstd, count, g, mask=mp)
+        close(dg, dg0, 1e-12, scale=100.0, what=f"dgamma {name}")
+        close(db, db0, 1e-12, scale=100.0, what=f"dbeta {name}")
+        want = part(dx0, 0, counts)
+        assert np.array_equal(np.isnan(dx), np.isnan(want)), name
+        close(np.nan_to_num(dx), np.nan_to_num(want), 1e-12, scale=10.0, what=f"dx {name}")
+    return {"checked": len(splits(8))}
 
 
 def uncaught() -> dict:
@@ -310,7 +538,18 @@ SCENARIOS = {
     "bad_argument": bad_argument,
     "uncaught": uncaught,
     "sums": sums,
-    "two_collectives": two_collectives,
+    "four_collectives": four_collectives,
+    "channels_differ": channels_differ,
+    "dtypes_differ": dtypes_differ,
+    "bad_out_forward": bad_out_forward,
+    "bad_out_backward": bad_out_backward,
+    "gelu_on_one_rank": gelu_on_one_rank,
+    "axis_out_of_range": axis_out_of_range,
+    "not_an_array": not_an_array,
+    "settings_differ": settings_differ,
+    "layer_wrong_input": layer_wrong_input,
+    "sums_disagree": sums_disagree,
+    "masked_nan_padding": masked_nan_padding,
 }
 
 if __name__ == "__main__":

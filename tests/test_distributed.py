@@ -41,18 +41,30 @@ needs_mpi = pytest.mark.skipif(
 )
 
 
-def run(n: int, scenario: str) -> subprocess.CompletedProcess[str]:
+def run(n: int, scenario: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """The scenario under mpiexec; a job still running after `timeout` (a hang) fails the test."""
     assert MPIEXEC is not None
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # n ranks on 2 cores
-    return subprocess.run(
-        [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", WORKER, scenario],
-        capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=HERE,
-    )  # fmt: skip
+    try:
+        return subprocess.run(
+            [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", WORKER, scenario],
+            capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{scenario} with {n} processes hung (killed after {timeout} s): {e.stderr!r}")
 
 
 SCENARIOS = [
-    "consistency", "fused_and_masked", "layer", "two_collectives", "total_of_one",
-    "bad_argument", "sums",
+    "consistency", "fused_and_masked", "layer", "four_collectives", "total_of_one",
+    "bad_argument", "sums", "masked_nan_padding",
+]  # fmt: skip
+
+# One rank's arguments are wrong or disagree with the others': every rank must raise the same
+# PeerError (naming the rank and why) with nothing written, and none may hang (the timeout fails
+# the test).
+DISAGREEMENTS = [
+    "channels_differ", "dtypes_differ", "bad_out_forward", "bad_out_backward", "gelu_on_one_rank",
+    "axis_out_of_range", "not_an_array", "settings_differ", "layer_wrong_input", "sums_disagree",
 ]  # fmt: skip
 
 
@@ -66,6 +78,16 @@ def test_scenario(n, scenario):
     assert result["scenario"] == scenario and result["size"] == n
     if "checked" in result:
         assert result["checked"] > 0
+
+
+@needs_mpi
+@pytest.mark.parametrize("scenario", DISAGREEMENTS)
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_rank_raises_the_same_peer_error(n, scenario):
+    proc = run(n, scenario, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"scenario": scenario, "size": n, "raised": True}
 
 
 @needs_mpi
