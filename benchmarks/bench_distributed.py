@@ -1,4 +1,4 @@
-"""The cost of synchronizing batch normalization: per training step, the two exchanges of
+"""The cost of synchronizing batch normalization: per training step, the exchanges of
 bnkernel.distributed next to the local kernels, at several sizes.
 
     mpiexec -n 2 python -m mpi4py benchmarks/bench_distributed.py
@@ -6,9 +6,12 @@ bnkernel.distributed next to the local kernels, at several sizes.
 
 Each rank holds its own part of the batch (the shape in the table); per step it runs the local
 kernels (channel_stats + normalize forward, backward_reduce + backward_elementwise backward) and
-the two exchanges (the forward's packed (count, mean, M2), 1 + 2C doubles a rank; the backward's
-packed sums, 2C doubles a rank).  Times are medians over repeats, each the slowest rank's (the
-step waits for it), measured between barriers.  Kernels run with OMP_NUM_THREADS threads per
+the four collectives: in each direction the fixed-size header (status, call, channels, dtype,
+count, settings: 48 bytes a rank) and the data (the forward's packed (mean, M2), the backward's
+packed sums: 2C doubles a rank each).  "exchanges" is both directions' header + data; "headers"
+the two header exchanges alone (the agreement step: the data exchanges cost exchanges - headers).
+Times are medians over repeats, each the slowest rank's (the step waits for it), measured between
+barriers.  Kernels run with OMP_NUM_THREADS threads per
 rank: on a machine with fewer cores than ranks x threads they compete, as they would in training.
 """
 
@@ -68,17 +71,25 @@ def measure(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
         _, mu, s, n = dist.sync_batch_norm_forward(x, out=out)
         dist.sync_batch_norm_backward(dy, x, mu, s, n, out=out)
 
+    def headers() -> None:  # the forward's and the backward's agreement, as the step runs them
+        dist._agree(COMM, "bench", dist._FORWARD, error=None, channels=C, dtype=x.dtype,
+                    count=stats[0], settings={"eps": 1e-5, "activation": None})  # fmt: skip
+        dist._agree(COMM, "bench", dist._BACKWARD, error=None, channels=C, dtype=x.dtype,
+                    count=count, settings={"activation": None})  # fmt: skip
+
     kernels = slowest_median(local_forward, repeats) + slowest_median(local_backward, repeats)
     exchanges = slowest_median(lambda: dist.allreduce_stats(stats), repeats) + slowest_median(
         lambda: dist.allreduce_sums(sdy, sdyx), repeats
     )
+    header = slowest_median(headers, repeats)
     step = slowest_median(sync_step, repeats)
     return {
         "shape": "x".join(map(str, shape)),
         "channels": C,
-        "bytes_per_rank": 8 * ((1 + 2 * C) + 1 + 2 * C + 1),  # both exchanges, status words too
+        "bytes_per_rank": 2 * dist.HEADER_BYTES + 8 * (2 * C + 2 * C),  # both directions
         "kernels_ms": kernels * 1e3,
         "exchanges_ms": exchanges * 1e3,
+        "headers_ms": header * 1e3,
         "sync_step_ms": step * 1e3,
         "overhead": exchanges / kernels,
     }
@@ -96,11 +107,11 @@ def main() -> None:
     print(f"{COMM.Get_size()} ranks, {bk.get_num_threads()} kernel threads each, float32, "
           "median of the slowest rank")  # fmt: skip
     print(f"{'per-rank x':>18} {'C':>5} {'exchanged':>10} {'kernels':>9} {'exchanges':>10} "
-          f"{'sync step':>10} {'overhead':>9}")  # fmt: skip
+          f"{'headers':>9} {'sync step':>10} {'overhead':>9}")  # fmt: skip
     for r in rows:
         print(f"{r['shape']:>18} {r['channels']:>5} {r['bytes_per_rank']:>8} B "
-              f"{r['kernels_ms']:>7.3f}ms {r['exchanges_ms']:>8.3f}ms {r['sync_step_ms']:>8.3f}ms "
-              f"{100 * r['overhead']:>8.1f}%")  # fmt: skip
+              f"{r['kernels_ms']:>7.3f}ms {r['exchanges_ms']:>8.3f}ms {r['headers_ms']:>7.3f}ms "
+              f"{r['sync_step_ms']:>8.3f}ms {100 * r['overhead']:>8.1f}%")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ranks": COMM.Get_size(), "rows": rows}, f, indent=1)

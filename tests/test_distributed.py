@@ -151,8 +151,8 @@ def test_example_reaches_the_single_process_weights(tmp_path):
 
 @needs_mpi
 def test_overhead_benchmark_runs(tmp_path):
-    """benchmarks/bench_distributed.py (its quick sizes): a row per size, the exchanges timed
-    apart from the kernels."""
+    """benchmarks/bench_distributed.py (its quick sizes): a row per size, the exchanges (and the
+    headers among them) timed apart from the kernels."""
     assert MPIEXEC is not None
     script = os.path.join(os.path.dirname(HERE), "benchmarks", "bench_distributed.py")
     out = tmp_path / "sync.json"
@@ -166,4 +166,6 @@ def test_overhead_benchmark_runs(tmp_path):
     assert result["ranks"] == 2 and len(result["rows"]) == 2
     for row in result["rows"]:
         assert row["kernels_ms"] > 0 and row["exchanges_ms"] > 0 and row["sync_step_ms"] > 0
-        assert row["bytes_per_rank"] == 8 * (4 * row["channels"] + 3)
+        assert 0 < row["headers_ms"]
+        # per direction a 48-byte header and 2C doubles
+        assert row["bytes_per_rank"] == 2 * 48 + 8 * (4 * row["channels"])
