@@ -9,9 +9,11 @@ Every process starts from the same weights (the same seed) and walks the same gl
 each takes its slice, and per step:
 
 * the batch-norm layers are bnkernel.distributed.SyncBatchNorm: their statistics are the global
-  batch's (one exchange in the forward, one in the backward) and their gradients come out global;
+  batch's (a header and one data exchange in the forward, the same in the backward) and their
+  gradients come out global;
 * the dense layers' gradients are local sums, added up over the processes with
-  bnkernel.distributed.sum_over_ranks (one exchange), so every process applies the same update.
+  bnkernel.distributed.sum_over_ranks (a header and one data exchange), so every process applies
+  the same update.
 
 The loss is the mean over the global batch.  So the processes hold identical weights throughout,
 and the same weights as one process training on the whole batches (`--plain`, plain BatchNorm):
