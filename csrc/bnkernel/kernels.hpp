@@ -75,7 +75,8 @@ struct ReluGrad {
 // Chan et al.'s pairwise merge of `parts` partial statistics, applied left to right:
 //   n = nA + nB;  d = meanB - meanA
 //   mean = meanA + d * nB / n;  M2 = M2A + M2B + d^2 * nA * nB / n
-// means and m2s are (parts, channels) row-major.  Parts with a count of 0 are neutral.
+// means and m2s are (parts, channels) row-major.  Parts with a count of 0 are neutral.  counts are
+// >= 0; a total that does not fit in int64 throws std::overflow_error, the outputs untouched.
 void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const double* means,
                  const double* m2s, int64_t* count, double* mean, double* m2);
 
