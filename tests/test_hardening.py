@@ -1,4 +1,5 @@
-"""Hardening of the compiled module: merge_stats' count overflow, misaligned streamed outputs.
+"""Hardening of the compiled module: merge_stats' count overflow, misaligned streamed outputs, and
+the bindings' memory-safety checks (shapes, writeable outputs, alignment).
 
 The cases that used to crash (a misaligned streamed output segfaulted) run in a fresh interpreter
 under a timeout, so that a regression fails the test instead of killing or hanging pytest.
@@ -11,6 +12,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,3 +123,160 @@ UNALIGNED_STREAMED = """
 def test_unaligned_streamed_outputs_do_not_crash():
     out = run_script(UNALIGNED_STREAMED, timeout=300)
     assert out.strip() in ("['refused']", "['same']", "['refused', 'same']"), out
+
+
+# ---- the bindings' checks -----------------------------------------------------------------------
+#
+# Every bound kernel with valid arguments, as keyword arguments, and the roles of its arrays:
+# "data" arrays have x's (outer, C, inner) shape, "channel" arrays length C, "mask" (outer, inner);
+# "written" ones must be writeable.
+
+SHAPE = (2, 3, 5)
+
+
+def unaligned(a: np.ndarray) -> np.ndarray:
+    """A writeable, C-contiguous copy of `a` one byte off its element alignment."""
+    u = np.frombuffer(bytearray(a.nbytes + 1), a.dtype, count=a.size, offset=1).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned and u.flags.writeable and u.flags.c_contiguous
+    return u
+
+
+def bound_calls(dtype: Any = np.float32) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    rng = np.random.default_rng(0)
+    outer, C, inner = SHAPE
+    p = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+
+    def data() -> np.ndarray:
+        return rng.standard_normal(SHAPE).astype(dtype)
+
+    def chan(dt: Any = np.float64) -> np.ndarray:
+        return rng.uniform(0.5, 1.5, C).astype(dt)
+
+    def mask() -> np.ndarray:
+        return np.ones((outer, inner), np.uint8)
+
+    return {
+        "channel_stats": (_core.channel_stats, dict(x=data(), mean=chan(), m2=chan())),
+        "masked_channel_stats": (
+            _core.masked_channel_stats,
+            dict(x=data(), mask=mask(), mean=chan(), m2=chan()),
+        ),
+        "normalize": (
+            _core.normalize,
+            dict(x=data(), mean=chan(), invstd=chan(), gamma=chan(p), beta=chan(p), out=data(),
+                 residual=data(), relu=True),
+        ),
+        "forward_train": (
+            _core.forward_train,
+            dict(x=data(), gamma=chan(p), beta=chan(p), eps=1e-5, out=data(), mean=chan(),
+                 invstd=chan(), running_mean=chan(p), running_var=chan(p), momentum=0.1,
+                 unbiased=True, residual=data(), relu=True),
+        ),
+        "backward_reduce": (
+            _core.backward_reduce,
+            dict(dy=data(), x=data(), mean=chan(), invstd=chan(), sum_dy=chan(),
+                 sum_dy_xhat=chan(), y=data(), dresidual=data()),
+        ),
+        "backward_elementwise": (
+            _core.backward_elementwise,
+            dict(dy=data(), x=data(), mean=chan(), invstd=chan(), gamma=chan(p), sum_dy=chan(),
+                 sum_dy_xhat=chan(), count=outer * inner, out=data(), y=data(), mask=mask()),
+        ),
+        "backward": (
+            _core.backward,
+            dict(training=True, dy=data(), x=data(), mean=chan(), invstd=chan(), gamma=chan(p),
+                 out=data(), dgamma=chan(p), dbeta=chan(p), y=data(), dresidual=data()),
+        ),
+        "merge_stats": (
+            _core.merge_stats,
+            dict(counts=np.array([3, 4], np.int64), means=np.ones((2, C)), m2s=np.ones((2, C)),
+                 mean=chan(), m2=chan()),
+        ),
+    }  # fmt: skip
+
+
+WRITTEN = {
+    "channel_stats": {"mean", "m2"},
+    "masked_channel_stats": {"mean", "m2"},
+    "normalize": {"out"},
+    "forward_train": {"out", "mean", "invstd", "running_mean", "running_var"},
+    "backward_reduce": {"sum_dy", "sum_dy_xhat", "dresidual"},
+    "backward_elementwise": {"out"},
+    "backward": {"out", "dgamma", "dbeta"},
+    "merge_stats": {"mean", "m2"},
+}
+
+
+def array_args(multibyte_only: bool = False) -> list[Any]:
+    cases = []
+    for fn, (_, kwargs) in bound_calls().items():
+        for name, value in kwargs.items():
+            if not isinstance(value, np.ndarray):
+                continue
+            if multibyte_only and value.itemsize == 1:
+                continue  # a byte array is always aligned
+            cases.append(pytest.param(fn, name, id=f"{fn}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize("fn", list(bound_calls()))
+def test_valid_direct_calls_run(fn):
+    call, kwargs = bound_calls()[fn]
+    call(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=["f32", "f64", "f16"])
+@pytest.mark.parametrize("fn,name", array_args(multibyte_only=True))
+def test_unaligned_array_is_refused(fn, name, dtype):
+    call, kwargs = bound_calls(dtype)[fn]
+    kwargs[name] = unaligned(kwargs[name])
+    before = {k: v.copy() for k, v in kwargs.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(ValueError, match=rf"^{name}: not aligned to its element size$"):
+        call(**kwargs)
+    for k, v in before.items():  # nothing written
+        assert np.array_equal(kwargs[k], v, equal_nan=True), k
+
+
+@pytest.mark.parametrize("fn,name", array_args())
+def test_wrong_shape_is_refused_naming_the_argument(fn, name):
+    if name in ("x", "counts", "means"):
+        pytest.skip("the shape the others are checked against")
+    call, kwargs = bound_calls()[fn]
+    a = kwargs[name]
+    kwargs[name] = np.zeros((*a.shape[:-1], a.shape[-1] + 1), a.dtype)
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        call(**kwargs)
+
+
+OUTPUTS = [c for c in array_args() if c.values[1] in WRITTEN[c.values[0]]]
+
+
+@pytest.mark.parametrize("fn,name", OUTPUTS)
+def test_read_only_output_is_refused(fn, name):
+    call, kwargs = bound_calls()[fn]
+    kwargs[name].flags.writeable = False
+    with pytest.raises(ValueError, match=rf"^{name}: must be writeable$"):
+        call(**kwargs)
+
+
+def test_dresidual_needs_y():
+    for fn in ("backward_reduce", "backward"):
+        call, kwargs = bound_calls()[fn]
+        kwargs["y"] = None
+        with pytest.raises(ValueError, match=r"^dresidual: needs y"):
+            call(**kwargs)
+
+
+def test_x_must_be_3d():
+    call, kwargs = bound_calls()["normalize"]
+    kwargs["x"] = kwargs["x"].reshape(6, 5)
+    with pytest.raises(ValueError, match=r"^x: expected a 3-d \(outer, C, inner\) array"):
+        call(**kwargs)
+
+
+def test_count_must_be_positive():
+    call, kwargs = bound_calls()["backward_elementwise"]
+    kwargs["count"] = 0
+    with pytest.raises(ValueError, match=r"^count: must be > 0"):
+        call(**kwargs)
