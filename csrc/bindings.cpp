@@ -325,6 +325,13 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
   kernel(dy.data(), x.data(), s, mean.data(), invstd.data(), data(gamma), pdx, pdg, pdb, relu);
 }
 
+void set_num_threads(int n) {
+  // more would crash libgomp (see csrc/bnkernel/threads.cpp); n <= 0 is the default
+  require(n <= bnkernel::kMaxThreads, "n: " + std::to_string(n) + " is more than the maximum of " +
+                                          std::to_string(bnkernel::kMaxThreads) + " threads");
+  bnkernel::set_num_threads(n);
+}
+
 template <typename T>
 void register_dtype(py::module_& m) {
   m.def("channel_stats", &channel_stats<T>, py::arg("x").noconvert(), py::arg("mean").noconvert(),
@@ -370,11 +377,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("merge_stats", &merge_stats_impl, py::arg("counts").noconvert(),
         py::arg("means").noconvert(), py::arg("m2s").noconvert(), py::arg("mean").noconvert(),
         py::arg("m2").noconvert());
-  m.def("set_num_threads", &bnkernel::set_num_threads, py::arg("n"));
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &bnkernel::get_num_threads);
   m.def("workspace_allocations", &bnkernel::workspace_allocations);
   if (!bnkernel_python::add_fast_paths(m.ptr())) throw py::error_already_set();
   m.attr("have_openmp") = bnkernel::have_openmp();
+  m.attr("max_threads") = bnkernel::kMaxThreads;
   m.attr("isa") = bnkernel::isa_name();
   m.attr("version") = BNKERNEL_VERSION;
   m.attr("native_build") = static_cast<bool>(BNKERNEL_NATIVE_BUILD);

@@ -1,8 +1,9 @@
-"""Hardening of the compiled module: merge_stats' count overflow, misaligned streamed outputs, and
-the bindings' memory-safety checks (shapes, writeable outputs, alignment).
+"""Hardening of the compiled module: the thread-count bound, merge_stats' count overflow, and the
+bindings' memory-safety checks (shapes, writeable outputs, alignment).
 
-The cases that used to crash (a misaligned streamed output segfaulted) run in a fresh interpreter
-under a timeout, so that a regression fails the test instead of killing or hanging pytest.
+The cases that used to crash (a huge thread count or a misaligned streamed output segfaulted) run
+in a fresh interpreter under a timeout, so that a regression fails the test instead of killing or
+hanging pytest.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+import bnkernel as bk
 from bnkernel import _core
+
+needs_openmp = pytest.mark.skipif(not _core.have_openmp, reason="built without OpenMP")
 
 
 def run_script(code: str, timeout: float = 60, env: dict[str, str] | None = None) -> str:
@@ -40,6 +44,60 @@ def run_script(code: str, timeout: float = 60, env: dict[str, str] | None = None
         pytest.fail(f"timed out after {timeout} s (a hang)\nstdout:\n{out}\nstderr:\n{err}")
     assert proc.returncode == 0, f"exit status {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
     return out
+
+
+# ---- the thread-count bound ---------------------------------------------------------------------
+
+
+def test_max_threads_is_exposed():
+    assert bk.get_max_threads() == _core.max_threads == 256
+    from bnkernel.__main__ import info_lines
+
+    assert f"threads: {bk.get_num_threads()} (at most {bk.get_max_threads()})" in info_lines()
+
+
+@pytest.mark.parametrize("n", [257, 100_000, 2**31, 2**64], ids=["max+1", "1e5", "2^31", "2^64"])
+def test_set_num_threads_above_the_maximum_raises(n, restore_threads):
+    bk.set_num_threads(2)
+    with pytest.raises(ValueError, match=rf"^n: {n} is more than the maximum of 256 threads"):
+        bk.set_num_threads(n)
+    assert bk.get_num_threads() == 2  # unchanged
+    bk.set_num_threads(256)  # the maximum itself is fine
+    assert bk.get_num_threads() == 256
+
+
+def test_core_set_num_threads_above_the_maximum_raises(restore_threads):
+    with pytest.raises(ValueError, match=r"^n: 100000 is more than the maximum of 256 threads"):
+        _core.set_num_threads(100_000)
+
+
+LARGE_FORWARD = """
+    import numpy as np
+    import bnkernel as bk
+    x = np.random.default_rng(0).standard_normal((32, 64, 28, 28), dtype=np.float32)
+    print("threads", bk.get_num_threads())
+    many = bk.batch_norm_forward(x)
+    bk.set_num_threads(1)
+    one = bk.batch_norm_forward(x)
+    print("same", all(np.array_equal(a, b) for a, b in zip(many, one)))
+"""
+
+
+@needs_openmp
+def test_omp_num_threads_above_the_maximum_is_clamped():
+    out = run_script(LARGE_FORWARD, timeout=120, env={"OMP_NUM_THREADS": "1000000"})
+    assert "threads 256\n" in out and "same True" in out, out
+
+
+@needs_openmp
+def test_threadpoolctl_limit_above_the_maximum_is_clamped():
+    pytest.importorskip("threadpoolctl")
+    code = (
+        "import threadpoolctl, bnkernel\n"
+        "threadpoolctl.threadpool_limits(limits=100000, user_api='openmp')\n"
+    ) + textwrap.dedent(LARGE_FORWARD)
+    out = run_script(code, timeout=120)
+    assert "threads 256\n" in out and "same True" in out, out
 
 
 # ---- merge_stats: the total count ---------------------------------------------------------------

@@ -82,7 +82,12 @@ void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const d
 
 // ---- threads and dispatch -----------------------------------------------------------------------
 
+// The most threads a kernel runs on (see threads.cpp): an OpenMP setting above it is clamped to
+// it, and set_num_threads clamps too (the bindings refuse more).
+constexpr int kMaxThreads = 256;
+
 // 0 means "follow OpenMP" (OMP_NUM_THREADS, threadpoolctl limits); n > 0 pins the count.
+// get_num_threads() is the count the kernels use: at most kMaxThreads.
 void set_num_threads(int n);
 int get_num_threads();
 bool have_openmp();

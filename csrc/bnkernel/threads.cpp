@@ -1,6 +1,15 @@
 // Thread-count control.  0 (the default) follows OpenMP's own setting for the calling thread, so
 // OMP_NUM_THREADS and threadpoolctl's limits apply; a positive count set from Python pins it for
-// every calling thread.
+// every calling thread.  Every kernel takes its count from get_num_threads() (through threads_for),
+// so the two rules below hold for all of them:
+//
+// - At most kMaxThreads.  libgomp starts a team with an alloca of about 128 bytes per thread on the
+//   calling thread's stack (measured: 256 threads need a stack of more than 32 KiB, 512 more than
+//   64 KiB; on the 8 MiB main stack 65536 threads segfault, and 40000 already fail to be created),
+//   so an OpenMP setting above the maximum (OMP_NUM_THREADS=1000000) is clamped to it, and the
+//   bindings refuse to pin more.
+
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -14,17 +23,18 @@ namespace bnkernel {
 
 namespace {
 std::atomic<int> pinned_threads{0};
-}
+}  // namespace
 
 void set_num_threads(int n) {
-  pinned_threads.store(n > 0 ? n : 0);
+  pinned_threads.store(n > 0 ? std::min(n, kMaxThreads) : 0);
 }
 
 int get_num_threads() {
   const int pinned = pinned_threads.load();
   if (pinned > 0) return pinned;
 #if BNKERNEL_HAVE_OPENMP
-  return omp_get_max_threads();
+  const int openmp = omp_get_max_threads();
+  return openmp < 1 ? 1 : (openmp > kMaxThreads ? kMaxThreads : openmp);
 #else
   return 1;
 #endif

@@ -10,6 +10,7 @@ _F = NDArray[Any]
 _D = NDArray[np.float64]
 
 have_openmp: bool
+max_threads: int  # set_num_threads refuses more; larger OpenMP settings are clamped
 isa: str
 version: str
 native_build: bool
@@ -80,8 +81,8 @@ def backward(
     y: _F | None = None,
     dresidual: _F | None = None,
 ) -> None: ...
-def set_num_threads(n: int) -> None: ...
-def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...  # ValueError above max_threads
+def get_num_threads() -> int: ...  # at most max_threads
 
 # Heap allocations the kernels' per-thread workspaces have made so far, every thread together
 # (csrc/bnkernel/workspace.hpp); for the tests.
