@@ -1,9 +1,9 @@
-"""Hardening of the compiled module: the thread-count bound, merge_stats' count overflow, and the
-bindings' memory-safety checks (shapes, writeable outputs, alignment).
+"""Hardening of the compiled module: fork safety, the thread-count bound, merge_stats' count
+overflow, and the bindings' memory-safety checks (shapes, writeable outputs, alignment).
 
-The cases that used to crash (a huge thread count or a misaligned streamed output segfaulted) run
-in a fresh interpreter under a timeout, so that a regression fails the test instead of killing or
-hanging pytest.
+The cases that used to crash or hang (a kernel in a child forked after a multithreaded call hung in
+libgomp; a huge thread count or a misaligned streamed output segfaulted) run in a fresh interpreter
+under a timeout, so that a regression fails the test instead of killing or hanging pytest.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import bnkernel as bk
 from bnkernel import _core
 
 needs_openmp = pytest.mark.skipif(not _core.have_openmp, reason="built without OpenMP")
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
 
 
 def run_script(code: str, timeout: float = 60, env: dict[str, str] | None = None) -> str:
@@ -44,6 +45,84 @@ def run_script(code: str, timeout: float = 60, env: dict[str, str] | None = None
         pytest.fail(f"timed out after {timeout} s (a hang)\nstdout:\n{out}\nstderr:\n{err}")
     assert proc.returncode == 0, f"exit status {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
     return out
+
+
+# ---- fork ---------------------------------------------------------------------------------------
+
+# 32x64x56x56 float32: far above the threshold for threads, so the parent's calls run a team
+FORK_SETUP = """
+    import os, warnings
+    import numpy as np
+    import bnkernel as bk
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a multithreaded process
+    bk.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 64, 56, 56), dtype=np.float32)
+    dy = rng.standard_normal(x.shape, dtype=np.float32)
+    g = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+
+    def step():
+        y, mean, invstd = bk.batch_norm_forward(x, g, b)
+        dx, dg, db = bk.batch_norm_backward(dy, x, mean, invstd, g)
+        return y, mean, invstd, dx, dg, db
+
+    parent = step()  # on two threads: libgomp's pool now exists
+"""
+
+
+@needs_fork
+@needs_openmp
+def test_kernels_in_a_child_forked_after_a_threaded_call():
+    """The child's calls run on one thread (libgomp's pool does not survive fork) and give the
+    parent's results bit for bit; set_num_threads(2) there is accepted and has no effect."""
+    out = run_script(
+        FORK_SETUP
+        + """
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            if bk.get_num_threads() != 1:
+                status = 2
+            elif not all(np.array_equal(a, b) for a, b in zip(parent, step())):
+                status = 3
+            else:
+                bk.set_num_threads(2)  # accepted, no effect in a forked child
+                if bk.get_num_threads() != 1:
+                    status = 4
+                elif not all(np.array_equal(a, b) for a, b in zip(parent, step())):
+                    status = 5
+        except BaseException:
+            status = 6
+        os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+    print("parent threads", bk.get_num_threads())
+    """
+    )
+    assert "child 0" in out, out
+    assert "parent threads 2" in out, out  # the parent keeps its threads
+
+
+@needs_fork
+@needs_openmp
+def test_fork_pool_of_workers_runs_the_kernels():
+    out = run_script(
+        FORK_SETUP
+        + """
+    import multiprocessing
+
+    def work(i):
+        y, mean, invstd, dx, dg, db = step()
+        same = all(np.array_equal(a, b) for a, b in zip(parent, (y, mean, invstd, dx, dg, db)))
+        return i, same, bk.get_num_threads()
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        print(pool.map(work, range(4)))
+    """
+    )
+    assert out.strip() == str([(i, True, 1) for i in range(4)]), out
 
 
 # ---- the thread-count bound ---------------------------------------------------------------------

@@ -87,7 +87,8 @@ void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const d
 constexpr int kMaxThreads = 256;
 
 // 0 means "follow OpenMP" (OMP_NUM_THREADS, threadpoolctl limits); n > 0 pins the count.
-// get_num_threads() is the count the kernels use: at most kMaxThreads.
+// get_num_threads() is the count the kernels use: at most kMaxThreads, and 1 in a process forked
+// from this one (libgomp's threads do not survive fork; see threads.cpp).
 void set_num_threads(int n);
 int get_num_threads();
 bool have_openmp();

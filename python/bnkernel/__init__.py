@@ -64,6 +64,10 @@ def set_num_threads(n: int | None) -> None:
     ``None`` (or 0) goes back to the default: follow OpenMP's setting, i.e. ``OMP_NUM_THREADS`` and
     any ``threadpoolctl`` limit, clamped to :func:`get_max_threads`.  Small inputs always run on
     one thread.  ``n`` above :func:`get_max_threads` raises ``ValueError``.
+
+    In a process forked from one that imported bnkernel (``os.fork``, multiprocessing's "fork"
+    start method) the kernels always run on one thread, since OpenMP's threads do not survive a
+    fork: there this call is accepted but has no effect, and :func:`get_num_threads` returns 1.
     """
     if n is None:
         n = 0
@@ -78,7 +82,10 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    """The number of threads the kernels use for large inputs; at most :func:`get_max_threads`."""
+    """The number of threads the kernels use for large inputs.
+
+    At most :func:`get_max_threads`; 1 in a forked child process (see :func:`set_num_threads`).
+    """
     return int(_core.get_num_threads())
 
 

@@ -82,7 +82,7 @@ def backward(
     dresidual: _F | None = None,
 ) -> None: ...
 def set_num_threads(n: int) -> None: ...  # ValueError above max_threads
-def get_num_threads() -> int: ...  # at most max_threads
+def get_num_threads() -> int: ...  # at most max_threads; 1 in a forked child
 
 # Heap allocations the kernels' per-thread workspaces have made so far, every thread together
 # (csrc/bnkernel/workspace.hpp); for the tests.
