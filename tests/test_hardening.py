@@ -81,21 +81,20 @@ def test_kernels_in_a_child_forked_after_a_threaded_call():
         + """
     pid = os.fork()
     if pid == 0:
-        status = 0
+        status = 6
         try:
-            if bk.get_num_threads() != 1:
-                status = 2
-            elif not all(np.array_equal(a, b) for a, b in zip(parent, step())):
-                status = 3
-            else:
-                bk.set_num_threads(2)  # accepted, no effect in a forked child
-                if bk.get_num_threads() != 1:
-                    status = 4
-                elif not all(np.array_equal(a, b) for a, b in zip(parent, step())):
-                    status = 5
-        except BaseException:
-            status = 6
-        os._exit(status)
+            same = all(np.array_equal(a, b) for a, b in zip(parent, step()))
+            threads = bk.get_num_threads()
+            bk.set_num_threads(2)  # accepted, no effect in a forked child
+            same_again = all(np.array_equal(a, b) for a, b in zip(parent, step()))
+            threads_again = bk.get_num_threads()
+            status = (
+                0 if same and same_again and threads == threads_again == 1
+                else 2 if not (same and same_again)
+                else 3
+            )
+        finally:
+            os._exit(status)
     _, status = os.waitpid(pid, 0)
     print("child", os.waitstatus_to_exitcode(status))
     print("parent threads", bk.get_num_threads())
