@@ -1,6 +1,9 @@
 # Stub for the compiled module (csrc/bindings.cpp).  Each kernel is bound once per data dtype
 # (float32, float64, float16, ml_dtypes.bfloat16; the parameters of the 16-bit ones are float32);
-# arrays are taken exactly as given (C-contiguous, no conversion).
+# arrays are taken exactly as given (C-contiguous, no conversion: TypeError otherwise).  ValueError
+# naming the argument for a shape that does not fit x's (outer, C, inner) view, a read-only
+# output, or an array not aligned to its element size.  merge_stats: OverflowError when the
+# total count does not fit in int64.
 from typing import Any
 
 import numpy as np
