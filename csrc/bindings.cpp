@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -60,128 +61,182 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw py::value_error(message);
 }
 
-template <typename T>
-Shape view3(const carray<T>& x, const char* name) {
-  require(x.ndim() == 3, std::string(name) + ": expected a 3-d (outer, C, inner) array");
+// ---- the checks ---------------------------------------------------------------------------------
+//
+// The bindings check what keeps the kernels inside their arrays when _core is called directly:
+// every array has the shape its role implies from x's (outer, C, inner) view (so no index runs
+// past an end), every output is writeable, every array is aligned to its element size (the
+// kernels, like any C++, may assume it: a misaligned one could fault), and the few scalars that
+// size or divide (count > 0, counts >= 0).  The argument policy (the parameters' dtypes beyond
+// what the typed bindings enforce, overlapping arrays, the scalars' ranges) is the Python layer's.
+// Each function lists its arrays once, with their roles, and check() applies the rules.
+
+enum class Role {
+  data,       // x's (outer, C, inner) view
+  channel,    // one value per channel: 1-d, length C
+  positions,  // one byte per position: (outer, inner), x's view without C
+  parts,      // merge_stats: one per part, 1-d of length `outer` (the parts)
+  part_rows,  // merge_stats: (parts, C)
+};
+
+struct Arg {
+  const char* name;
+  const py::array* array;  // null: None
+  Role role;
+  bool written;
+};
+
+// An array read by the kernel, or written (must be writeable); None passes every check.
+Arg in(const char* name, const py::array& a, Role role) {
+  return {name, &a, role, false};
+}
+template <typename A>
+Arg in(const char* name, const std::optional<A>& a, Role role) {
+  return {name, a ? &*a : nullptr, role, false};
+}
+Arg out(const char* name, py::array& a, Role role) {
+  return {name, &a, role, true};
+}
+template <typename A>
+Arg out(const char* name, std::optional<A>& a, Role role) {
+  return {name, a ? &*a : nullptr, role, true};
+}
+
+bool has_shape(const py::array& a, std::initializer_list<int64_t> dims) {
+  if (a.ndim() != static_cast<py::ssize_t>(dims.size())) return false;
+  py::ssize_t axis = 0;
+  for (const int64_t d : dims) {
+    if (a.shape(axis++) != d) return false;
+  }
+  return true;
+}
+
+// "<name>: expected ..." for an array whose shape does not fit its role
+std::string expected(const Arg& a, Shape s) {
+  const std::string name = a.name;
+  switch (a.role) {
+    case Role::data:
+      return name + ": expected the same (outer, C, inner) shape as x";
+    case Role::channel:
+      return name + ": expected a 1-d array of length C = " + std::to_string(s.channels);
+    case Role::positions:
+      return name + ": expected an (outer, inner) array of x's positions";
+    case Role::parts:
+      return name + ": expected a 1-d array of length parts = " + std::to_string(s.outer);
+    case Role::part_rows:
+      return name + ": expected shape (parts, C) = (" + std::to_string(s.outer) + ", " +
+             std::to_string(s.channels) + ")";
+  }
+  return name;
+}
+
+bool fits(const py::array& a, Role role, Shape s) {
+  switch (role) {
+    case Role::data:
+      return has_shape(a, {s.outer, s.channels, s.inner});
+    case Role::channel:
+      return has_shape(a, {s.channels});
+    case Role::positions:
+      return has_shape(a, {s.outer, s.inner});
+    case Role::parts:
+      return has_shape(a, {s.outer});
+    case Role::part_rows:
+      return has_shape(a, {s.outer, s.channels});
+  }
+  return false;
+}
+
+void check(Shape s, std::initializer_list<Arg> args) {
+  for (const Arg& a : args) {
+    if (!a.array) continue;
+    require(fits(*a.array, a.role, s), expected(a, s));
+    require((a.array->flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0,
+            std::string(a.name) + ": not aligned to its element size");
+    require(!a.written || a.array->writeable(), std::string(a.name) + ": must be writeable");
+  }
+}
+
+// x's (outer, C, inner) view, which every other array is checked against
+Shape view3(const py::array& x) {
+  require(x.ndim() == 3, "x: expected a 3-d (outer, C, inner) array");
   return Shape{x.shape(0), x.shape(1), x.shape(2)};
 }
 
 template <typename T>
-void same_shape(const carray<T>& a, Shape s, const char* name) {
-  require(
-      a.ndim() == 3 && a.shape(0) == s.outer && a.shape(1) == s.channels && a.shape(2) == s.inner,
-      std::string(name) + ": expected the same (outer, C, inner) shape as x");
+const T* data(const opt_carray<T>& a) {
+  return a ? a->data() : nullptr;
+}
+// (writeable: checked, so mutable_data() does not throw)
+template <typename T>
+T* mutable_data(opt_carray<T>& a) {
+  return a ? a->mutable_data() : nullptr;
 }
 
+// The kernels read dresidual's mask from y (bnkernel::ReluGrad): no dresidual without it.
 template <typename T>
-void per_channel(const carray<T>& a, Shape s, const char* name) {
-  require(a.ndim() == 1 && a.shape(0) == s.channels,
-          std::string(name) + ": expected a 1-d array of length C = " + std::to_string(s.channels));
-}
-
-template <typename T>
-const T* optional_data(const opt_carray<T>& a, Shape s, const char* name) {
-  if (!a) return nullptr;
-  per_channel(*a, s, name);
-  return a->data();
-}
-
-template <typename T>
-T* optional_mutable(opt_carray<T>& a, Shape s, const char* name) {
-  if (!a) return nullptr;
-  per_channel(*a, s, name);
-  require(a->writeable(), std::string(name) + ": must be writeable");
-  return a->mutable_data();
-}
-
-template <typename T>
-T* mutable_out(carray<T>& a, const char* name) {
-  require(a.writeable(), std::string(name) + ": must be writeable");
-  return a.mutable_data();
+bnkernel::ReluGrad<T> relu_grad(const opt_carray<T>& y, opt_carray<T>& dresidual) {
+  require(y || !dresidual, "dresidual: needs y (the ReLU mask)");
+  return {data(y), mutable_data(dresidual)};
 }
 
 // ---- bound functions ----------------------------------------------------------------------------
+//
+// Each is safe without the GIL once checked: every buffer is held by the caller's references.
 
 template <typename T>
 void channel_stats(const carray<T>& x, carray<double>& mean, carray<double>& m2) {
-  const Shape s = view3(x, "x");
-  per_channel(mean, s, "mean");
-  per_channel(m2, s, "m2");
-  double* pm = mutable_out(mean, "mean");
-  double* pm2 = mutable_out(m2, "m2");
-  // safe without the GIL: every buffer is held by the caller's references and validated above
+  const Shape s = view3(x);
+  check(s,
+        {in("x", x, Role::data), out("mean", mean, Role::channel), out("m2", m2, Role::channel)});
+  double* pm = mean.mutable_data();
+  double* pm2 = m2.mutable_data();
   py::gil_scoped_release release;
   bnkernel::channel_stats(x.data(), s, pm, pm2);
-}
-
-// A mask over the positions: (outer, inner) bytes, as x's (outer, C, inner) view without C.
-const uint8_t* position_mask(const carray<uint8_t>& mask, Shape s) {
-  require(mask.ndim() == 2 && mask.shape(0) == s.outer && mask.shape(1) == s.inner,
-          "mask: expected an (outer, inner) array of x's positions");
-  return mask.data();
 }
 
 template <typename T>
 int64_t masked_channel_stats(const carray<T>& x, const carray<uint8_t>& mask, carray<double>& mean,
                              carray<double>& m2) {
-  const Shape s = view3(x, "x");
-  const uint8_t* pmask = position_mask(mask, s);
-  per_channel(mean, s, "mean");
-  per_channel(m2, s, "m2");
-  double* pm = mutable_out(mean, "mean");
-  double* pm2 = mutable_out(m2, "m2");
+  const Shape s = view3(x);
+  check(s, {in("x", x, Role::data), in("mask", mask, Role::positions),
+            out("mean", mean, Role::channel), out("m2", m2, Role::channel)});
+  double* pm = mean.mutable_data();
+  double* pm2 = m2.mutable_data();
   py::gil_scoped_release release;
-  return bnkernel::masked_channel_stats(x.data(), s, pmask, pm, pm2);
+  return bnkernel::masked_channel_stats(x.data(), s, mask.data(), pm, pm2);
 }
 
 int64_t merge_stats_impl(const carray<int64_t>& counts, const carray<double>& means,
                          const carray<double>& m2s, carray<double>& mean, carray<double>& m2) {
   require(counts.ndim() == 1, "counts: expected a 1-d array");
-  const int64_t parts = counts.shape(0);
-  require(means.ndim() == 2 && means.shape(0) == parts, "means: expected shape (parts, C)");
-  const int64_t channels = means.shape(1);
-  require(m2s.ndim() == 2 && m2s.shape(0) == parts && m2s.shape(1) == channels,
-          "m2s: expected the shape of means");
-  require(mean.ndim() == 1 && mean.shape(0) == channels, "mean: expected length C");
-  require(m2.ndim() == 1 && m2.shape(0) == channels, "m2: expected length C");
-  for (int64_t p = 0; p < parts; ++p) require(counts.at(p) >= 0, "counts: must be >= 0");
+  require(means.ndim() == 2, "means: expected shape (parts, C)");
+  const Shape s{counts.shape(0), means.shape(1), 1};  // (parts, C)
+  check(s, {in("counts", counts, Role::parts), in("means", means, Role::part_rows),
+            in("m2s", m2s, Role::part_rows), out("mean", mean, Role::channel),
+            out("m2", m2, Role::channel)});
+  for (int64_t p = 0; p < s.outer; ++p) require(counts.data()[p] >= 0, "counts: must be >= 0");
   int64_t count = 0;
-  double* pm = mutable_out(mean, "mean");
-  double* pm2 = mutable_out(m2, "m2");
+  double* pm = mean.mutable_data();
+  double* pm2 = m2.mutable_data();
   py::gil_scoped_release release;
-  bnkernel::merge_stats(parts, channels, counts.data(), means.data(), m2s.data(), &count, pm, pm2);
+  bnkernel::merge_stats(s.outer, s.channels, counts.data(), means.data(), m2s.data(), &count, pm,
+                        pm2);
   return count;
-}
-
-template <typename T>
-bnkernel::Epilogue<T> epilogue(const opt_carray<T>& residual, bool relu, Shape s) {
-  if (residual) same_shape(*residual, s, "residual");
-  return {residual ? residual->data() : nullptr, relu};
-}
-
-template <typename T>
-bnkernel::ReluGrad<T> relu_grad(const opt_carray<T>& y, opt_carray<T>& dresidual, Shape s) {
-  if (y) same_shape(*y, s, "y");
-  require(y || !dresidual, "dresidual: needs y (the ReLU mask)");
-  if (dresidual) same_shape(*dresidual, s, "dresidual");
-  return {y ? y->data() : nullptr, dresidual ? mutable_out(*dresidual, "dresidual") : nullptr};
 }
 
 template <typename T>
 void normalize(const carray<T>& x, const carray<double>& mean, const carray<double>& invstd,
                const opt_carray<Param<T>>& gamma, const opt_carray<Param<T>>& beta, carray<T>& y,
                const opt_carray<T>& residual, bool relu) {
-  const Shape s = view3(x, "x");
-  const auto ep = epilogue(residual, relu, s);
-  per_channel(mean, s, "mean");
-  per_channel(invstd, s, "invstd");
-  same_shape(y, s, "out");
-  const Param<T>* pg = optional_data(gamma, s, "gamma");
-  const Param<T>* pb = optional_data(beta, s, "beta");
-  T* py_ = mutable_out(y, "out");
-  // safe without the GIL: every buffer is held by the caller's references and validated above
+  const Shape s = view3(x);
+  check(s, {in("x", x, Role::data), in("mean", mean, Role::channel),
+            in("invstd", invstd, Role::channel), in("gamma", gamma, Role::channel),
+            in("beta", beta, Role::channel), out("out", y, Role::data),
+            in("residual", residual, Role::data)});
+  T* py_ = y.mutable_data();
   py::gil_scoped_release release;
-  bnkernel::normalize(x.data(), s, mean.data(), invstd.data(), pg, pb, py_, ep);
+  bnkernel::normalize(x.data(), s, mean.data(), invstd.data(), data(gamma), data(beta), py_,
+                      bnkernel::Epilogue<T>{data(residual), relu});
 }
 
 template <typename T>
@@ -190,22 +245,20 @@ void forward_train(const carray<T>& x, const opt_carray<Param<T>>& gamma,
                    carray<double>& invstd, opt_carray<Param<T>>& running_mean,
                    opt_carray<Param<T>>& running_var, double momentum, bool unbiased,
                    const opt_carray<T>& residual, bool relu) {
-  const Shape s = view3(x, "x");
-  const auto ep = epilogue(residual, relu, s);
-  same_shape(y, s, "out");
-  per_channel(mean, s, "mean");
-  per_channel(invstd, s, "invstd");
-  const Param<T>* pg = optional_data(gamma, s, "gamma");
-  const Param<T>* pb = optional_data(beta, s, "beta");
-  bnkernel::RunningUpdate<Param<T>> running{optional_mutable(running_mean, s, "running_mean"),
-                                            optional_mutable(running_var, s, "running_var"),
-                                            momentum, unbiased};
-  T* py_ = mutable_out(y, "out");
-  double* pm = mutable_out(mean, "mean");
-  double* pi = mutable_out(invstd, "invstd");
-  // safe without the GIL: every buffer is held by the caller's references and validated above
+  const Shape s = view3(x);
+  check(s,
+        {in("x", x, Role::data), in("gamma", gamma, Role::channel), in("beta", beta, Role::channel),
+         out("out", y, Role::data), out("mean", mean, Role::channel),
+         out("invstd", invstd, Role::channel), out("running_mean", running_mean, Role::channel),
+         out("running_var", running_var, Role::channel), in("residual", residual, Role::data)});
+  const bnkernel::RunningUpdate<Param<T>> running{mutable_data(running_mean),
+                                                  mutable_data(running_var), momentum, unbiased};
+  T* py_ = y.mutable_data();
+  double* pm = mean.mutable_data();
+  double* pi = invstd.mutable_data();
   py::gil_scoped_release release;
-  bnkernel::forward_train(x.data(), s, pg, pb, eps, py_, pm, pi, running, ep);
+  bnkernel::forward_train(x.data(), s, data(gamma), data(beta), eps, py_, pm, pi, running,
+                          bnkernel::Epilogue<T>{data(residual), relu});
 }
 
 template <typename T>
@@ -213,15 +266,14 @@ void backward_reduce(const carray<T>& dy, const carray<T>& x, const carray<doubl
                      const carray<double>& invstd, carray<double>& sum_dy,
                      carray<double>& sum_dy_xhat, const opt_carray<T>& y,
                      opt_carray<T>& dresidual) {
-  const Shape s = view3(x, "x");
-  const auto relu = relu_grad(y, dresidual, s);
-  same_shape(dy, s, "dy");
-  per_channel(mean, s, "mean");
-  per_channel(invstd, s, "invstd");
-  per_channel(sum_dy, s, "sum_dy");
-  per_channel(sum_dy_xhat, s, "sum_dy_xhat");
-  double* p1 = mutable_out(sum_dy, "sum_dy");
-  double* p2 = mutable_out(sum_dy_xhat, "sum_dy_xhat");
+  const Shape s = view3(x);
+  check(s, {in("dy", dy, Role::data), in("x", x, Role::data), in("mean", mean, Role::channel),
+            in("invstd", invstd, Role::channel), out("sum_dy", sum_dy, Role::channel),
+            out("sum_dy_xhat", sum_dy_xhat, Role::channel), in("y", y, Role::data),
+            out("dresidual", dresidual, Role::data)});
+  const auto relu = relu_grad(y, dresidual);
+  double* p1 = sum_dy.mutable_data();
+  double* p2 = sum_dy_xhat.mutable_data();
   py::gil_scoped_release release;
   bnkernel::backward_reduce(dy.data(), x.data(), s, mean.data(), invstd.data(), p1, p2, relu);
 }
@@ -232,26 +284,24 @@ void backward_elementwise(const carray<T>& dy, const carray<T>& x, const carray<
                           const carray<double>& sum_dy, const carray<double>& sum_dy_xhat,
                           int64_t count, carray<T>& dx, const opt_carray<T>& y,
                           const std::optional<carray<uint8_t>>& mask) {
-  const Shape s = view3(x, "x");
-  const uint8_t* pmask = mask ? position_mask(*mask, s) : nullptr;
-  opt_carray<T> no_dresidual;
-  const auto relu = relu_grad(y, no_dresidual, s);
-  same_shape(dy, s, "dy");
-  same_shape(dx, s, "out");
-  per_channel(mean, s, "mean");
-  per_channel(invstd, s, "invstd");
-  per_channel(sum_dy, s, "sum_dy");
-  per_channel(sum_dy_xhat, s, "sum_dy_xhat");
+  const Shape s = view3(x);
+  check(s, {in("dy", dy, Role::data), in("x", x, Role::data), in("mean", mean, Role::channel),
+            in("invstd", invstd, Role::channel), in("gamma", gamma, Role::channel),
+            in("sum_dy", sum_dy, Role::channel), in("sum_dy_xhat", sum_dy_xhat, Role::channel),
+            out("out", dx, Role::data), in("y", y, Role::data), in("mask", mask, Role::positions)});
   require(count > 0, "count: must be > 0");
-  const Param<T>* pg = optional_data(gamma, s, "gamma");
-  T* pdx = mutable_out(dx, "out");
+  const bnkernel::ReluGrad<T> relu{data(y), nullptr};
+  const T *pdy = dy.data(), *px = x.data();
+  const double *pm = mean.data(), *pi = invstd.data(), *ps = sum_dy.data(),
+               *psx = sum_dy_xhat.data();
+  const Param<T>* pg = data(gamma);
+  T* pdx = dx.mutable_data();
   py::gil_scoped_release release;
-  if (pmask) {
-    bnkernel::masked_backward_elementwise(dy.data(), x.data(), s, pmask, mean.data(), invstd.data(),
-                                          pg, sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
+  if (mask) {
+    bnkernel::masked_backward_elementwise(pdy, px, s, mask->data(), pm, pi, pg, ps, psx, count, pdx,
+                                          relu);
   } else {
-    bnkernel::backward_elementwise(dy.data(), x.data(), s, mean.data(), invstd.data(), pg,
-                                   sum_dy.data(), sum_dy_xhat.data(), count, pdx, relu);
+    bnkernel::backward_elementwise(pdy, px, s, pm, pi, pg, ps, psx, count, pdx, relu);
   }
 }
 
@@ -260,27 +310,26 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
               const carray<double>& invstd, const opt_carray<Param<T>>& gamma, carray<T>& dx,
               carray<Param<T>>& dgamma, carray<Param<T>>& dbeta, const opt_carray<T>& y,
               opt_carray<T>& dresidual) {
-  const Shape s = view3(x, "x");
-  const auto relu = relu_grad(y, dresidual, s);
-  same_shape(dy, s, "dy");
-  same_shape(dx, s, "out");
-  per_channel(mean, s, "mean");
-  per_channel(invstd, s, "invstd");
-  per_channel(dgamma, s, "dgamma");
-  per_channel(dbeta, s, "dbeta");
-  const Param<T>* pg = optional_data(gamma, s, "gamma");
-  T* pdx = mutable_out(dx, "out");
-  Param<T>* pdg = mutable_out(dgamma, "dgamma");
-  Param<T>* pdb = mutable_out(dbeta, "dbeta");
-  // safe without the GIL: every buffer is held by the caller's references and validated above
+  const Shape s = view3(x);
+  check(s, {in("dy", dy, Role::data), in("x", x, Role::data), in("mean", mean, Role::channel),
+            in("invstd", invstd, Role::channel), in("gamma", gamma, Role::channel),
+            out("out", dx, Role::data), out("dgamma", dgamma, Role::channel),
+            out("dbeta", dbeta, Role::channel), in("y", y, Role::data),
+            out("dresidual", dresidual, Role::data)});
+  const auto relu = relu_grad(y, dresidual);
+  const auto kernel = training ? &bnkernel::backward_train<T> : &bnkernel::backward_frozen<T>;
+  T* pdx = dx.mutable_data();
+  Param<T>* pdg = dgamma.mutable_data();
+  Param<T>* pdb = dbeta.mutable_data();
   py::gil_scoped_release release;
-  if (training) {
-    bnkernel::backward_train(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg, pdb,
-                             relu);
-  } else {
-    bnkernel::backward_frozen(dy.data(), x.data(), s, mean.data(), invstd.data(), pg, pdx, pdg, pdb,
-                              relu);
-  }
+  kernel(dy.data(), x.data(), s, mean.data(), invstd.data(), data(gamma), pdx, pdg, pdb, relu);
+}
+
+void set_num_threads(int n) {
+  // more would crash libgomp (see csrc/bnkernel/threads.cpp); n <= 0 is the default
+  require(n <= bnkernel::kMaxThreads, "n: " + std::to_string(n) + " is more than the maximum of " +
+                                          std::to_string(bnkernel::kMaxThreads) + " threads");
+  bnkernel::set_num_threads(n);
 }
 
 template <typename T>
@@ -328,11 +377,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("merge_stats", &merge_stats_impl, py::arg("counts").noconvert(),
         py::arg("means").noconvert(), py::arg("m2s").noconvert(), py::arg("mean").noconvert(),
         py::arg("m2").noconvert());
-  m.def("set_num_threads", &bnkernel::set_num_threads, py::arg("n"));
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &bnkernel::get_num_threads);
   m.def("workspace_allocations", &bnkernel::workspace_allocations);
   if (!bnkernel_python::add_fast_paths(m.ptr())) throw py::error_already_set();
   m.attr("have_openmp") = bnkernel::have_openmp();
+  m.attr("max_threads") = bnkernel::kMaxThreads;
   m.attr("isa") = bnkernel::isa_name();
   m.attr("version") = BNKERNEL_VERSION;
   m.attr("native_build") = static_cast<bool>(BNKERNEL_NATIVE_BUILD);

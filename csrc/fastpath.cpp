@@ -47,6 +47,8 @@ namespace {
 using bnkernel::Shape;
 
 // The array if obj is a plain, aligned, C-contiguous, native-endian ndarray of `type`, else null.
+// PyArray_ISCARRAY_RO is C_CONTIGUOUS | ALIGNED: an array not aligned to its element size is
+// declined here like anything else not plain (the ordinary path, whose bindings refuse it).
 PyArrayObject* plain(PyObject* obj, int type) {
   if (!PyArray_CheckExact(obj)) return nullptr;
   auto* a = reinterpret_cast<PyArrayObject*>(obj);

@@ -47,8 +47,8 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
   const int threads = threads_for(s.size());
   // streaming stores for the per-channel runs only when the runs are long: a short run shares its
   // first and last cache lines with other channels, and mixing store kinds on a line is slow
-  const bool stream_runs = detail::stream_output(s.size(), sizeof(T)) &&
-                           s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+  const bool stream_runs =
+      detail::stream_output(dx, s.size()) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   Workspace ws;
   double* sum_dy = ws.take<double>(C);
   double* sum_dy_xhat = ws.take<double>(C);

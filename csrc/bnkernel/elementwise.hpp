@@ -33,10 +33,6 @@ inline double beta_of(const T* beta, int64_t c) {
 // for whoever reads them next, so they get plain stores.
 constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
-inline bool stream_output(int64_t elements, int64_t element_size) {
-  return elements * element_size >= kStreamMinBytes;
-}
-
 #if defined(__AVX512F__)
 constexpr int64_t kStreamAlign = 64;
 inline void stream_block(void* dst, const void* src) {  // kStreamAlign bytes, both aligned
@@ -57,6 +53,23 @@ inline void stream_block(void* dst, const void* src) {
 constexpr int64_t kStreamAlign = 0;  // no streaming stores here: plain stores only
 inline void stream_block(void*, const void*) {}
 #endif
+
+// Whether y is aligned to its element size.  The bindings refuse arrays that are not (NumPy's
+// ALIGNED flag), so the kernels never see one; but no store below assumes more alignment than it
+// checks: the streamed paths peel plain stores up to a kStreamAlign boundary, which only an
+// element-aligned address ever reaches, so an output that is not gets plain stores throughout.
+template <typename T>
+inline bool element_aligned(const T* y) {
+  return reinterpret_cast<uintptr_t>(y) % sizeof(T) == 0;
+}
+
+// Streaming stores for the `elements` values of an output at y: where there are any, for an
+// output past the caches, aligned to its element size.
+template <typename T>
+inline bool stream_output(const T* y, int64_t elements) {
+  return kStreamAlign > 0 && elements * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes &&
+         element_aligned(y);
+}
 
 // out[j] = narrow<T>(value(j)) for j < len.  16-bit values go a block at a time through a buffer
 // of doubles and the vector stores, whose conversion takes a third of the time of the scalar one
@@ -149,15 +162,15 @@ template <typename T, class F>
 void elementwise(Shape s, T* y, int threads, F&& value) {
   const int64_t size = s.size();
   if (size == 0) return;
-  const bool stream = kStreamAlign > 0 && stream_output(size, sizeof(T));
+  const bool stream = stream_output(y, size);
   constexpr auto kSize = static_cast<int64_t>(sizeof(T));
   constexpr int64_t kSpan = 16384;  // elements per task
   constexpr int64_t kBlock = 256 / kSize;
-  // first element at an aligned address (0 if none can be)
+  // first element at a 64-byte boundary (y is element-aligned when streamed, so one is reached)
   int64_t first = 0;
   if (stream) {
     const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % 64);
-    if (misaligned % kSize == 0) first = std::min(size, ((64 - misaligned) % 64) / kSize);
+    first = std::min(size, ((64 - misaligned) % 64) / kSize);
   }
   const int64_t spans = 1 + ceil_div(size - first, kSpan);
   parallel_region(threads, [&] {
@@ -214,7 +227,7 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   // contiguous in y) with streaming stores for its whole lines and plain ones for the partial
   // lines at its ends: blocks of channels do not start on line boundaries in general, and a line
   // must not get both kinds of store.
-  const bool stream = kStreamAlign > 0 && stream_output(s.size(), kSize);
+  const bool stream = stream_output(y, s.size());
   // streamed, the tiles are grouped in chunks of at least kStreamChunk values, so that few of the
   // lines written are partial ones at a chunk's ends (with C = 64 a tile is only 1 KiB)
   constexpr int64_t kStreamChunk = 4096;

@@ -59,8 +59,8 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
   const int threads = threads_for(s.size());
   // streaming stores for the per-channel runs only when the runs are long: a short run shares its
   // first and last cache lines with other channels, and mixing store kinds on a line is slow
-  const bool stream_runs = detail::stream_output(s.size(), sizeof(T)) &&
-                           s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+  const bool stream_runs =
+      detail::stream_output(y, s.size()) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
   Workspace ws;
   double* m2 = ws.take<double>(C);
 

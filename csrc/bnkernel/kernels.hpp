@@ -75,13 +75,20 @@ struct ReluGrad {
 // Chan et al.'s pairwise merge of `parts` partial statistics, applied left to right:
 //   n = nA + nB;  d = meanB - meanA
 //   mean = meanA + d * nB / n;  M2 = M2A + M2B + d^2 * nA * nB / n
-// means and m2s are (parts, channels) row-major.  Parts with a count of 0 are neutral.
+// means and m2s are (parts, channels) row-major.  Parts with a count of 0 are neutral.  counts are
+// >= 0; a total that does not fit in int64 throws std::overflow_error, the outputs untouched.
 void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const double* means,
                  const double* m2s, int64_t* count, double* mean, double* m2);
 
 // ---- threads and dispatch -----------------------------------------------------------------------
 
+// The most threads a kernel runs on (see threads.cpp): an OpenMP setting above it is clamped to
+// it, and set_num_threads clamps too (the bindings refuse more).
+constexpr int kMaxThreads = 256;
+
 // 0 means "follow OpenMP" (OMP_NUM_THREADS, threadpoolctl limits); n > 0 pins the count.
+// get_num_threads() is the count the kernels use: at most kMaxThreads, and 1 in a process forked
+// from this one (libgomp's threads do not survive fork; see threads.cpp).
 void set_num_threads(int n);
 int get_num_threads();
 bool have_openmp();

@@ -44,6 +44,7 @@ __all__ = [
     "batch_renorm_backward",
     "batch_renorm_forward",
     "channel_stats",
+    "get_max_threads",
     "get_num_threads",
     "ghost_batch_norm_backward",
     "ghost_batch_norm_forward",
@@ -61,15 +62,38 @@ def set_num_threads(n: int | None) -> None:
     """Use ``n`` threads in every kernel, from every calling thread.
 
     ``None`` (or 0) goes back to the default: follow OpenMP's setting, i.e. ``OMP_NUM_THREADS`` and
-    any ``threadpoolctl`` limit.  Small inputs always run on one thread.
+    any ``threadpoolctl`` limit, clamped to :func:`get_max_threads`.  Small inputs always run on
+    one thread.  ``n`` above :func:`get_max_threads` raises ``ValueError``.
+
+    In a process forked from one that imported bnkernel (``os.fork``, multiprocessing's "fork"
+    start method) the kernels always run on one thread, since OpenMP's threads do not survive a
+    fork: there this call is accepted but has no effect, and :func:`get_num_threads` returns 1.
     """
     if n is None:
         n = 0
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected an int >= 0 or None, got {n!r}")
+    limit = int(_core.max_threads)
+    if n > limit:
+        raise ValueError(
+            f"n: {n} is more than the maximum of {limit} threads (bnkernel.get_max_threads())"
+        )
     _core.set_num_threads(n)
 
 
 def get_num_threads() -> int:
-    """The number of threads the kernels use for large inputs."""
+    """The number of threads the kernels use for large inputs.
+
+    At most :func:`get_max_threads`; 1 in a forked child process (see :func:`set_num_threads`).
+    """
     return int(_core.get_num_threads())
+
+
+def get_max_threads() -> int:
+    """The most threads the kernels run on (256).
+
+    Larger OpenMP settings (``OMP_NUM_THREADS``, ``omp_set_num_threads``, ``threadpoolctl``) are
+    clamped to it, and :func:`set_num_threads` refuses more: OpenMP's runtime (libgomp) crashes
+    when asked for tens of thousands of threads.
+    """
+    return int(_core.max_threads)

@@ -123,7 +123,7 @@ def info_lines() -> list[str]:
         f"bnkernel {__version__}",
         f"numpy {np.__version__}",
         f"OpenMP: {'yes' if _core.have_openmp else 'no'}",
-        f"threads: {_core.get_num_threads()}",
+        f"threads: {_core.get_num_threads()} (at most {_core.max_threads})",
         f"SIMD kernels (chosen at run time): {_core.isa}",
         f"native build (-march=native): {'yes' if _core.native_build else 'no'}",
         f"CUDA: {'yes' if _core.cuda else 'no (this version has CPU kernels only)'}",

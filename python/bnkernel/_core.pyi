@@ -1,6 +1,9 @@
 # Stub for the compiled module (csrc/bindings.cpp).  Each kernel is bound once per data dtype
 # (float32, float64, float16, ml_dtypes.bfloat16; the parameters of the 16-bit ones are float32);
-# arrays are taken exactly as given (C-contiguous, no conversion).
+# arrays are taken exactly as given (C-contiguous, no conversion: TypeError otherwise).  ValueError
+# naming the argument for a shape that does not fit x's (outer, C, inner) view, a read-only
+# output, or an array not aligned to its element size.  merge_stats: OverflowError when the
+# total count does not fit in int64.
 from typing import Any
 
 import numpy as np
@@ -10,6 +13,7 @@ _F = NDArray[Any]
 _D = NDArray[np.float64]
 
 have_openmp: bool
+max_threads: int  # set_num_threads refuses more; larger OpenMP settings are clamped
 isa: str
 version: str
 native_build: bool
@@ -80,8 +84,8 @@ def backward(
     y: _F | None = None,
     dresidual: _F | None = None,
 ) -> None: ...
-def set_num_threads(n: int) -> None: ...
-def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...  # ValueError above max_threads
+def get_num_threads() -> int: ...  # at most max_threads; 1 in a forked child
 
 # Heap allocations the kernels' per-thread workspaces have made so far, every thread together
 # (csrc/bnkernel/workspace.hpp); for the tests.
