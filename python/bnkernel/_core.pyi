@@ -18,6 +18,8 @@ isa: str
 version: str
 native_build: bool
 cuda: bool
+# the rules the fast path re-checks, by name (the keys of bnkernel._checks.FAST_PATH_RULES)
+fast_path_rules: tuple[str, ...]
 sanitized: bool
 
 def channel_stats(x: _F, mean: _D, m2: _D) -> None: ...
