@@ -123,18 +123,42 @@ def eps(v: Any, name: str = "eps") -> float:
     return real_number(v, name, minimum=0.0)
 
 
-def momentum(v: Any, name: str = "momentum") -> float:
-    """The weight of a batch in a running update: a number in [0, 1].  (The layer's
-    ``momentum=None``, a cumulative average, is resolved by the layer from its batch count.)"""
+def momentum(v: Any, name: str = "momentum", *, optional: bool = False) -> float | None:
+    """The weight of a batch in a running update: a number in [0, 1].  ``optional``: None too (the
+    layer's cumulative average, which the layer resolves from its batch count)."""
     if v is None:
+        if optional:
+            return None
         raise TypeError(
             f"{name}: expected a real number, got NoneType: a number in [0, 1] (the cumulative "
             "average, momentum=None, is BatchNorm's, which counts the batches; pass 1 / batches)"
         )
     f = real_number(v, name)
     if not 0.0 <= f <= 1.0:
-        raise ValueError(f"{name}: expected a number in [0, 1], got {f}")
+        either = " or None" if optional else ""
+        raise ValueError(f"{name}: expected a number in [0, 1]{either}, got {f}")
     return f
+
+
+def renorm_limits(r_max: Any, d_max: Any) -> tuple[float, float]:
+    """Batch renormalization's clipping limits: r_max >= 1, d_max >= 0."""
+    return real_number(r_max, "r_max", minimum=1.0), real_number(d_max, "d_max", minimum=0.0)
+
+
+def weight(v: Any, name: str = "momentum") -> float:
+    """momentum() where None is not allowed (the functional API), typed as a float."""
+    f = momentum(v, name)
+    assert f is not None
+    return f
+
+
+def positive_int(v: Any, name: str) -> int:
+    """An int (Python's or NumPy's, not a bool) >= 1."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {v}")
+    return int(v)
 
 
 def flag(v: Any, name: str) -> bool:
@@ -170,12 +194,17 @@ def single_value(v: Any) -> str:
     return v
 
 
+def int_arg(v: Any, name: str) -> int:
+    """An int of any sign (Python's or NumPy's, not a bool)."""
+    if type(v) is not int:  # fast path first: this runs on every call
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    return int(v)
+
+
 def channel_axis(ndim: int, axis: Any) -> int:
     """The channel axis normalized to 0 <= axis < ndim."""
-    if type(axis) is not int:  # fast path first: this runs on every call
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
-    a = int(axis)
+    a = int_arg(axis, "axis")
     if not -ndim <= a < ndim:
         raise AxisError(a, ndim, "axis: channel axis out of range")
     return a % ndim

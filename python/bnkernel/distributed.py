@@ -409,7 +409,7 @@ def _forward(
         C, dtype = call.C, xa.dtype
         valid = call.mask(mask)
         eps_f = chk.eps(eps)
-        mom = chk.momentum(momentum)
+        mom = chk.weight(momentum)
         unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
         relu = chk.activation(activation)
         g = call.param(gamma, "gamma")

@@ -143,7 +143,7 @@ def batch_norm_forward(
     b = call.param(beta, "beta")
     res3 = call.like_x(residual, "residual")
     if training:
-        mom = chk.momentum(momentum)
+        mom = chk.weight(momentum)
         rm = call.running(running_mean, "running_mean")
         rv = call.running(running_var, "running_var")
         y = call.output(out, in_place=True)
@@ -353,7 +353,7 @@ def _masked_forward(
     assert valid is not None
     _masked_count(valid)
     eps_f = chk.eps(eps)
-    mom = chk.momentum(momentum)
+    mom = chk.weight(momentum)
     unbiased = chk.flag(unbiased, "running_var_unbiased")
     g = call.param(gamma, "gamma")
     b = call.param(beta, "beta")
@@ -533,7 +533,7 @@ def update_running_stats(
     running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1)  # unbiased
     running_var  = (1 - momentum) * running_var  + momentum * M2 / count        # biased
     """
-    mom = chk.momentum(momentum)
+    mom = chk.weight(momentum)
     count = chk.count(count)
     unbiased = chk.flag(unbiased, "unbiased")
     if running_mean is None and running_var is None:

@@ -155,14 +155,10 @@ class BatchNorm:
         single_value: Literal["raise", "running"] = "raise",
         activation: Literal["relu"] | None = None,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(f"num_features: expected an int, got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"num_features: expected an int >= 1, got {num_features}")
+        num_features = chk.positive_int(num_features, "num_features")
         if convention not in CONVENTIONS:
             raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+        axis = chk.int_arg(axis, "axis")
         self.dtype = np.dtype(dtype)
         if not chk.is_data_dtype(self.dtype):
             raise TypeError(
@@ -177,11 +173,7 @@ class BatchNorm:
         self.eps = chk.eps(defaults["eps"] if eps is None else eps)
         if momentum is DEFAULT:
             momentum = defaults["momentum"]
-        if momentum is not None:
-            momentum = chk.real_number(momentum, "momentum")
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"momentum: expected a number in [0, 1] or None, got {momentum}")
-        self.momentum: float | None = momentum
+        self.momentum: float | None = chk.momentum(momentum, optional=True)
         self.unbiased_running_var: bool = defaults["unbiased_running_var"]
         self.affine = chk.flag(affine, "affine")
         self.track_running_stats = chk.flag(track_running_stats, "track_running_stats")
@@ -201,30 +193,20 @@ class BatchNorm:
             self.running_var = np.ones(C, self.param_dtype)
         self.mode: Literal["train", "eval", "frozen"] = "train"
         self.renorm = chk.flag(renorm, "renorm")
-        self.r_max = chk.real_number(r_max, "r_max", minimum=1.0)
-        self.d_max = chk.real_number(d_max, "d_max", minimum=0.0)
+        self.r_max, self.d_max = chk.renorm_limits(r_max, d_max)
         if self.renorm and not self.track_running_stats:
             raise ValueError("renorm: batch renormalization needs track_running_stats=True")
         if virtual_batch_size is not None:
-            if isinstance(virtual_batch_size, bool) or not isinstance(
-                virtual_batch_size, numbers.Integral
-            ):
-                raise TypeError(
-                    "virtual_batch_size: expected an int or None, "
-                    f"got {type(virtual_batch_size).__name__}"
-                )
-            if virtual_batch_size < 1:
-                raise ValueError(f"virtual_batch_size: expected >= 1, got {virtual_batch_size}")
+            virtual_batch_size = chk.positive_int(virtual_batch_size, "virtual_batch_size")
             if self.renorm:
                 raise ValueError("virtual_batch_size: not supported together with renorm=True")
         self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         self.single_value = chk.single_value(single_value)
-        chk.activation(activation)
         if activation is not None and (self.renorm or self.virtual_batch_size is not None):
             raise ValueError(
                 "activation: the fused ReLU is not supported with renorm or virtual_batch_size"
             )
-        self.activation: Literal["relu"] | None = activation
+        self.activation: Literal["relu"] | None = "relu" if chk.activation(activation) else None
         # what backward needs from the last forward: (kind, x, mean, invstd, extra)
         self._saved: tuple[str, NDArray[Any], NDArray[Any], NDArray[Any], Any] | None = None
         self._busy = threading.RLock()  # see _exclusive

@@ -61,12 +61,6 @@ def renorm_corrections(
     return r, d
 
 
-def _limits(r_max: float, d_max: float) -> tuple[float, float]:
-    r = chk.real_number(r_max, "r_max", minimum=1.0)
-    d = chk.real_number(d_max, "d_max", minimum=0.0)
-    return r, d
-
-
 def batch_renorm_forward(
     x: NDArray[Any],
     gamma: NDArray[Any] | None = None,
@@ -101,9 +95,9 @@ def batch_renorm_forward(
     call = chk.Call()
     xa = call.data(x, axis)
     C = call.C
-    rmax, dmax = _limits(r_max, d_max)
+    rmax, dmax = chk.renorm_limits(r_max, d_max)
     eps_f = chk.eps(eps)
-    mom = chk.momentum(momentum)
+    mom = chk.weight(momentum)
     unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
     rm = call.running(running_mean, "running_mean")
     rv = call.running(running_var, "running_var")
@@ -183,13 +177,7 @@ def batch_renorm_backward(
 
 
 def _groups(xa: NDArray[Any], ax: int, virtual_batch_size: Any) -> int:
-    if isinstance(virtual_batch_size, bool) or not isinstance(
-        virtual_batch_size, (int, np.integer)
-    ):
-        raise TypeError(
-            f"virtual_batch_size: expected an int, got {type(virtual_batch_size).__name__}"
-        )
-    v = int(virtual_batch_size)
+    v = chk.int_arg(virtual_batch_size, "virtual_batch_size")
     if ax == 0:
         raise ValueError("axis: ghost batch normalization splits axis 0, the batch axis; "
                          "the channel axis must be another")  # fmt: skip
@@ -229,7 +217,7 @@ def ghost_batch_norm_forward(
     C = call.C
     groups = _groups(xa, call.ax, virtual_batch_size)
     eps_f = chk.eps(eps)
-    mom = chk.momentum(momentum)
+    mom = chk.weight(momentum)
     unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
     rm = call.running(running_mean, "running_mean")
     rv = call.running(running_var, "running_var")
