@@ -27,12 +27,17 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-settings.register_profile(
-    "rules-ci", max_examples=400, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)  # fmt: skip
-PROFILE = {"explore": None, "sanitize": "sanitize"}.get(os.environ.get("HYPOTHESIS_PROFILE", ""))
-RULES = settings.get_profile(PROFILE) if PROFILE else settings.get_profile("rules-ci")
+# derandomized (CI repeats the same examples); fewer under the sanitizers, more to explore
+for _name, _examples in (("rules-ci", 400), ("rules-sanitize", 80), ("rules-explore", 5000)):
+    settings.register_profile(
+        _name, max_examples=_examples, deadline=None, derandomize=_name != "rules-explore",
+        suppress_health_check=[HealthCheck.too_slow],
+    )  # fmt: skip
+RULES = settings.get_profile(
+    {"sanitize": "rules-sanitize", "explore": "rules-explore"}.get(
+        os.environ.get("HYPOTHESIS_PROFILE", ""), "rules-ci"
+    )
+)
 
 C = 3
 SHAPES = [(4, C), (2, C, 5), (1, C), (5, C, 1), (2, 2, C)]
