@@ -374,10 +374,12 @@ def test_unaligned_array_is_refused(fn, name, dtype):
         assert np.array_equal(kwargs[k], v, equal_nan=True), k
 
 
-@pytest.mark.parametrize("fn,name", array_args())
+# every array but the ones whose shape the others are checked against
+SHAPED = [c for c in array_args() if c.values[1] not in ("x", "counts", "means")]
+
+
+@pytest.mark.parametrize("fn,name", SHAPED)
 def test_wrong_shape_is_refused_naming_the_argument(fn, name):
-    if name in ("x", "counts", "means"):
-        pytest.skip("the shape the others are checked against")
     call, kwargs = bound_calls()[fn]
     a = kwargs[name]
     kwargs[name] = np.zeros((*a.shape[:-1], a.shape[-1] + 1), a.dtype)
