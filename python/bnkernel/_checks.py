@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 from numpy.exceptions import AxisError
+from numpy.ma import MaskedArray
 from numpy.typing import NDArray
 
 # The dtypes of statistics and running buffers (and of data, with the 16-bit ones below).
@@ -226,7 +227,7 @@ def one_value_check(x: NDArray[Any], axis: int) -> int:
 
 
 def _not_masked(v: Any, name: str) -> None:
-    if isinstance(v, np.ma.MaskedArray):
+    if type(v) is not np.ndarray and isinstance(v, MaskedArray):
         raise TypeError(
             f"{name}: a numpy.ma.MaskedArray is not taken (its mask would be ignored); pass the "
             "data (x.data) and the valid positions as mask= (bool, x's shape without the "
@@ -338,10 +339,13 @@ def saved_stat(v: Any, name: str, channels: int | tuple[int, ...]) -> NDArray[np
 
 def same_array(a: NDArray[Any], b: NDArray[Any]) -> bool:
     """Whether a and b are views of exactly the same elements (same memory, shape and strides)."""
+    if a is b:
+        return True
     return (
         a.shape == b.shape
         and a.strides == b.strides
         and a.dtype == b.dtype
+        and bool(np.may_share_memory(a, b))
         and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
     )
 
@@ -395,7 +399,6 @@ PARAM = "parameter"
 RUNNING = "running statistic"
 SAVED = "saved statistic"
 OUTPUT = "output"
-_WRITTEN = (RUNNING, OUTPUT)
 
 
 class Call:
@@ -512,15 +515,18 @@ class Call:
         shares memory with no other argument (but ``out`` may be ``x`` itself where in-place is
         allowed)."""
         arrays = self._arrays
+        in_place = self._in_place is not None
         for i, (name, role, a) in enumerate(arrays):
-            if role not in _WRITTEN:
+            if role is not RUNNING and role is not OUTPUT:
                 continue
             for j, (other, other_role, b) in enumerate(arrays):
-                if j == i or (other_role in _WRITTEN and j < i):
+                if j == i or (j < i and (other_role is RUNNING or other_role is OUTPUT)):
                     continue  # each pair of written arrays once
-                if self._in_place is not None and _in_place_pair(self, a, role, b, other_role):
+                if not np.may_share_memory(a, b):  # bounds: the common answer, in one C call
                     continue
-                if overlaps(a, b):
+                if in_place and _in_place_pair(self, a, role, b, other_role):
+                    continue
+                if np.shares_memory(a, b):
                     raise ValueError(_overlap_message(name, role, other, other_role))
 
     def finish(self) -> None:
