@@ -39,7 +39,7 @@ import math
 import numbers
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.exceptions import AxisError
@@ -186,6 +186,17 @@ def activation(v: Any) -> bool:
     if isinstance(v, str) and v == "relu":
         return True
     raise ValueError(f"activation: expected None or 'relu', got {v!r}")
+
+
+def relu_output(activation_: Any, y: Any) -> bool:
+    """A backward's activation and the forward's output y: y is needed with, and only with, the
+    fused ReLU (whose mask it holds).  Whether the ReLU is on."""
+    relu = activation(activation_)
+    if relu and y is None:
+        raise ValueError("y: activation='relu' needs the forward's output y (for the mask)")
+    if y is not None and not relu:
+        raise ValueError("y: only used with activation='relu'")
+    return relu
 
 
 def single_value(v: Any) -> str:
@@ -401,6 +412,27 @@ SAVED = "saved statistic"
 OUTPUT = "output"
 
 
+class TrainingForward(NamedTuple):
+    """What :meth:`Call.training_forward` returns: the arrays the kernels take."""
+
+    gamma: NDArray[Any] | None
+    beta: NDArray[Any] | None
+    running_mean: NDArray[Any] | None
+    running_var: NDArray[Any] | None
+    out: NDArray[Any]
+    residual: NDArray[Any] | None
+
+
+class BackwardArrays(NamedTuple):
+    """What :meth:`Call.backward_arrays` returns: the arrays the kernels take."""
+
+    mean: NDArray[np.float64]
+    invstd: NDArray[np.float64]
+    gamma: NDArray[Any] | None
+    y: NDArray[Any] | None
+    out: NDArray[Any]
+
+
 class Call:
     """One call's arguments, declared by role.
 
@@ -500,6 +532,36 @@ class Call:
             self._in_place = out
         self._declare(name, OUTPUT, out)
         return self._aligned(out)
+
+    def training_forward(
+        self, gamma: Any, beta: Any, running_mean: Any, running_var: Any, out: Any,
+        residual: Any = None,
+    ) -> TrainingForward:  # fmt: skip
+        """A training forward's arrays, as every training forward declares them: gamma and beta
+        (parameters), the residual (an input of x's shape), the running statistics (updated in
+        place) and out (the output, x itself allowed); returns what the kernels take, in that
+        order: ``(g, b, rm, rv, y, residual3)``."""
+        g = self.param(gamma, "gamma")
+        b = self.param(beta, "beta")
+        res3 = self.like_x(residual, "residual")
+        rm = self.running(running_mean, "running_mean")
+        rv = self.running(running_var, "running_var")
+        y = self.output(out, in_place=True)
+        return TrainingForward(g, b, rm, rv, y, res3)
+
+    def backward_arrays(
+        self, mean: Any, invstd: Any, gamma: Any, y: Any, out: Any
+    ) -> BackwardArrays:
+        """A backward's arrays, as every batch-norm backward declares them: the forward's mean
+        and invstd (saved statistics), gamma (a parameter), y (the forward's output, an input, for
+        the ReLU mask) and out (dx, the output)."""
+        return BackwardArrays(
+            self.saved(mean, "mean"),
+            self.saved(invstd, "invstd"),
+            self.param(gamma, "gamma"),
+            self.like_x(y, "y"),
+            self.output(out),
+        )
 
     def _aligned(self, a: NDArray[Any], *, read: bool = False) -> NDArray[Any]:
         """a, or an aligned scratch array (holding a's values if the kernel `read`s them) that

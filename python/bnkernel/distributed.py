@@ -412,12 +412,9 @@ def _forward(
         mom = chk.weight(momentum)
         unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
         relu = chk.activation(activation)
-        g = call.param(gamma, "gamma")
-        b = call.param(beta, "beta")
-        res3 = call.like_x(residual, "residual")
-        rm = call.running(running_mean, "running_mean")
-        rv = call.running(running_var, "running_var")
-        y = call.output(out, in_place=True)
+        g, b, rm, rv, y, res3 = call.training_forward(
+            gamma, beta, running_mean, running_var, out, residual
+        )
         call.seal()
         # the local statistics (the valid positions' with a mask)
         x3 = call.view3(xa)
@@ -514,17 +511,11 @@ def _backward(
         xa = call.data(x, axis, allow_empty=True)
         C, dtype = call.C, xa.dtype
         dy3 = call.grad(dy, allow_empty=True)
-        m = call.saved(mean, "mean")
-        s = call.saved(invstd, "invstd")
-        g = call.param(gamma, "gamma")
         n = chk.count(count)
-        relu = chk.activation(activation)
-        if relu and y is None:
-            raise ValueError("y: activation='relu' needs the forward's output y (for the mask)")
-        y3 = call.like_x(y, "y") if relu else None
+        relu = chk.relu_output(activation, y)
+        m, s, g, y3, dx = call.backward_arrays(mean, invstd, gamma, y, out)
         with_dres = chk.flag(residual_grad, "residual_grad")
         valid = call.mask(mask)
-        dx = call.output(out)
         call.seal()
         x3 = call.view3(xa)
         dres = np.empty(xa.shape, dtype=xa.dtype) if relu and with_dres else None

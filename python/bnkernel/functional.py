@@ -139,14 +139,11 @@ def batch_norm_forward(
                 "batch with the running statistics, so both are required"
             )
         training = False
-    g = call.param(gamma, "gamma")
-    b = call.param(beta, "beta")
-    res3 = call.like_x(residual, "residual")
     if training:
         mom = chk.weight(momentum)
-        rm = call.running(running_mean, "running_mean")
-        rv = call.running(running_var, "running_var")
-        y = call.output(out, in_place=True)
+        g, b, rm, rv, y, res3 = call.training_forward(
+            gamma, beta, running_mean, running_var, out, residual
+        )
         call.seal()
         x3 = call.view3(xa)
         mean = np.empty(C, dtype=np.float64)
@@ -161,6 +158,9 @@ def batch_norm_forward(
             "running_mean, running_var: both are required when training=False "
             "(inference normalizes with the running statistics)"
         )
+    g = call.param(gamma, "gamma")
+    b = call.param(beta, "beta")
+    res3 = call.like_x(residual, "residual")
     rm_in = call.param(running_mean, "running_mean")
     rv_in = call.param(running_var, "running_var")
     assert rm_in is not None and rv_in is not None
@@ -258,13 +258,9 @@ def batch_norm_backward(
     enters no sum: padding never reaches dgamma, dbeta or a valid position's dx.
     """
     policy = chk.single_value(single_value)
-    relu = chk.activation(activation)
+    relu = chk.relu_output(activation, y)
     training = chk.flag(training, "training")
     residual_grad = chk.flag(residual_grad, "residual_grad")
-    if relu and y is None:
-        raise ValueError("y: activation='relu' needs the forward's output y (for the mask)")
-    if y is not None and not relu:
-        raise ValueError("y: only used with activation='relu'")
     if mask is not None:
         return _masked_backward(
             dy, x, mean, invstd, gamma, mask, training, axis, relu, y, residual_grad, out
@@ -279,11 +275,7 @@ def batch_norm_backward(
     ax, C = call.ax, call.C
     if _single_value_batch(xa, ax, training, policy):
         training = False
-    m = call.saved(mean, "mean")
-    s = call.saved(invstd, "invstd")
-    g = call.param(gamma, "gamma")
-    y3 = call.like_x(y, "y")
-    dx = call.output(out)
+    m, s, g, y3, dx = call.backward_arrays(mean, invstd, gamma, y, out)
     call.seal()
     x3 = call.view3(xa)
     P = chk.param_dtype(xa.dtype)
@@ -355,12 +347,9 @@ def _masked_forward(
     eps_f = chk.eps(eps)
     mom = chk.weight(momentum)
     unbiased = chk.flag(unbiased, "running_var_unbiased")
-    g = call.param(gamma, "gamma")
-    b = call.param(beta, "beta")
-    res3 = call.like_x(residual, "residual")
-    rm = call.running(running_mean, "running_mean")
-    rv = call.running(running_var, "running_var")
-    y = call.output(out, in_place=True)
+    g, b, rm, rv, y, res3 = call.training_forward(
+        gamma, beta, running_mean, running_var, out, residual
+    )
     call.seal()
     # the statistics of the valid positions (one pass, the mask read alongside), then the
     # normalize of every position
@@ -416,11 +405,7 @@ def _masked_backward(
         )  # fmt: skip
         return result
     count = _masked_count(valid)
-    m = call.saved(mean, "mean")
-    s = call.saved(invstd, "invstd")
-    g = call.param(gamma, "gamma")
-    y3 = call.like_x(y, "y")
-    dx = call.output(out)
+    m, s, g, y3, dx = call.backward_arrays(mean, invstd, gamma, y, out)
     call.seal()
     x3 = call.view3(xa)
     dres = np.empty(xa.shape, dtype=xa.dtype) if relu else None

@@ -99,14 +99,11 @@ def batch_renorm_forward(
     eps_f = chk.eps(eps)
     mom = chk.weight(momentum)
     unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
-    rm = call.running(running_mean, "running_mean")
-    rv = call.running(running_var, "running_var")
-    if rm is None or rv is None:
+    if running_mean is None or running_var is None:
         raise ValueError("running_mean, running_var: batch renormalization needs both")
-    g = call.param(gamma, "gamma")
-    b = call.param(beta, "beta")
+    g, b, rm, rv, y, _ = call.training_forward(gamma, beta, running_mean, running_var, out)
+    assert rm is not None and rv is not None
     count = chk.one_value_check(xa, call.ax)
-    y = call.output(out, in_place=True)
     call.seal()
     x3 = call.view3(xa)
     mean = np.empty(C, dtype=np.float64)
@@ -219,11 +216,7 @@ def ghost_batch_norm_forward(
     eps_f = chk.eps(eps)
     mom = chk.weight(momentum)
     unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
-    rm = call.running(running_mean, "running_mean")
-    rv = call.running(running_var, "running_var")
-    g = call.param(gamma, "gamma")
-    b = call.param(beta, "beta")
-    y = call.output(out, in_place=True)
+    g, b, rm, rv, y, _ = call.training_forward(gamma, beta, running_mean, running_var, out)
     call.seal()
     xc = chk.kernel_view(xa)
     v = xa.shape[0] // groups
