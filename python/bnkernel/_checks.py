@@ -505,29 +505,20 @@ class Call:
         return arr
 
     def mask(self, mask: Any) -> NDArray[np.bool_] | None:
+        """The positions' mask (bool, x's shape without the channel axis), an input."""
         if mask is None:
             return None
         m = mask_arg(mask, self.x, self.ax)
         self._declare("mask", INPUT, m)
         return m
 
-    def output(
-        self,
-        out: Any,
-        name: str = "out",
-        *,
-        in_place: bool = False,
-        shape: tuple[int, ...] | None = None,
-        dtype: np.dtype[Any] | None = None,
-    ) -> NDArray[Any]:
-        """The array a kernel writes into: a new one (x's shape and dtype unless given), or the
-        caller's ``out=`` if it is exactly right.  With ``in_place``, ``out`` may be x itself (the
-        very same elements): the kernels that allow it read each value before writing it."""
-        shape = self.x.shape if shape is None else shape
-        dtype = self.x.dtype if dtype is None else dtype
+    def output(self, out: Any, name: str = "out", *, in_place: bool = False) -> NDArray[Any]:
+        """The array a kernel writes into, of x's shape and dtype: a new one, or the caller's
+        ``out=`` if it is exactly right.  With ``in_place``, ``out`` may be x itself (the very
+        same elements): the kernels that allow it read each value before writing it."""
         if out is None:
-            return np.empty(shape, dtype=dtype)
-        check_output(out, name, shape, dtype)
+            return np.empty(self.x.shape, dtype=self.x.dtype)
+        check_output(out, name, self.x.shape, self.x.dtype)
         if in_place and same_array(out, self.x):
             self._in_place = out
         self._declare(name, OUTPUT, out)
