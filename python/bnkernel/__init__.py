@@ -1,29 +1,29 @@
 """bnkernel: fused, exact, deterministic batch normalization for NumPy.
 
-The functional API (:mod:`bnkernel.functional`, re-exported here) works on NumPy arrays with any
-channel axis; :mod:`bnkernel.variants` (also re-exported) adds batch renormalization, ghost batch
-normalization and population statistics; :class:`BatchNorm` is a layer for hand-written training
-loops; :mod:`bnkernel.distributed` (imported on its own: it needs mpi4py) synchronizes batch
-normalization across the processes of an MPI job; and :mod:`bnkernel.reference` is the plain
-float64 implementation every kernel is tested against.
+The functional API works on NumPy arrays with any channel axis: :mod:`bnkernel.functional` holds
+the fused forward and backward, :mod:`bnkernel.phases` the split phases, :mod:`bnkernel.variants`
+batch renormalization, ghost batch normalization and population statistics (all re-exported
+here); masks (:mod:`bnkernel.masked`) come in through ``mask=``.  :class:`BatchNorm` is a layer
+for hand-written training loops; :mod:`bnkernel.distributed` (imported on its own: it needs
+mpi4py) synchronizes batch normalization across the processes of an MPI job; and
+:mod:`bnkernel.reference` is the plain float64 implementation every kernel is tested against.
 """
 
 from __future__ import annotations
 
 from . import _core
 from ._version import __version__
-from .functional import (
+from .functional import batch_norm_backward, batch_norm_forward
+from .layer import CONVENTIONS, BatchNorm
+from .phases import (
     backward_elementwise,
     backward_reduce,
-    batch_norm_backward,
-    batch_norm_forward,
     channel_stats,
     invstd_from_stats,
     merge_stats,
     normalize,
     update_running_stats,
 )
-from .layer import CONVENTIONS, BatchNorm
 from .variants import (
     batch_renorm_backward,
     batch_renorm_forward,

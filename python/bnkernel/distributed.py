@@ -68,8 +68,9 @@ from numpy.typing import NDArray
 
 from . import _checks as chk
 from . import _core
-from .functional import Stats, _invstd, _masked_sums, _running_update
-from .layer import DEFAULT, BatchNorm, Convention, _Default, _exclusive
+from .layer import DEFAULT, BatchNorm, Convention, DefaultType, exclusive
+from .masked import masked_sums
+from .phases import Stats, invstd_of, running_update
 
 try:
     from mpi4py import MPI
@@ -449,9 +450,9 @@ def _forward(
             f"{total} over {comm.Get_size()} processes"
         )
     count, mean, m2 = _merge(heads, _gather(comm, local), C)
-    invstd = _invstd(count, m2, eps_f)
+    invstd = invstd_of(count, m2, eps_f)
     _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
-    _running_update(rm, rv, count, mean, m2, mom, unbiased)
+    running_update(rm, rv, count, mean, m2, mom, unbiased)
     call.finish()
     return (y if out is None else out), mean, invstd, count, xa
 
@@ -521,7 +522,7 @@ def _backward(
         dres = np.empty(xa.shape, dtype=xa.dtype) if relu and with_dres else None
         dres3 = None if dres is None else dres.reshape(x3.shape)
         if valid is not None:  # padding that is not finite enters no sum (as in one process)
-            sdy, sdyx = _masked_sums(dy3, x3, valid.reshape(x3.shape[0], x3.shape[2]), m, s, y3,
+            sdy, sdyx = masked_sums(dy3, x3, valid.reshape(x3.shape[0], x3.shape[2]), m, s, y3,
                                      dres3)  # fmt: skip
         else:
             sdy = np.empty(C, dtype=np.float64)
@@ -617,7 +618,7 @@ class SyncBatchNorm(BatchNorm):
         axis: int = 1,
         convention: Convention = "torch",
         eps: float | None = None,
-        momentum: float | _Default | None = DEFAULT,
+        momentum: float | DefaultType | None = DEFAULT,
         affine: bool = True,
         track_running_stats: bool = True,
         dtype: Any = np.float32,
@@ -638,7 +639,7 @@ class SyncBatchNorm(BatchNorm):
     def _uses_batch_stats(self) -> bool:
         return self.mode == "train" or not self.track_running_stats
 
-    @_exclusive
+    @exclusive
     def forward(
         self,
         x: NDArray[Any],
@@ -662,7 +663,7 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward
 
-    @_exclusive
+    @exclusive
     def backward(self, dy: NDArray[Any]) -> Any:
         if self._saved is None and self._uses_batch_stats():
             # the other processes may be in their synchronized backward: fail there too

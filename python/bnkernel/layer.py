@@ -13,7 +13,8 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from . import _checks as chk
-from .functional import Stats, batch_norm_backward, batch_norm_forward
+from .functional import batch_norm_backward, batch_norm_forward
+from .phases import Stats
 from .variants import (
     batch_renorm_backward,
     batch_renorm_forward,
@@ -27,14 +28,14 @@ __all__ = ["CONVENTIONS", "BatchNorm"]
 Convention = Literal["torch", "keras"]
 
 
-class _Default(enum.Enum):
+class DefaultType(enum.Enum):
     DEFAULT = "default"
 
     def __repr__(self) -> str:
         return "<convention default>"
 
 
-DEFAULT = _Default.DEFAULT
+DEFAULT = DefaultType.DEFAULT
 
 # What each framework does, by name.  momentum is in the framework's own direction:
 #   torch: running = (1 - momentum) * running + momentum * batch, unbiased running variance
@@ -53,7 +54,7 @@ _STATE_KEYS = {
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _exclusive(method: F) -> F:
+def exclusive(method: F) -> F:
     """One thread at a time in a layer's forward / backward: the layer keeps the forward's inputs
     for the backward and updates its running statistics in place, so overlapping calls from two
     threads would mix their steps up.  A call while another thread is inside one raises instead of
@@ -144,7 +145,7 @@ class BatchNorm:
         axis: int = 1,
         convention: Convention = "torch",
         eps: float | None = None,
-        momentum: float | _Default | None = DEFAULT,
+        momentum: float | DefaultType | None = DEFAULT,
         affine: bool = True,
         track_running_stats: bool = True,
         dtype: DTypeLike = np.float32,
@@ -209,7 +210,7 @@ class BatchNorm:
         self.activation: Literal["relu"] | None = "relu" if chk.activation(activation) else None
         # what backward needs from the last forward: (kind, x, mean, invstd, extra)
         self._saved: tuple[str, NDArray[Any], NDArray[Any], NDArray[Any], Any] | None = None
-        self._busy = threading.RLock()  # see _exclusive
+        self._busy = threading.RLock()  # see exclusive
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -302,7 +303,7 @@ class BatchNorm:
             )
         return xa
 
-    @_exclusive
+    @exclusive
     def forward(
         self,
         x: NDArray[Any],
@@ -385,7 +386,7 @@ class BatchNorm:
         self.__dict__.update(state)
         self._busy = threading.RLock()
 
-    @_exclusive
+    @exclusive
     def backward(self, dy: NDArray[Any]) -> Any:
         """``dx`` for ``dy = dL/dy`` of the last forward; stores dgamma/dbeta in ``grads``.
         After a forward with a residual, returns ``(dx, dresidual)``."""

@@ -537,11 +537,16 @@ def renorm_rd(
     r = clip(sigma_B / sigma, 1 / r_max, r_max)
     d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
     """
-    sigma_b = np.sqrt(_f64(batch_var) + eps)
-    sigma = np.sqrt(_f64(running_var) + eps)
-    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
-    d = np.clip((_f64(batch_mean) - _f64(running_mean)) / sigma, -d_max, d_max)
-    return r, d
+    # channel by channel in Python floats (the package's own code works on whole arrays with
+    # np.clip): the oracle reaches the same numbers its own way
+    r, d = [], []
+    for mb, vb, mr, vr in zip(
+        _f64(batch_mean), _f64(batch_var), _f64(running_mean), _f64(running_var), strict=True
+    ):
+        sigma = math.sqrt(float(vr) + eps)
+        r.append(min(max(math.sqrt(float(vb) + eps) / sigma, 1.0 / r_max), r_max))
+        d.append(min(max((float(mb) - float(mr)) / sigma, -d_max), d_max))
+    return np.array(r, dtype=np.float64), np.array(d, dtype=np.float64)
 
 
 def renorm_forward(

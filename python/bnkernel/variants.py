@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from . import _checks as chk
 from . import _core
-from .functional import Stats, _invstd, _running_update, channel_stats, merge_stats
+from .phases import Stats, channel_stats, invstd_of, merge_stats, running_update
 
 __all__ = [
     "batch_renorm_backward",
@@ -109,7 +109,7 @@ def batch_renorm_forward(
     mean = np.empty(C, dtype=np.float64)
     m2 = np.empty(C, dtype=np.float64)
     _core.channel_stats(x3, mean, m2)
-    invstd = _invstd(count, m2, eps_f)
+    invstd = invstd_of(count, m2, eps_f)
     r, d = renorm_corrections(mean, m2 / count, rm, rv, eps=eps_f, r_max=rmax, d_max=dmax)
     # y = (x - mean) * (gamma * invstd * r) + (beta + gamma * d): r goes into the float64
     # invstd the kernel multiplies by, d into beta
@@ -118,7 +118,7 @@ def batch_renorm_forward(
     shift = (b64 + g64 * d).astype(chk.param_dtype(xa.dtype))
     _core.normalize(x3, mean, invstd * r, g, shift, y.reshape(x3.shape), None, False)
     # the update comes after r and d, which use the statistics from before this batch
-    _running_update(rm, rv, count, mean, m2, mom, unbiased)
+    running_update(rm, rv, count, mean, m2, mom, unbiased)
     call.finish()
     return (y if out is None else out), mean, invstd, r, d
 
@@ -228,7 +228,7 @@ def ghost_batch_norm_forward(
         part = call.view3(xc[k * v : (k + 1) * v])
         _core.channel_stats(part, means[k], m2)
         n = int(part.size // C)
-        invstds[k] = _invstd(n, m2, eps_f)
+        invstds[k] = invstd_of(n, m2, eps_f)
         variances[k] = m2 / (n - 1 if unbiased else n)
         _core.normalize(part, means[k], invstds[k], g, b,
                         y[k * v : (k + 1) * v].reshape(part.shape), None, False)  # fmt: skip

@@ -1,0 +1,112 @@
+"""Batch normalization with a mask of valid positions (padded sequences): the statistics and the
+running update from the valid positions only, every position normalized, and the exact gradient,
+in which padding that is not finite enters no sum.  :func:`bnkernel.batch_norm_forward` and
+:func:`bnkernel.batch_norm_backward` come here when given ``mask=``; SyncBatchNorm's masked
+backward shares :func:`masked_sums`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _checks as chk
+from . import _core
+from .phases import invstd_of, running_update
+
+
+def masked_count(valid: NDArray[np.bool_]) -> int:
+    count = int(np.count_nonzero(valid))
+    if count < 2:
+        raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
+    return count
+
+
+def masked_forward(
+    x: Any, gamma: Any, beta: Any, mask: Any, running_mean: Any, running_var: Any,
+    training: bool, momentum: Any, eps: Any, axis: Any, unbiased: Any, relu: bool, residual: Any,
+    out: Any,
+) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:  # fmt: skip
+    if not training:
+        raise ValueError("mask: only used in training (inference uses the running statistics)")
+    call = chk.Call()
+    xa = call.data(x, axis)
+    valid = call.mask(mask)
+    assert valid is not None
+    masked_count(valid)
+    eps_f = chk.eps(eps)
+    mom = chk.weight(momentum)
+    unbiased = chk.flag(unbiased, "running_var_unbiased")
+    g, b, rm, rv, y, res3 = call.training_forward(
+        gamma, beta, running_mean, running_var, out, residual
+    )
+    call.seal()
+    # the statistics of the valid positions (one pass, the mask read alongside), then the
+    # normalize of every position
+    x3 = call.view3(xa)
+    mean = np.empty(call.C, dtype=np.float64)
+    m2 = np.empty(call.C, dtype=np.float64)
+    n = int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2))
+    invstd = invstd_of(n, m2, eps_f)
+    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
+    running_update(rm, rv, n, mean, m2, mom, unbiased)
+    call.finish()
+    return (y if out is None else out), mean, invstd
+
+
+def masked_sums(
+    dy3: NDArray[Any], x3: NDArray[Any], valid: NDArray[np.bool_], mean: NDArray[np.float64],
+    invstd: NDArray[np.float64], y3: NDArray[Any] | None, dres3: NDArray[Any] | None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:  # fmt: skip
+    """``(sum(g), sum(g * xhat))`` over every position (g: dy, ReLU-masked with y), except that a
+    padded position whose value or gradient is not finite (NaN or inf padding) enters no sum:
+    padding never poisons the valid positions' gradients.  Finite padding enters as it always
+    did, so the common case is one pass and bit for bit the unmasked reduction."""
+    C = x3.shape[1]
+    sum_dy = np.empty(C, dtype=np.float64)
+    sum_dy_xhat = np.empty(C, dtype=np.float64)
+    _core.backward_reduce(dy3, x3, mean, invstd, sum_dy, sum_dy_xhat, y3, dres3)
+    if np.isfinite(sum_dy).all() and np.isfinite(sum_dy_xhat).all():
+        return sum_dy, sum_dy_xhat
+    padded = ~valid.reshape(x3.shape[0], 1, x3.shape[2])
+    bad = padded & ~(np.isfinite(x3) & np.isfinite(dy3))
+    if not bad.any():
+        return sum_dy, sum_dy_xhat  # the valid positions' own values are not finite: honest NaN
+    # those positions again with x = mean and dy = 0: a term of exactly 0 each
+    xs = np.where(bad, mean.reshape(1, C, 1).astype(x3.dtype), x3)
+    dys = np.where(bad, np.zeros((), dy3.dtype), dy3)
+    _core.backward_reduce(dys, xs, mean, invstd, sum_dy, sum_dy_xhat, y3, None)
+    return sum_dy, sum_dy_xhat
+
+
+def masked_backward(
+    dy: Any, x: Any, mean: Any, invstd: Any, gamma: Any, mask: Any, axis: Any, relu: bool,
+    y: Any, residual_grad: bool, out: Any,
+) -> tuple[NDArray[Any], ...]:  # fmt: skip
+    """The training backward with a mask (the frozen one does not depend on it)."""
+    call = chk.Call()
+    xa = call.data(x, axis)
+    dy3 = call.grad(dy)
+    valid = call.mask(mask)
+    assert valid is not None
+    count = masked_count(valid)
+    m, s, g, y3, dx = call.backward_arrays(mean, invstd, gamma, y, out)
+    call.seal()
+    x3 = call.view3(xa)
+    dres = np.empty(xa.shape, dtype=xa.dtype) if relu else None
+    # the sums over every position, then dx with the mask (padded positions: the direct term)
+    sum_dy, sum_dy_xhat = masked_sums(
+        dy3, x3, valid.reshape(x3.shape[0], x3.shape[2]), m, s, y3,
+        None if dres is None else dres.reshape(x3.shape),
+    )  # fmt: skip
+    _core.backward_elementwise(dy3, x3, m, s, g, sum_dy, sum_dy_xhat, count,
+                               dx.reshape(x3.shape), y3, chk.mask_view(valid, x3))  # fmt: skip
+    call.finish()
+    P = chk.param_dtype(xa.dtype)
+    dgamma, dbeta = sum_dy_xhat.astype(P), sum_dy.astype(P)
+    dx = dx if out is None else out
+    if residual_grad:
+        return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
+    return dx, dgamma, dbeta

@@ -1,0 +1,278 @@
+"""The split phases of batch normalization, each its own kernel call: the statistics and their
+merge, the running update, the normalize, and the backward's reductions and elementwise pass.
+
+Data-parallel training (:mod:`bnkernel.distributed`) and the variants (:mod:`bnkernel.variants`)
+are built from them; :func:`bnkernel.batch_norm_forward` and :func:`bnkernel.batch_norm_backward`
+fuse them.  The conventions are :mod:`bnkernel.functional`'s.  :func:`invstd_of` and
+:func:`running_update` are the float64 arithmetic every path shares (the fused kernels' own, so
+that split and fused results are bit-identical); they take checked arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _checks as chk
+from . import _core
+
+__all__ = [
+    "Stats",
+    "backward_elementwise",
+    "backward_reduce",
+    "channel_stats",
+    "invstd_from_stats",
+    "merge_stats",
+    "normalize",
+    "update_running_stats",
+]
+
+Stats = tuple[int, NDArray[np.float64], NDArray[np.float64]]
+
+
+def invstd_of(count: int, m2: NDArray[np.float64], eps: float) -> NDArray[np.float64]:
+    """1 / sqrt(M2 / count + eps): the same float64 operations wherever it is computed."""
+    result: NDArray[np.float64] = 1.0 / np.sqrt(m2 / float(count) + eps)
+    return result
+
+
+def running_update(
+    rm: NDArray[Any] | None, rv: NDArray[Any] | None, count: int, mean: NDArray[np.float64],
+    m2: NDArray[np.float64], momentum: float, unbiased: bool,
+) -> None:  # fmt: skip
+    """The running update from merged statistics, in the same float64 operations as the fused
+    kernel's (csrc/bnkernel/forward.cpp), so the results are bit-identical."""
+    if rm is not None:
+        rm[...] = (1.0 - momentum) * rm.astype(np.float64) + momentum * mean
+    if rv is not None:
+        denom = float(count - 1 if unbiased and count > 1 else count)
+        rv[...] = (1.0 - momentum) * rv.astype(np.float64) + momentum * (m2 / denom)
+
+
+def channel_stats(
+    x: NDArray[Any], *, axis: int = 1, mask: NDArray[np.bool_] | None = None
+) -> Stats:
+    """Per-channel ``(count, mean, M2)`` with ``M2 = sum((x - mean)**2)``, the first phase of the
+    forward.  ``count`` is the number of values per channel (an int); mean and M2 are float64.
+
+    A batch with no samples (a zero-length non-channel axis) is allowed and gives ``(0, 0, 0)``,
+    the neutral element of :func:`merge_stats` (a process of a data-parallel job may get none).
+
+    ``mask`` (x's shape without the channel axis, bool): the statistics of the positions where it
+    is True, read in the same pass (padded values, even NaN, never enter the sums); ``count`` is
+    the number of those.
+    """
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    C = call.C
+    valid = call.mask(mask)
+    mean = np.empty(C, dtype=np.float64)
+    m2 = np.empty(C, dtype=np.float64)
+    x3 = call.view3(xa)
+    if valid is not None:
+        return int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2)), mean, m2
+    _core.channel_stats(x3, mean, m2)
+    return xa.size // C, mean, m2
+
+
+def merge_stats(*stats: Stats) -> Stats:
+    """Merge partial ``(count, mean, M2)`` statistics of disjoint parts of a batch.
+
+    Chan et al.'s pairwise formula, applied left to right; exact for uneven counts, and a part with
+    count 0 changes nothing::
+
+        n = nA + nB;  d = meanB - meanA
+        mean = meanA + d * nB / n;  M2 = M2A + M2B + d**2 * nA * nB / n
+    """
+    if not stats:
+        raise ValueError("merge_stats: expected at least one (count, mean, M2) tuple")
+    counts = []
+    means = []
+    m2s = []
+    channels = None
+    for i, st in enumerate(stats):
+        if not isinstance(st, tuple) or len(st) != 3:
+            raise TypeError(f"stats[{i}]: expected a (count, mean, M2) tuple")
+        n, mu, m2 = st
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"stats[{i}]: count must be an int >= 0, got {n!r}")
+        if channels is None:
+            channels = int(np.asarray(mu).shape[0]) if np.ndim(mu) == 1 else -1
+        means.append(chk.saved_stat(mu, f"stats[{i}] mean", channels))
+        m2s.append(chk.saved_stat(m2, f"stats[{i}] M2", channels))
+        counts.append(int(n))
+    assert channels is not None
+    if sum(counts) > chk.INT64_MAX:
+        raise OverflowError(
+            f"stats: the total count {sum(counts)} does not fit in 64 bits (at most 2**63 - 1)"
+        )
+    mean = np.empty(channels, dtype=np.float64)
+    m2 = np.empty(channels, dtype=np.float64)
+    count = _core.merge_stats(
+        np.asarray(counts, dtype=np.int64), np.stack(means), np.stack(m2s), mean, m2
+    )
+    return int(count), mean, m2
+
+
+def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArray[np.float64]:
+    """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation, exactly as
+    the fused forward computes it (same float64 operations, so the results are bit-identical)."""
+    count = chk.count(count)
+    m2a = np.asarray(m2, dtype=np.float64)
+    eps_f = chk.eps(eps)
+    return invstd_of(count, m2a, eps_f)
+
+
+def update_running_stats(
+    running_mean: NDArray[Any] | None,
+    running_var: NDArray[Any] | None,
+    count: int,
+    mean: NDArray[Any],
+    m2: NDArray[Any],
+    *,
+    momentum: float = 0.1,
+    unbiased: bool = True,
+) -> None:
+    """Update running statistics in place from merged batch statistics, as the fused forward does::
+
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1)  # unbiased
+    running_var  = (1 - momentum) * running_var  + momentum * M2 / count        # biased
+    """
+    mom = chk.weight(momentum)
+    count = chk.count(count)
+    unbiased = chk.flag(unbiased, "unbiased")
+    if running_mean is None and running_var is None:
+        return
+    # the running statistics fix C and the dtype (there is no x here): the first one given
+    first: Any = running_mean if running_mean is not None else running_var
+    first_name = "running_mean" if running_mean is not None else "running_var"
+    C = int(np.shape(first)[0]) if np.ndim(first) == 1 else -1
+    first = chk.running_buffer(first, first_name, C, None)
+    assert first is not None
+    call = chk.Call()
+    call.C = C
+    call.x = np.empty((0, C), first.dtype)  # stands for the data: only its dtype is used
+    rm = call.running(running_mean, "running_mean")
+    rv = call.running(running_var, "running_var")
+    mu = call.saved(mean, "mean")
+    m2a = call.saved(m2, "m2")
+    call.seal()
+    running_update(rm, rv, count, mu, m2a, mom, unbiased)
+    call.finish()
+
+
+def normalize(
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None = None,
+    beta: NDArray[Any] | None = None,
+    *,
+    axis: int = 1,
+    activation: str | None = None,
+    residual: NDArray[Any] | None = None,
+    out: NDArray[Any] | None = None,
+) -> NDArray[Any]:
+    """``y = (x - mean) * (gamma * invstd) + beta`` with given per-channel statistics, then the
+    optional fused epilogue of :func:`batch_norm_forward` (``+ residual``, ``relu``)."""
+    relu = chk.activation(activation)
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    g = call.param(gamma, "gamma")
+    b = call.param(beta, "beta")
+    res3 = call.like_x(residual, "residual")
+    y = call.output(out, in_place=True)
+    call.seal()
+    x3 = call.view3(xa)
+    _core.normalize(x3, m, s, g, b, y.reshape(x3.shape), res3, relu)
+    call.finish()
+    return y if out is None else out
+
+
+def backward_reduce(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    *,
+    axis: int = 1,
+    y: NDArray[Any] | None = None,
+    dresidual: NDArray[Any] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(sum(dy), sum(dy * xhat))`` per channel, float64, in one read of (dy, x): the reduction
+    phase of the backward.  A batch with no samples gives zeros.
+
+    With ``y`` (the output of a forward with ``activation="relu"``), dy is masked where
+    ``y <= 0`` first; ``dresidual`` (x's shape and dtype) then receives the masked dy."""
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    dy3 = call.grad(dy, allow_empty=True)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    y3 = call.like_x(y, "y")
+    if dresidual is not None and y is None:
+        raise ValueError("dresidual: needs y (the ReLU mask)")
+    dres = None if dresidual is None else call.output(dresidual, "dresidual")
+    call.seal()
+    C = call.C
+    sum_dy = np.empty(C, dtype=np.float64)
+    sum_dy_xhat = np.empty(C, dtype=np.float64)
+    _core.backward_reduce(
+        dy3, call.view3(xa), m, s, sum_dy, sum_dy_xhat, y3,
+        None if dres is None else call.view3(dres),
+    )  # fmt: skip
+    call.finish()
+    return sum_dy, sum_dy_xhat
+
+
+def backward_elementwise(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    mean: NDArray[Any],
+    invstd: NDArray[Any],
+    gamma: NDArray[Any] | None,
+    sum_dy: NDArray[Any],
+    sum_dy_xhat: NDArray[Any],
+    count: int,
+    *,
+    axis: int = 1,
+    y: NDArray[Any] | None = None,
+    mask: NDArray[np.bool_] | None = None,
+    out: NDArray[Any] | None = None,
+) -> NDArray[Any]:
+    """The elementwise phase of the training backward::
+
+        dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
+
+    ``count`` is the number of values per channel the statistics were taken over (across all
+    processes in data-parallel training).  ``gamma`` may be None (ones).  With ``y`` (the output
+    of a forward with ``activation="relu"``) dy is masked where ``y <= 0``, as in
+    :func:`backward_reduce`.
+
+    ``mask``: the statistics came from the positions where it is True (``count`` of them) and the
+    sums from :func:`backward_reduce` over every position; a padded position gets only the direct
+    term ``gamma * invstd * dy`` (see :func:`batch_norm_backward`).
+    """
+    call = chk.Call()
+    xa = call.data(x, axis, allow_empty=True)
+    dy3 = call.grad(dy, allow_empty=True)
+    m = call.saved(mean, "mean")
+    s = call.saved(invstd, "invstd")
+    g = call.param(gamma, "gamma")
+    sdy = call.saved(sum_dy, "sum_dy")
+    sdyx = call.saved(sum_dy_xhat, "sum_dy_xhat")
+    n = chk.count(count)
+    y3 = call.like_x(y, "y")
+    valid = call.mask(mask)
+    dx = call.output(out)
+    call.seal()
+    x3 = call.view3(xa)
+    mv = None if valid is None else chk.mask_view(valid, x3)
+    _core.backward_elementwise(dy3, x3, m, s, g, sdy, sdyx, n, dx.reshape(x3.shape), y3, mv)
+    call.finish()
+    return dx if out is None else out
