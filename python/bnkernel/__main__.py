@@ -3,7 +3,7 @@
 ``check`` runs every kernel on a set of shapes and layouts, compares each with the float64 NumPy
 reference (:mod:`bnkernel.reference`) and times both; it exits non-zero if any result is off.
 ``bench`` times the kernels against textbook NumPy and (when importable) torch, as times, GB/s and
-passes over memory next to the machine's copy bandwidth (:mod:`bnkernel._bench`).  ``demo`` runs
+passes over memory next to the machine's copy bandwidth (:mod:`bnkernel.bench`).  ``demo`` runs
 the seed experiments (:mod:`bnkernel.examples`).
 """
 
@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import _bench, _core, reference
+from . import _core, reference
 from ._version import __version__
+from .bench import cli as bench_cli
 from .functional import batch_norm_backward, batch_norm_forward
 
 # (label, shape, axis)
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "result against the float64 reference first): median times, speedups, GB/s, and passes "
         "over x next to the machine's measured copy bandwidth.",
     )
-    _bench.add_arguments(p_bench)
+    bench_cli.add_arguments(p_bench)
     sub.add_parser("info", help="version and build options")
     p_demo = sub.add_parser(
         "demo",
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(info_lines()))
         return 0
     if args.command == "bench":
-        return _bench.main_from_args(args)
+        return bench_cli.main_from_args(args)
     if args.threads is not None:
         _core.set_num_threads(args.threads)
     return 0 if run_check(repeat=max(1, args.repeat)) else 1
