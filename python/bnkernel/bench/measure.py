@@ -1,8 +1,8 @@
 """Measuring: the run's configuration, and each case checked against the reference, then timed.
 
-:func:`measure_cases` is the loop both the table (:mod:`.run`) and the sweep (:mod:`.sweep`) run:
-per case and op, the NumPy textbook once, then bnkernel and torch at each thread count, a result
-row for each.
+:func:`measure_rows` is the run both the table (:mod:`.run`) and the sweep (:mod:`.sweep`) make:
+the copy bandwidth, then per case and op the NumPy textbook once, then bnkernel and torch at each
+thread count, a result row for each.
 """
 
 from __future__ import annotations
@@ -201,6 +201,30 @@ def measure_cases(
                 progress.flush()
         del case, np_result
         gc.collect()  # the next case's arrays do not coexist with these
+
+
+def measure_rows(
+    config: BenchConfig,
+    report: dict[str, Any],
+    specs: Sequence[tuple[tuple[int, ...], str, str]],
+    threads_list: Sequence[int],
+    torch: ModuleType | None,
+    out: TextIO,
+    progress: TextIO,
+    header: Callable[[dict[str, Any], Mapping[int, CopyBandwidth], Any], str],
+    *,
+    size_in_progress: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """A whole run: the copy bandwidth (into ``report``), the ``header`` printed, then the rows of
+    :func:`measure_cases`; the thread settings are restored when the rows are done."""
+    with restoring_threads(torch):
+        copy_bw = measure_copy(config, threads_list, progress)
+        report["copy_bandwidth"] = [b.to_json() for b in copy_bw.values()]
+        out.write(header(report, copy_bw, torch))
+        out.flush()
+        yield from measure_cases(
+            config, specs, threads_list, torch, copy_bw, progress, size_in_progress=size_in_progress
+        )
 
 
 def write_outputs(

@@ -11,14 +11,7 @@ from typing import Any, TextIO
 
 from .cases import layouts_for
 from .machine import machine_info
-from .measure import (
-    BenchConfig,
-    measure_cases,
-    measure_copy,
-    restoring_threads,
-    start_run,
-    write_outputs,
-)
+from .measure import BenchConfig, measure_rows, start_run, write_outputs
 from .plot import plot_report
 from .report import SHARED_DEFINITIONS, format_header, format_table
 from .sweep import run_sweep
@@ -54,13 +47,8 @@ def run_bench(
         "copy_bandwidth": [],
         "results": [],
     }
-    with restoring_threads(torch):
-        copy_bw = measure_copy(config, threads_list, progress)
-        report["copy_bandwidth"] = [b.to_json() for b in copy_bw.values()]
-        out.write(format_header(report, copy_bw, torch))
-        report["results"].extend(
-            measure_cases(config, specs, threads_list, torch, copy_bw, progress)
-        )
+    rows = measure_rows(config, report, specs, threads_list, torch, out, progress, format_header)
+    report["results"].extend(rows)
     out.write(format_table(report["results"]))
     out.flush()
     write_outputs(config, report, progress, plot_report)

@@ -29,14 +29,7 @@ from .cases import (
     sweep_shape,
     sweep_sizes,
 )
-from .measure import (
-    BenchConfig,
-    measure_cases,
-    measure_copy,
-    restoring_threads,
-    start_run,
-    write_outputs,
-)
+from .measure import BenchConfig, measure_rows, start_run, write_outputs
 from .plot import plot_sweep
 from .report import SHARED_DEFINITIONS, Series, format_sweep_header, format_sweep_table, series_key
 from .timing import SWEEP_MAX_TIME_S
@@ -113,16 +106,13 @@ def run_sweep(
     specs = [
         (sweep_shape(n, dt), lay, dt) for n in sizes for lay in layouts for dt in config.dtypes
     ]
-    with restoring_threads(torch):
-        copy_bw = measure_copy(config, threads_list, progress)
-        report["copy_bandwidth"] = [b.to_json() for b in copy_bw.values()]
-        out.write(format_sweep_header(report, copy_bw, torch))
-        out.flush()
-        for row in measure_cases(
-            config, specs, threads_list, torch, copy_bw, progress, size_in_progress=True
-        ):
-            row["cache"] = machine.fits_in(row["bytes"], caches)
-            report["results"].append(row)
+    rows = measure_rows(
+        config, report, specs, threads_list, torch, out, progress, format_sweep_header,
+        size_in_progress=True,
+    )  # fmt: skip
+    for row in rows:
+        row["cache"] = machine.fits_in(row["bytes"], caches)
+        report["results"].append(row)
     report["sweep"]["series"] = add_sweep_ratios(report["results"], threshold)
     out.write(format_sweep_table(report))
     out.flush()
