@@ -8,7 +8,7 @@ dtype, so each group's table compares the implementations on the same data.
 Every benchmark checks its implementation's result against the float64 reference
 (:mod:`bnkernel.reference`) before and after timing, outside the timed function: a fast wrong kernel
 fails.  bnkernel and torch run with preallocated outputs where they offer them (the same calls as
-``python -m bnkernel bench``, see :mod:`bnkernel._bench`); torch is skipped when not importable.
+``python -m bnkernel bench``, see :mod:`bnkernel.bench`); torch is skipped when not importable.
 Threads: each library's default (all cores unless ``OMP_NUM_THREADS`` says otherwise).
 """
 
@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bnkernel import _bench
+from bnkernel import bench as _bench
+from bnkernel import functional
 
 pytest.importorskip("pytest_benchmark")
 
@@ -88,14 +89,14 @@ def test_call_overhead(benchmark: Any, op: str, impl: str) -> None:
 
 def test_wrong_kernel_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check the benchmarks rely on rejects a kernel that is off by a little."""
-    real = _bench._fn.batch_norm_forward
+    real = functional.batch_norm_forward
 
     def off_by_a_bit(*args: Any, **kwargs: Any) -> Any:
         y, mean, invstd = real(*args, **kwargs)
         y *= np.asarray(1.0001, dtype=y.dtype)
         return y, mean, invstd
 
-    monkeypatch.setattr(_bench._fn, "batch_norm_forward", off_by_a_bit)
+    monkeypatch.setattr(functional, "batch_norm_forward", off_by_a_bit)
     case = get_case(SHAPES["NC"], "NC", "float32")
     prepared = _bench.prepare(case, "forward_infer", "bnkernel")
     with pytest.raises(_bench.BenchCheckError):

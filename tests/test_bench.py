@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import bnkernel as bk
-from bnkernel import _bench
+from bnkernel import bench as _bench
 from bnkernel.__main__ import main
+from bnkernel.bench import accuracy, machine, peers
 
 # tiny and fast: one timed sample, no minimum time, a 1 MiB copy for the bandwidth
 FAST = ["--repeat", "1", "--min-time", "0", "--copy-mib", "1", "--no-torch"]
@@ -155,7 +156,7 @@ def test_wrong_running_stats_fail(monkeypatch):
 
 def test_subset_check_of_large_inputs(monkeypatch):
     """Large inputs are checked on a fixed spread of channels, which still catches a wrong one."""
-    monkeypatch.setattr(_bench, "FULL_CHECK_MAX_ELEMENTS", 10)
+    monkeypatch.setattr(accuracy, "FULL_CHECK_MAX_ELEMENTS", 10)
     case = _bench.make_case((4, 16, 3, 3), "NHWC", np.float32)
     channels = _bench.check_channel_subset(case)
     assert channels.size == _bench.CHECK_CHANNELS and channels[0] == 0 and channels[-1] == 15
@@ -274,7 +275,7 @@ def test_copy_bandwidth():
 def test_torch_peer(op, layout, out_kernels, monkeypatch):
     torch = pytest.importorskip("torch")
     if not out_kernels:
-        monkeypatch.setattr(_bench, "_has_cpu_kernel", lambda torch, name: False)
+        monkeypatch.setattr(peers, "_has_cpu_kernel", lambda torch, name: False)
     shape = (32, 6) if layout == "NC" else (4, 6, 3, 5)
     case = _bench.make_case(shape, layout, np.float32)
     p = _bench.prepare(case, op, "torch", torch)
@@ -284,7 +285,7 @@ def test_torch_peer(op, layout, out_kernels, monkeypatch):
     elif op.startswith("forward"):
         assert "preallocated" in p.variant  # torch has a real out= kernel for the forward
     if layout == "NHWC":
-        xt = _bench._to_torch(torch, case.x, True)
+        xt = peers._to_torch(torch, case.x, True)
         assert xt.shape == (4, 6, 3, 5) and xt.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -308,7 +309,7 @@ def _fake_caches(root, entries):
 def test_sweep_table_and_json(tmp_path, monkeypatch, capsys, restore_threads):
     caches = [(1, "Data", "8K"), (1, "Instruction", "32K"), (2, "Unified", "16K"),
               (3, "Unified", "32K")]  # fmt: skip
-    monkeypatch.setattr(_bench, "CACHE_SYSFS", _fake_caches(tmp_path / "cache", caches))
+    monkeypatch.setattr(machine, "CACHE_SYSFS", _fake_caches(tmp_path / "cache", caches))
     path = tmp_path / "sweep.json"
     rc = main(["bench", *SWEEP_FAST, "--layouts", "NCHW,NHWC", "--ops",
                "forward_train,backward_train", "--json", str(path)])  # fmt: skip
@@ -357,7 +358,7 @@ def test_sweep_table_and_json(tmp_path, monkeypatch, capsys, restore_threads):
 
 def test_sweep_without_cache_info(tmp_path, monkeypatch, capsys):
     """No cache sizes known: nothing marked, ratios against the largest size (none past 1 MiB)."""
-    monkeypatch.setattr(_bench, "CACHE_SYSFS", str(tmp_path / "missing"))
+    monkeypatch.setattr(machine, "CACHE_SYSFS", str(tmp_path / "missing"))
     config = _bench.BenchConfig(
         dtypes=["float64"], ops=["forward_infer"], layouts=["NCHW"], threads=[1], repeat=1,
         min_time=0.0, numpy=True, torch=False, copy_mib=1, sweep=True, sweep_max=16 << 10,

@@ -3,24 +3,25 @@
 ``check`` runs every kernel on a set of shapes and layouts, compares each with the float64 NumPy
 reference (:mod:`bnkernel.reference`) and times both; it exits non-zero if any result is off.
 ``bench`` times the kernels against textbook NumPy and (when importable) torch, as times, GB/s and
-passes over memory next to the machine's copy bandwidth (:mod:`bnkernel._bench`).  ``demo`` runs
+passes over memory next to the machine's copy bandwidth (:mod:`bnkernel.bench`).  ``demo`` runs
 the seed experiments (:mod:`bnkernel.examples`).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from . import _bench, _core, reference
+from . import _core, reference
 from ._version import __version__
+from .bench import cli as bench_cli
+from .bench.accuracy import TOLERANCE, rel_err
+from .bench.timing import median_time
 from .functional import batch_norm_backward, batch_norm_forward
 
 # (label, shape, axis)
@@ -32,27 +33,6 @@ CHECK_CASES: list[tuple[str, tuple[int, ...], int]] = [
     ("NHWC axis=-1", (16, 28, 28, 32), -1),
     ("NCDHW", (4, 8, 6, 10, 10), 1),
 ]
-
-# Worst error allowed relative to max(1, |reference|): float32 results are computed in double and
-# rounded once (0.5 ulp = 6e-8), so 1e-6 leaves room for the inputs' own rounding; float64 results
-# differ from the reference only by summation order.
-TOLERANCE = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
-
-
-def _median_time(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up: page faults, lazy init
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _rel_err(got: NDArray[Any], ref: NDArray[Any]) -> float:
-    ref64 = np.asarray(ref, dtype=np.float64)
-    scale = max(1.0, float(np.max(np.abs(ref64))))
-    return float(np.max(np.abs(got.astype(np.float64) - ref64))) / scale
 
 
 def run_check(repeat: int = 5, out: Any = None) -> bool:
@@ -79,8 +59,8 @@ def run_check(repeat: int = 5, out: Any = None) -> bool:
             beta = rng.standard_normal(c).astype(dtype)
             rows = _check_rows(x, dy, gamma, beta, axis)
             for op, err, fast, slow in rows:
-                t_fast = _median_time(fast, repeat)
-                t_slow = _median_time(slow, repeat)
+                t_fast = median_time(fast, repeat)
+                t_slow = median_time(slow, repeat)
                 bad = err > TOLERANCE[np.dtype(dtype)]
                 ok &= not bad
                 write(
@@ -103,9 +83,9 @@ def _check_rows(
     ry, rmean, rinvstd = reference.forward_train(x, gamma, beta, 1e-5, axis)
     dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis)
     rdx, rdgamma, rdbeta = reference.backward_train(dy, x, rmean, rinvstd, gamma, axis)
-    backward_err = max(_rel_err(dx, rdx), _rel_err(dgamma, rdgamma), _rel_err(dbeta, rdbeta))
+    backward_err = max(rel_err(dx, rdx), rel_err(dgamma, rdgamma), rel_err(dbeta, rdbeta))
     return [
-        ("forward", _rel_err(y, ry),
+        ("forward", rel_err(y, ry),
          lambda: batch_norm_forward(x, gamma, beta, axis=axis),
          lambda: reference.forward_train(x, gamma, beta, 1e-5, axis)),
         ("backward", backward_err,
@@ -156,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "result against the float64 reference first): median times, speedups, GB/s, and passes "
         "over x next to the machine's measured copy bandwidth.",
     )
-    _bench.add_arguments(p_bench)
+    bench_cli.add_arguments(p_bench)
     sub.add_parser("info", help="version and build options")
     p_demo = sub.add_parser(
         "demo",
@@ -175,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(info_lines()))
         return 0
     if args.command == "bench":
-        return _bench.main_from_args(args)
+        return bench_cli.main_from_args(args)
     if args.threads is not None:
         _core.set_num_threads(args.threads)
     return 0 if run_check(repeat=max(1, args.repeat)) else 1
