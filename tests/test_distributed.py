@@ -122,22 +122,22 @@ def test_distributed_without_mpi4py_says_what_to_install():
     assert "pip install 'bnkernel[mpi]'" in out.stdout
 
 
-EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "train_distributed.py")
+EXAMPLE = ["-m", "bnkernel.examples.train_distributed"]
 
 
 @needs_mpi
 def test_example_reaches_the_single_process_weights(tmp_path):
-    """examples/train_distributed.py with 2 and 3 processes ends with the weights and running
+    """bnkernel.examples.train_distributed with 2 and 3 processes ends with the weights and running
     statistics of one process training plain BatchNorm on the whole batches (float64: to
     rounding, 1e-12 after 3 epochs of Adam)."""
     assert MPIEXEC is not None
     plain = tmp_path / "plain.npz"
-    subprocess.run([sys.executable, EXAMPLE, "--plain", "--epochs", "3", "--out", str(plain)],
+    subprocess.run([sys.executable, *EXAMPLE, "--plain", "--epochs", "3", "--out", str(plain)],
                    check=True, capture_output=True, timeout=TIMEOUT)  # fmt: skip
     want = dict(np.load(plain))
     for n in (2, 3):
         path = tmp_path / f"n{n}.npz"
-        cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", EXAMPLE, "--epochs", "3",
+        cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *EXAMPLE, "--epochs", "3",
                "--out", str(path)]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)

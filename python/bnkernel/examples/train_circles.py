@@ -4,7 +4,7 @@ The lecture's concentric-circles model, 2 -> 3 -> 2 -> 1 with ReLU, trained with
 32, with a BatchNorm after each hidden layer's activation (as the lecture's Keras code places it),
 then evaluated with the running statistics.  Run it with
 
-    python examples/train_circles.py
+    python -m bnkernel.examples.train_circles
 
 It uses the small toolkit in bnkernel.examples (Dense, ReLU, BatchNorm1d, Sequential, the loss,
 Adam); `python -m bnkernel demo circles` runs the full experiment over many seeds.

@@ -1,9 +1,9 @@
-"""Data-parallel training with SyncBatchNorm: the circles model of examples/train_circles.py,
+"""Data-parallel training with SyncBatchNorm: the circles model of bnkernel.examples.train_circles,
 every global batch of 32 split across the processes (unevenly when 32 is not a multiple).
 
-    mpiexec -n 3 python -m mpi4py examples/train_distributed.py
-    mpiexec -n 2 python -m mpi4py examples/train_distributed.py --out weights-2.npz
-    python examples/train_distributed.py --plain --out weights-1.npz   # one process, no MPI
+    mpiexec -n 3 python -m mpi4py -m bnkernel.examples.train_distributed
+    mpiexec -n 2 python -m mpi4py -m bnkernel.examples.train_distributed --out weights-2.npz
+    python -m bnkernel.examples.train_distributed --plain --out weights-1.npz   # one process
 
 Every process starts from the same weights (the same seed) and walks the same global batches;
 each takes its slice, and per step:
@@ -17,7 +17,7 @@ each takes its slice, and per step:
 
 The loss is the mean over the global batch.  So the processes hold identical weights throughout,
 and the same weights as one process training on the whole batches (`--plain`, plain BatchNorm):
-to float64 rounding (tests/test_examples.py checks 1, 2 and 3 processes against each other).
+to float64 rounding (tests/test_distributed.py checks 1, 2 and 3 processes against each other).
 `python -m mpi4py` makes an uncaught exception on one process abort them all.
 """
 
@@ -101,16 +101,16 @@ def main(
             print(f"epoch {epoch:3d}  loss {loss_sum / seen:.4f}  test accuracy {accuracy:.3f}"
                   f"  ({size} process{'es' if size > 1 else ''})")  # fmt: skip
     weights: dict[str, np.ndarray] = {}
-    for i, m in enumerate(model.modules):
-        for p in m.parameters():
+    for i, module in enumerate(model.modules):
+        for p in module.parameters():
             weights[f"{i}.{p.name}"] = p.value.copy()
-        if isinstance(m, BatchNorm1d):
-            bn: BatchNorm = m.bn
+        if isinstance(module, BatchNorm1d):
+            bn: BatchNorm = module.bn
             assert bn.running_mean is not None and bn.running_var is not None
             weights[f"{i}.running_mean"] = bn.running_mean.copy()
             weights[f"{i}.running_var"] = bn.running_var.copy()
     if out is not None and rank == 0:
-        np.savez(out, **weights)
+        np.savez(out, **weights)  # type: ignore[arg-type]  # numpy's stub: allow_pickle in **
     return weights
 
 
