@@ -155,23 +155,6 @@ void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const
   backward(Mode::frozen, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu);
 }
 
-#define BNKERNEL_INSTANTIATE(T)                                                                  \
-  template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   double*, double*, ReluGrad<T>);                               \
-  template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
-                                        const Param<T>*, const double*, const double*, int64_t,  \
-                                        T*, ReluGrad<T>);                                        \
-  template void masked_backward_elementwise<T>(                                                  \
-      const T*, const T*, Shape, const uint8_t*, const double*, const double*, const Param<T>*,  \
-      const double*, const double*, int64_t, T*, ReluGrad<T>);                                   \
-  template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
-                                  const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);       \
-  template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);
-BNKERNEL_INSTANTIATE(float)
-BNKERNEL_INSTANTIATE(double)
-BNKERNEL_INSTANTIATE(float16)
-BNKERNEL_INSTANTIATE(bfloat16)
-#undef BNKERNEL_INSTANTIATE
+BNKERNEL_INSTANTIATE(BNKERNEL_BACKWARD_KERNELS)
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

@@ -6,16 +6,16 @@
 #include "bnkernel/kernels.hpp"
 
 namespace bnkernel::baseline {
-#include "bnkernel/kernel_api.inc"
+BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 }  // namespace bnkernel::baseline
 #if BNKERNEL_HAVE_AVX2
 namespace bnkernel::avx2 {
-#include "bnkernel/kernel_api.inc"
+BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 }  // namespace bnkernel::avx2
 #endif
 #if BNKERNEL_HAVE_AVX512
 namespace bnkernel::avx512 {
-#include "bnkernel/kernel_api.inc"
+BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 }  // namespace bnkernel::avx512
 #endif
 
@@ -108,87 +108,15 @@ const char* isa_name() {
       return baseline::call;    \
   }
 
-template <typename T>
-void channel_stats(const T* x, Shape s, double* mean, double* m2) {
-  BNKERNEL_DISPATCH(channel_stats(x, s, mean, m2))
-}
+// each kernel of the list: the probe, then the copy for the active instruction set
+#define BNKERNEL_FORWARDER(ret, name, params, args) \
+  template <typename T>                             \
+  ret name params {                                 \
+    BNKERNEL_DISPATCH(name args)                    \
+  }
+BNKERNEL_KERNELS(BNKERNEL_FORWARDER, T)
+#undef BNKERNEL_FORWARDER
 
-template <typename T>
-int64_t masked_channel_stats(const T* x, Shape s, const uint8_t* mask, double* mean, double* m2) {
-  BNKERNEL_DISPATCH(masked_channel_stats(x, s, mask, mean, m2))
-}
-
-template <typename T>
-void masked_backward_elementwise(const T* dy, const T* x, Shape s, const uint8_t* mask,
-                                 const double* mean, const double* invstd, const Param<T>* gamma,
-                                 const double* sum_dy, const double* sum_dy_xhat, int64_t count,
-                                 T* dx, ReluGrad<T> relu) {
-  BNKERNEL_DISPATCH(masked_backward_elementwise(dy, x, s, mask, mean, invstd, gamma, sum_dy,
-                                                sum_dy_xhat, count, dx, relu))
-}
-
-template <typename T>
-void normalize(const T* x, Shape s, const double* mean, const double* invstd, const Param<T>* gamma,
-               const Param<T>* beta, T* y, Epilogue<T> epilogue) {
-  BNKERNEL_DISPATCH(normalize(x, s, mean, invstd, gamma, beta, y, epilogue))
-}
-
-template <typename T>
-void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* beta, double eps,
-                   T* y, double* mean, double* invstd, RunningUpdate<Param<T>> running,
-                   Epilogue<T> epilogue) {
-  BNKERNEL_DISPATCH(forward_train(x, s, gamma, beta, eps, y, mean, invstd, running, epilogue))
-}
-
-template <typename T>
-void backward_reduce(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     double* sum_dy, double* sum_dy_xhat, ReluGrad<T> relu) {
-  BNKERNEL_DISPATCH(backward_reduce(dy, x, s, mean, invstd, sum_dy, sum_dy_xhat, relu))
-}
-
-template <typename T>
-void backward_elementwise(const T* dy, const T* x, Shape s, const double* mean,
-                          const double* invstd, const Param<T>* gamma, const double* sum_dy,
-                          const double* sum_dy_xhat, int64_t count, T* dx, ReluGrad<T> relu) {
-  BNKERNEL_DISPATCH(
-      backward_elementwise(dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, dx, relu))
-}
-
-template <typename T>
-void backward_train(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                    const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta,
-                    ReluGrad<T> relu) {
-  BNKERNEL_DISPATCH(backward_train(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu))
-}
-
-template <typename T>
-void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const double* invstd,
-                     const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta,
-                     ReluGrad<T> relu){
-    BNKERNEL_DISPATCH(backward_frozen(dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu))}
-
-#define BNKERNEL_INSTANTIATE(T)                                                                  \
-  template void channel_stats<T>(const T*, Shape, double*, double*);                             \
-  template int64_t masked_channel_stats<T>(const T*, Shape, const uint8_t*, double*, double*);   \
-  template void masked_backward_elementwise<T>(                                                  \
-      const T*, const T*, Shape, const uint8_t*, const double*, const double*, const Param<T>*,  \
-      const double*, const double*, int64_t, T*, ReluGrad<T>);                                   \
-  template void normalize<T>(const T*, Shape, const double*, const double*, const Param<T>*,     \
-                             const Param<T>*, T*, Epilogue<T>);                                  \
-  template void forward_train<T>(const T*, Shape, const Param<T>*, const Param<T>*, double, T*,  \
-                                 double*, double*, RunningUpdate<Param<T>>, Epilogue<T>);        \
-  template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   double*, double*, ReluGrad<T>);                               \
-  template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
-                                        const Param<T>*, const double*, const double*, int64_t,  \
-                                        T*, ReluGrad<T>);                                        \
-  template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
-                                  const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);       \
-  template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);
-// (one per line: clang-format would otherwise join the expansions into one line)
-BNKERNEL_INSTANTIATE(float) BNKERNEL_INSTANTIATE(double) BNKERNEL_INSTANTIATE(float16)
-    BNKERNEL_INSTANTIATE(bfloat16)
-#undef BNKERNEL_INSTANTIATE
+BNKERNEL_INSTANTIATE(BNKERNEL_KERNELS)
 
 }  // namespace bnkernel

@@ -86,15 +86,6 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
   update_running(running, s, mean, m2);
 }
 
-#define BNKERNEL_INSTANTIATE(T)                                                                 \
-  template void normalize<T>(const T*, Shape, const double*, const double*, const Param<T>*,    \
-                             const Param<T>*, T*, Epilogue<T>);                                 \
-  template void forward_train<T>(const T*, Shape, const Param<T>*, const Param<T>*, double, T*, \
-                                 double*, double*, RunningUpdate<Param<T>>, Epilogue<T>);
-BNKERNEL_INSTANTIATE(float)
-BNKERNEL_INSTANTIATE(double)
-BNKERNEL_INSTANTIATE(float16)
-BNKERNEL_INSTANTIATE(bfloat16)
-#undef BNKERNEL_INSTANTIATE
+BNKERNEL_INSTANTIATE(BNKERNEL_FORWARD_KERNELS)
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

@@ -1,9 +1,9 @@
-// The kernel declarations inside this translation unit's instruction-set namespace.
+// The kernels' declarations (kernel_list.hpp) in this translation unit's instruction-set namespace.
 #pragma once
 
 #include "bnkernel/isa.hpp"
 #include "bnkernel/kernels.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
-#include "bnkernel/kernel_api.inc"
+BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 }  // namespace bnkernel::BNKERNEL_ISA_NS

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "bnkernel/half.hpp"
+#include "bnkernel/kernel_list.hpp"
 
 namespace bnkernel {
 
@@ -70,7 +71,9 @@ struct ReluGrad {
   T* dresidual = nullptr;
 };
 
-#include "bnkernel/kernel_api.inc"
+// The kernels (kernel_list.hpp), each forwarding to the copy compiled for the best instruction set
+// this CPU supports (see isa.hpp).
+BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 
 // Chan et al.'s pairwise merge of `parts` partial statistics, applied left to right:
 //   n = nA + nB;  d = meanB - meanA
