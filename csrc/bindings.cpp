@@ -14,7 +14,7 @@
 #include <string>
 
 #include "bnkernel/kernels.hpp"
-#include "bnkernel/workspace.hpp"
+#include "bnkernel/runtime/workspace.hpp"
 #include "fastpath.hpp"
 
 namespace py = pybind11;
@@ -328,7 +328,7 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
 }
 
 void set_num_threads(int n) {
-  // more would crash libgomp (see csrc/bnkernel/threads.cpp); n <= 0 is the default
+  // more would crash libgomp (see csrc/bnkernel/runtime/threads.cpp); n <= 0 is the default
   require(n <= bnkernel::kMaxThreads, "n: " + std::to_string(n) + " is more than the maximum of " +
                                           std::to_string(bnkernel::kMaxThreads) + " threads");
   bnkernel::set_num_threads(n);

@@ -1,6 +1,6 @@
 // The list of kernels, each written once, and the data types they are made for: the macros below
-// declare them, define the dispatching entry points (dispatch.cpp) and instantiate each
-// instruction set's copy (stats.cpp, forward.cpp, backward.cpp) from it.
+// declare them, define the dispatching entry points (dispatch/dispatch.cpp) and instantiate each
+// instruction set's copy (kernels/stats.cpp, forward.cpp, backward.cpp) from it.
 //
 // An entry is X(return type, name, (parameters), (arguments)), T standing for the data type
 // (float, double, float16 or bfloat16; Param<T>, half.hpp, is the parameters' type); the arguments
@@ -9,7 +9,8 @@
 // instantiated for every type; it is then defined once, in its direction's source.
 #pragma once
 
-// ---- statistics (stats.cpp) ---------------------------------------------------------------------
+// ---- statistics (kernels/stats.cpp)
+// -----------------------------------------------------------------
 //
 // channel_stats: per-channel mean and M2 = sum((x - mean)^2) over the outer * inner values of each
 // channel.
@@ -21,7 +22,8 @@
   X(int64_t, masked_channel_stats,                                                          \
     (const T* x, Shape s, const uint8_t* mask, double* mean, double* m2), (x, s, mask, mean, m2))
 
-// ---- forward (forward.cpp) ----------------------------------------------------------------------
+// ---- forward (kernels/forward.cpp)
+// ------------------------------------------------------------------
 //
 // normalize: y = (x - mean) * (gamma * invstd) + beta, computed in double.  gamma/beta may be null
 // (1 and 0).  The epilogue (residual add, ReLU) is applied before the rounding.
@@ -37,7 +39,8 @@
      double* mean, double* invstd, RunningUpdate<Param<T>> running, Epilogue<T> epilogue), \
     (x, s, gamma, beta, eps, y, mean, invstd, running, epilogue))
 
-// ---- backward (backward.cpp) --------------------------------------------------------------------
+// ---- backward (kernels/backward.cpp)
+// ----------------------------------------------------------------
 //
 // backward_reduce: sum_dy = sum(g),  sum_dy_xhat = sum(g * (x - mean) * invstd), both in one read
 // of (dy, x), with g = dy, or the ReLU-masked dy (see ReluGrad), also written to relu.dresidual

@@ -1,9 +1,10 @@
-// channel_stats and merge_stats.
+// The statistics kernels of each instruction set's copy: channel_stats, masked_channel_stats.
 #include <algorithm>
 #include <cstdint>
 
-#include "bnkernel/isa_kernels.hpp"
-#include "bnkernel/reductions.hpp"
+#include "bnkernel/core/moments.hpp"
+#include "bnkernel/dispatch/isa_kernels.hpp"
+#include "bnkernel/runtime/threads.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
 

@@ -1,9 +1,10 @@
-// The public kernel entry points: each forwards to the copy compiled for the best instruction set
-// this CPU supports (see isa.hpp).
+// Dispatch: the instruction set picked at load time, and the public entry points that call its copy
+// (the one compiled for the best instruction set this CPU supports, see isa.hpp).
 #include <cstdlib>
 #include <cstring>
 
 #include "bnkernel/kernels.hpp"
+#include "bnkernel/runtime/test_hooks.hpp"
 
 namespace bnkernel::baseline {
 BNKERNEL_DECLARE(BNKERNEL_KERNELS)
@@ -19,26 +20,9 @@ BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 }  // namespace bnkernel::avx512
 #endif
 
-// A hook for the tests (tests/test_memory.py): a library preloaded into the process that defines
-// bnkernel_kernel_probe is called with +1 as each kernel call starts and -1 as it ends, and counts
-// the mallocs in between, on every thread.  Otherwise the weak reference is null, and the probe
-// costs a test of it per call.
-extern "C" __attribute__((weak, visibility("default"))) void bnkernel_kernel_probe(int delta);
-
 namespace bnkernel {
 
 namespace {
-
-struct KernelProbe {
-  KernelProbe() {
-    if (bnkernel_kernel_probe) bnkernel_kernel_probe(1);
-  }
-  ~KernelProbe() {
-    if (bnkernel_kernel_probe) bnkernel_kernel_probe(-1);
-  }
-  KernelProbe(const KernelProbe&) = delete;
-  KernelProbe& operator=(const KernelProbe&) = delete;
-};
 
 enum class Isa { baseline, avx2, avx512 };
 

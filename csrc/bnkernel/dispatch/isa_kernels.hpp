@@ -1,7 +1,7 @@
 // The kernels' declarations (kernel_list.hpp) in this translation unit's instruction-set namespace.
 #pragma once
 
-#include "bnkernel/isa.hpp"
+#include "bnkernel/dispatch/isa.hpp"
 #include "bnkernel/kernels.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
