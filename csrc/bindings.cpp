@@ -14,10 +14,12 @@
 #include <string>
 
 #include "bnkernel/kernels.hpp"
-#include "bnkernel/workspace.hpp"
+#include "bnkernel/runtime/workspace.hpp"
 #include "fastpath.hpp"
 
 namespace py = pybind11;
+using bnkernel::bfloat16;
+using bnkernel::float16;
 using bnkernel::Param;
 using bnkernel::Shape;
 
@@ -326,7 +328,7 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
 }
 
 void set_num_threads(int n) {
-  // more would crash libgomp (see csrc/bnkernel/threads.cpp); n <= 0 is the default
+  // more would crash libgomp (see csrc/bnkernel/runtime/threads.cpp); n <= 0 is the default
   require(n <= bnkernel::kMaxThreads, "n: " + std::to_string(n) + " is more than the maximum of " +
                                           std::to_string(bnkernel::kMaxThreads) + " threads");
   bnkernel::set_num_threads(n);
@@ -370,10 +372,9 @@ void register_dtype(py::module_& m) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "bnkernel's compiled kernels. Use the bnkernel package, not this module directly.";
-  register_dtype<float>(m);
-  register_dtype<double>(m);
-  register_dtype<bnkernel::float16>(m);
-  register_dtype<bnkernel::bfloat16>(m);
+#define BNKERNEL_REGISTER(module, T) register_dtype<T>(module);
+  BNKERNEL_FOR_EACH_DTYPE(BNKERNEL_REGISTER, m)
+#undef BNKERNEL_REGISTER
   m.def("merge_stats", &merge_stats_impl, py::arg("counts").noconvert(),
         py::arg("means").noconvert(), py::arg("m2s").noconvert(), py::arg("mean").noconvert(),
         py::arg("m2").noconvert());

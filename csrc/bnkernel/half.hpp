@@ -2,11 +2,11 @@
 // half of a float32, ml_dtypes.bfloat16).
 //
 // They are bits only, with no arithmetic and no conversion operators: the kernels read and write
-// them through detail::widen / detail::narrow (lanes.hpp), which live in each instruction set's
-// namespace (an inline conversion compiled for AVX-512 must never be what the baseline copy calls).
-// Everything else about half-precision data is float32 or wider: parameters, running statistics
-// and dgamma / dbeta are float32 (Param<T>), statistics and every intermediate value are double,
-// and each output is rounded once, from double, to the nearest 16-bit value.
+// them through detail::widen / detail::narrow (simd/convert.hpp), which live in each instruction
+// set's namespace (an inline conversion compiled for AVX-512 must never be what the baseline copy
+// calls). Everything else about half-precision data is float32 or wider: parameters, running
+// statistics and dgamma / dbeta are float32 (Param<T>), statistics and every intermediate value are
+// double, and each output is rounded once, from double, to the nearest 16-bit value.
 #pragma once
 
 #include <cstdint>

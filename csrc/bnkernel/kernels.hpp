@@ -1,4 +1,4 @@
-// bnkernel: batch-normalization kernels on plain pointers.
+// The public C++ API: the kernels on plain pointers, their argument types, thread and ISA controls.
 //
 // Every input is a C-contiguous array viewed as (outer, channels, inner): element (o, c, i) sits at
 // x[(o * channels + c) * inner + i].  (N, C) is inner = 1; NCHW is outer = N, inner = H*W;
@@ -16,21 +16,9 @@
 #include <cstdint>
 
 #include "bnkernel/half.hpp"
+#include "bnkernel/kernel_list.hpp"
 
 namespace bnkernel {
-
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kParallelMinElements = int64_t{1} << 15;
-
-// Number of threads for `elements` elements of work: 1 below the parallel threshold.
-int threads_for(int64_t elements);
-
-// The calling thread's index in the innermost enclosing parallel region (0 outside one).
-int thread_index();
-
-// Fault injection for the tests: true for the n-th call when BNKERNEL_TEST_FAIL_ALLOC=n was set at
-// load time (the kernels' scratch allocations then throw std::bad_alloc), else always false.
-bool test_allocation_fails();
 
 struct Shape {
   int64_t outer = 0;
@@ -70,7 +58,9 @@ struct ReluGrad {
   T* dresidual = nullptr;
 };
 
-#include "bnkernel/kernel_api.inc"
+// The kernels (kernel_list.hpp), each forwarding to the copy compiled for the best instruction set
+// this CPU supports (see dispatch/isa.hpp).
+BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 
 // Chan et al.'s pairwise merge of `parts` partial statistics, applied left to right:
 //   n = nA + nB;  d = meanB - meanA
@@ -82,13 +72,13 @@ void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const d
 
 // ---- threads and dispatch -----------------------------------------------------------------------
 
-// The most threads a kernel runs on (see threads.cpp): an OpenMP setting above it is clamped to
-// it, and set_num_threads clamps too (the bindings refuse more).
+// The most threads a kernel runs on (see runtime/threads.cpp): an OpenMP setting above it is
+// clamped to it, and set_num_threads clamps too (the bindings refuse more).
 constexpr int kMaxThreads = 256;
 
 // 0 means "follow OpenMP" (OMP_NUM_THREADS, threadpoolctl limits); n > 0 pins the count.
 // get_num_threads() is the count the kernels use: at most kMaxThreads, and 1 in a process forked
-// from this one (libgomp's threads do not survive fork; see threads.cpp).
+// from this one (libgomp's threads do not survive fork; see runtime/threads.cpp).
 void set_num_threads(int n);
 int get_num_threads();
 bool have_openmp();

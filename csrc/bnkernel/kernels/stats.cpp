@@ -1,9 +1,10 @@
-// channel_stats and merge_stats.
+// The statistics kernels of each instruction set's copy: channel_stats, masked_channel_stats.
 #include <algorithm>
 #include <cstdint>
 
-#include "bnkernel/isa_kernels.hpp"
-#include "bnkernel/reductions.hpp"
+#include "bnkernel/core/moments.hpp"
+#include "bnkernel/dispatch/isa_kernels.hpp"
+#include "bnkernel/runtime/threads.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
 
@@ -21,13 +22,6 @@ int64_t masked_channel_stats(const T* x, Shape s, const uint8_t* mask, double* m
   return count;
 }
 
-#define BNKERNEL_INSTANTIATE(T)                                      \
-  template void channel_stats<T>(const T*, Shape, double*, double*); \
-  template int64_t masked_channel_stats<T>(const T*, Shape, const uint8_t*, double*, double*);
-BNKERNEL_INSTANTIATE(float)
-BNKERNEL_INSTANTIATE(double)
-BNKERNEL_INSTANTIATE(float16)
-BNKERNEL_INSTANTIATE(bfloat16)
-#undef BNKERNEL_INSTANTIATE
+BNKERNEL_INSTANTIATE(BNKERNEL_STATS_KERNELS)
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

@@ -6,12 +6,20 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
 
-#include "bnkernel/detail.hpp"
-#include "bnkernel/lanes.hpp"
+#include "bnkernel/core/flags.hpp"
+#include "bnkernel/core/parallel.hpp"
+#include "bnkernel/core/prefetch.hpp"
+#include "bnkernel/core/stores.hpp"
+#include "bnkernel/core/tree.hpp"
+#include "bnkernel/dispatch/isa.hpp"
+#include "bnkernel/kernels.hpp"
+#include "bnkernel/runtime/threads.hpp"
+#include "bnkernel/runtime/workspace.hpp"
+#include "bnkernel/simd/convert.hpp"
+#include "bnkernel/simd/lanes.hpp"
+#include "bnkernel/simd/relu.hpp"
+#include "bnkernel/simd/vectors.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS::detail {
 
@@ -23,52 +31,6 @@ inline double gamma_of(const T* gamma, int64_t c) {
 template <typename T>
 inline double beta_of(const T* beta, int64_t c) {
   return beta ? static_cast<double>(beta[c]) : 0.0;
-}
-
-// ---- stores -------------------------------------------------------------------------------------
-//
-// An output larger than the caches is written with streaming (non-temporal) stores: a plain store
-// to a line that is not cached first reads that line (write-allocate), so a plain-store output
-// costs a read and a write of DRAM, a streaming one only the write.  Smaller outputs stay in cache
-// for whoever reads them next, so they get plain stores.
-constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
-
-#if defined(__AVX512F__)
-constexpr int64_t kStreamAlign = 64;
-inline void stream_block(void* dst, const void* src) {  // kStreamAlign bytes, both aligned
-  _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(src));
-}
-#elif defined(__AVX__)
-constexpr int64_t kStreamAlign = 32;
-inline void stream_block(void* dst, const void* src) {
-  _mm256_stream_si256(static_cast<__m256i*>(dst),
-                      _mm256_load_si256(static_cast<const __m256i*>(src)));
-}
-#elif defined(__SSE2__)
-constexpr int64_t kStreamAlign = 16;
-inline void stream_block(void* dst, const void* src) {
-  _mm_stream_si128(static_cast<__m128i*>(dst), _mm_load_si128(static_cast<const __m128i*>(src)));
-}
-#else
-constexpr int64_t kStreamAlign = 0;  // no streaming stores here: plain stores only
-inline void stream_block(void*, const void*) {}
-#endif
-
-// Whether y is aligned to its element size.  The bindings refuse arrays that are not (NumPy's
-// ALIGNED flag), so the kernels never see one; but no store below assumes more alignment than it
-// checks: the streamed paths peel plain stores up to a kStreamAlign boundary, which only an
-// element-aligned address ever reaches, so an output that is not gets plain stores throughout.
-template <typename T>
-inline bool element_aligned(const T* y) {
-  return reinterpret_cast<uintptr_t>(y) % sizeof(T) == 0;
-}
-
-// Streaming stores for the `elements` values of an output at y: where there are any, for an
-// output past the caches, aligned to its element size.
-template <typename T>
-inline bool stream_output(const T* y, int64_t elements) {
-  return kStreamAlign > 0 && elements * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes &&
-         element_aligned(y);
 }
 
 // out[j] = narrow<T>(value(j)) for j < len.  16-bit values go a block at a time through a buffer
@@ -93,7 +55,7 @@ inline void narrow_run(T* __restrict__ out, int64_t len, F&& value) {
 
 // y[i] = T(value(i)) for i < len, value computed in double.  With `stream`, the aligned middle of
 // the run is computed block by block into an L1 buffer and copied out with streaming stores (the
-// caller fences, see stream_fence in detail.hpp).
+// caller fences, see stream_fence in stores.hpp).
 template <typename T, class F>
 inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value) {
   (void)stream;  // unused where there are no streaming stores
@@ -303,11 +265,6 @@ void elementwise_op(Shape s, T* y, int threads, const Op& op) {
   }
 }
 
-template <typename T>
-inline void prefetch_values(const T* p, int64_t count) {
-  prefetch_l2(p, count * static_cast<int64_t>(sizeof(T)));
-}
-
 // y = (x - mean[c]) * scale[c] + shift[c].
 //
 // (x - mean) first, not x * scale + (shift - mean * scale): when |mean| >> std the folded form
@@ -327,25 +284,6 @@ inline double affine_value(T x, double mean, double scale, double shift) {
 //
 // The epilogue of the forward (a residual added, a ReLU) and the ReLU mask of the backward are
 // compile-time flags of the ops, so the plain kernels carry no test for them.
-
-// max(v, 0) that keeps a NaN (as torch.relu does), decided and applied on the bits: GCC vectorizes
-// neither `v < 0 ? 0 : v` (a floating-point comparison might trap under the default
-// -ftrapping-math, which the plain kernels run faster with) nor a select of doubles on an integer
-// test inside the `omp simd` loops, but it does vectorize masking the bits.  Zero (+0) when the
-// sign bit is set and the value is not a NaN (-inf and -0 included).
-inline double relu_value(double v) {
-  uint64_t u;
-  std::memcpy(&u, &v, sizeof u);
-  const uint64_t negative = static_cast<uint64_t>((u >> 63) != 0) &
-                            static_cast<uint64_t>((u << 1) <= 0xffe0000000000000u);
-  u &= negative - 1;  // all ones to keep v, zero to clear it
-  std::memcpy(&v, &u, sizeof u);
-  return v;
-}
-inline vd relu_vec(vd v) {  // relu_value's results: -0 -> +0, NaN kept
-  const vd zero = splat(0.0);
-  return v <= zero ? zero : v;
-}
 
 // y = epilogue((x - mean[c]) * scale[c] + shift[c])
 template <typename T, bool Residual, bool Relu>
@@ -712,12 +650,6 @@ inline void scale_run(const T* __restrict__ dy, const T* __restrict__ y, T* __re
           [&](int64_t i) { return (kMask ? masked_dy(dy[i], y[i]) : widen(dy[i])) * k; });
     });
   }
-}
-
-// Calls f(o, offset) for each of channel c's rows (planar pattern), offset = (o * C + c) * inner.
-template <class F>
-inline void for_channel_rows(Shape s, int64_t c, F&& f) {
-  for (int64_t o = 0; o < s.outer; ++o) f((o * s.channels + c) * s.inner);
 }
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS::detail

@@ -1,11 +1,11 @@
 // The per-thread arenas behind bnkernel::Workspace (see workspace.hpp).
-#include "bnkernel/workspace.hpp"
+#include "bnkernel/runtime/workspace.hpp"
 
 #include <algorithm>
 #include <atomic>
 #include <new>
 
-#include "bnkernel/kernels.hpp"
+#include "bnkernel/runtime/test_hooks.hpp"
 
 // Under AddressSanitizer the arena marks what is not handed out as unaddressable, with a redzone
 // after each take, so that an overrun of one take is caught as it would be between two separate

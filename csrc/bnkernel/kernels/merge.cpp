@@ -3,7 +3,7 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include "bnkernel/detail.hpp"
+#include "bnkernel/core/chan_merge.hpp"
 #include "bnkernel/kernels.hpp"
 
 namespace bnkernel {

@@ -13,9 +13,11 @@
 //   region waits for them forever.  A pthread_atfork handler marks every forked child, and there
 //   every kernel runs on the calling thread alone, on the paths that never enter OpenMP (see
 //   detail::parallel_region): get_num_threads() is 1 whatever was pinned or set.
+#include "bnkernel/runtime/threads.hpp"
+
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
+#include <cstdint>
 
 #include "bnkernel/kernels.hpp"
 
@@ -71,20 +73,6 @@ int threads_for(int64_t elements) {
   (void)elements;
   return 1;
 #endif
-}
-
-namespace {
-// BNKERNEL_TEST_FAIL_ALLOC=n (tests only): the n-th scratch allocation fails, as if out of memory
-int64_t initial_countdown() {
-  const char* v = std::getenv("BNKERNEL_TEST_FAIL_ALLOC");
-  return v ? std::strtoll(v, nullptr, 10) : 0;
-}
-std::atomic<int64_t> fail_countdown{initial_countdown()};
-}  // namespace
-
-bool test_allocation_fails() {
-  if (fail_countdown.load(std::memory_order_relaxed) <= 0) return false;
-  return fail_countdown.fetch_sub(1) == 1;
 }
 
 int thread_index() {

@@ -1,11 +1,15 @@
-// normalize and the fused training forward.
+// The forward kernels of each instruction set's copy: normalize and the fused training forward.
 #include <cmath>
 #include <cstdint>
 
-#include "bnkernel/elementwise.hpp"
-#include "bnkernel/isa_kernels.hpp"
-#include "bnkernel/reductions.hpp"
-#include "bnkernel/workspace.hpp"
+#include "bnkernel/core/elementwise.hpp"
+#include "bnkernel/core/layout.hpp"
+#include "bnkernel/core/moments.hpp"
+#include "bnkernel/core/parallel.hpp"
+#include "bnkernel/core/plan.hpp"
+#include "bnkernel/dispatch/isa_kernels.hpp"
+#include "bnkernel/runtime/threads.hpp"
+#include "bnkernel/runtime/workspace.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
 
@@ -57,10 +61,7 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
-  // streaming stores for the per-channel runs only when the runs are long: a short run shares its
-  // first and last cache lines with other channels, and mixing store kinds on a line is slow
-  const bool stream_runs =
-      detail::stream_output(y, s.size()) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+  const bool stream_runs = detail::stream_channel_runs(y, s);
   Workspace ws;
   double* m2 = ws.take<double>(C);
 
@@ -86,15 +87,6 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
   update_running(running, s, mean, m2);
 }
 
-#define BNKERNEL_INSTANTIATE(T)                                                                 \
-  template void normalize<T>(const T*, Shape, const double*, const double*, const Param<T>*,    \
-                             const Param<T>*, T*, Epilogue<T>);                                 \
-  template void forward_train<T>(const T*, Shape, const Param<T>*, const Param<T>*, double, T*, \
-                                 double*, double*, RunningUpdate<Param<T>>, Epilogue<T>);
-BNKERNEL_INSTANTIATE(float)
-BNKERNEL_INSTANTIATE(double)
-BNKERNEL_INSTANTIATE(float16)
-BNKERNEL_INSTANTIATE(bfloat16)
-#undef BNKERNEL_INSTANTIATE
+BNKERNEL_INSTANTIATE(BNKERNEL_FORWARD_KERNELS)
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

@@ -1,10 +1,14 @@
 // The backward passes: the fused reduction, the elementwise dx, and the two fused paths.
 #include <cstdint>
 
-#include "bnkernel/elementwise.hpp"
-#include "bnkernel/isa_kernels.hpp"
-#include "bnkernel/reductions.hpp"
-#include "bnkernel/workspace.hpp"
+#include "bnkernel/core/elementwise.hpp"
+#include "bnkernel/core/layout.hpp"
+#include "bnkernel/core/parallel.hpp"
+#include "bnkernel/core/plan.hpp"
+#include "bnkernel/core/sums.hpp"
+#include "bnkernel/dispatch/isa_kernels.hpp"
+#include "bnkernel/runtime/threads.hpp"
+#include "bnkernel/runtime/workspace.hpp"
 
 namespace bnkernel::BNKERNEL_ISA_NS {
 
@@ -45,10 +49,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
   const int64_t C = s.channels;
   const auto m = static_cast<double>(s.per_channel());
   const int threads = threads_for(s.size());
-  // streaming stores for the per-channel runs only when the runs are long: a short run shares its
-  // first and last cache lines with other channels, and mixing store kinds on a line is slow
-  const bool stream_runs =
-      detail::stream_output(dx, s.size()) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+  const bool stream_runs = detail::stream_channel_runs(dx, s);
   Workspace ws;
   double* sum_dy = ws.take<double>(C);
   double* sum_dy_xhat = ws.take<double>(C);
@@ -155,23 +156,6 @@ void backward_frozen(const T* dy, const T* x, Shape s, const double* mean, const
   backward(Mode::frozen, dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu);
 }
 
-#define BNKERNEL_INSTANTIATE(T)                                                                  \
-  template void backward_reduce<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   double*, double*, ReluGrad<T>);                               \
-  template void backward_elementwise<T>(const T*, const T*, Shape, const double*, const double*, \
-                                        const Param<T>*, const double*, const double*, int64_t,  \
-                                        T*, ReluGrad<T>);                                        \
-  template void masked_backward_elementwise<T>(                                                  \
-      const T*, const T*, Shape, const uint8_t*, const double*, const double*, const Param<T>*,  \
-      const double*, const double*, int64_t, T*, ReluGrad<T>);                                   \
-  template void backward_train<T>(const T*, const T*, Shape, const double*, const double*,       \
-                                  const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);       \
-  template void backward_frozen<T>(const T*, const T*, Shape, const double*, const double*,      \
-                                   const Param<T>*, T*, Param<T>*, Param<T>*, ReluGrad<T>);
-BNKERNEL_INSTANTIATE(float)
-BNKERNEL_INSTANTIATE(double)
-BNKERNEL_INSTANTIATE(float16)
-BNKERNEL_INSTANTIATE(bfloat16)
-#undef BNKERNEL_INSTANTIATE
+BNKERNEL_INSTANTIATE(BNKERNEL_BACKWARD_KERNELS)
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS

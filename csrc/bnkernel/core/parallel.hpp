@@ -1,0 +1,87 @@
+// The parallel drivers: OpenMP regions that carry an exception out (RegionErrors), a region or a
+// plain call by thread count, and a channel per task.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <exception>
+
+#include "bnkernel/core/stores.hpp"
+#include "bnkernel/dispatch/isa.hpp"
+
+namespace bnkernel::BNKERNEL_ISA_NS::detail {
+
+// An exception must not leave an OpenMP region (that is std::terminate, an abort of the Python
+// process).  Code in a region that may throw (an allocation) runs under run(): the first exception
+// is kept, later work of the region is skipped with failed(), and the caller rethrows after the
+// region, where the bindings turn it into a Python exception (std::bad_alloc: MemoryError).  Every
+// thread still reaches every worksharing construct, so no barrier waits for a thread that threw.
+class RegionErrors {
+ public:
+  template <class F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp critical(bnkernel_region_errors)
+#endif
+      {
+        if (!first_) first_ = std::current_exception();
+      }
+      failed_.store(true, std::memory_order_relaxed);
+    }
+  }
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::exception_ptr first_;
+  std::atomic<bool> failed_{false};
+};
+
+// body() on `threads` threads: an OpenMP parallel region when threads > 1, else a plain call on
+// the calling thread.  The body's worksharing loops must be schedule(static): orphaned, as in the
+// plain call, such a loop runs every iteration on the calling thread without the runtime.  (Not a
+// region of one thread, `if (threads > 1)`: libgomp allocates a team for each of those, and an
+// orphaned dynamic loop its work share, where the plain call allocates nothing.)
+template <class F>
+void parallel_region(int threads, F&& body) {
+  if (threads > 1) {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    body();
+  } else {
+    body();
+  }
+}
+
+// f(c) for every channel, a channel per task (planar kernels that keep a channel in cache).
+// An exception from f is rethrown after the region (see RegionErrors).
+template <class F>
+void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
+  if (threads <= 1) {  // no region (see parallel_region), so an exception may simply propagate
+    for (int64_t c = 0; c < channels; ++c) f(c);
+    stream_fence(stream);
+    return;
+  }
+  RegionErrors errors;
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(dynamic, 1) nowait
+#endif
+    for (int64_t c = 0; c < channels; ++c) {
+      if (!errors.failed()) errors.run([&] { f(c); });
+    }
+    stream_fence(stream);
+  }
+  errors.rethrow();
+}
+
+}  // namespace bnkernel::BNKERNEL_ISA_NS::detail

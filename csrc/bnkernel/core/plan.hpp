@@ -1,0 +1,45 @@
+// Which path a shape takes (the planning policy): whole channels per thread, short runs reduced as
+// columns, the fused per-channel kernels, streaming stores for their runs.  The choice depends on
+// the shape and thread count alone, never on the data.
+#pragma once
+
+#include <cstdint>
+
+#include "bnkernel/core/stores.hpp"
+#include "bnkernel/dispatch/isa.hpp"
+#include "bnkernel/kernels.hpp"
+
+namespace bnkernel::BNKERNEL_ISA_NS::detail {
+
+// Whether the planar kernels should give each thread whole channels (and fuse the passes of a
+// channel while it is in cache) rather than share every channel's subtrees among the threads.
+inline bool whole_channels_per_thread(Shape s, int threads) {
+  return threads <= 1 || s.channels >= int64_t{4} * threads;
+}
+
+// Below this many values per (batch, channel) run the planar pattern reads short runs that share
+// their cache lines with other channels; such arrays are reduced as if interleaved instead:
+// (outer, C * inner) columns, whose statistics are then merged per channel.
+constexpr int64_t kMinPlanarRun = 256;
+
+// (The per-column statistics take 24 bytes a column; with 8 or more rows that is less than the
+// input itself, so the column path is kept to those.)
+inline bool short_runs(Shape s) {
+  return s.inner > 1 && s.inner < kMinPlanarRun && s.outer >= 8;
+}
+
+// The fused per-channel kernels (statistics or sums, then the elementwise pass, a channel at a
+// time while it is in cache) pay off for long runs and enough channels to share.
+inline bool fuse_per_channel(Shape s, int threads) {
+  return s.inner >= kMinPlanarRun && whole_channels_per_thread(s, threads);
+}
+
+// Streaming stores for the per-channel runs of the fused kernels' output y only when the output is
+// streamed and the runs are long: a short run shares its first and last cache lines with other
+// channels, and mixing store kinds on a line is slow.
+template <typename T>
+inline bool stream_channel_runs(const T* y, Shape s) {
+  return stream_output(y, s.size()) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+}
+
+}  // namespace bnkernel::BNKERNEL_ISA_NS::detail

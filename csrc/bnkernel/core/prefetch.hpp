@@ -1,0 +1,30 @@
+// Software prefetches towards L2, for the access patterns the hardware prefetcher follows poorly.
+#pragma once
+
+#include <cstdint>
+
+#include "bnkernel/dispatch/isa.hpp"
+
+namespace bnkernel::BNKERNEL_ISA_NS::detail {
+
+// Prefetches [p, p + bytes) into L2.  The interleaved leaves read their rows a block of channels
+// at a time, a pattern the hardware prefetcher follows poorly: while a block of columns of this
+// leaf is summed, the same columns of the next leaf are fetched (spread this way, the requests do
+// not pile up in the miss queue as one burst of a whole leaf did: 2.1 -> 2.8 Gel/s at one thread
+// on 32x56x56x256 float32).
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
+}
+// The same for lines about to be written.
+inline void prefetch_l2_write(void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 1, 2);
+}
+
+template <typename T>
+inline void prefetch_values(const T* p, int64_t count) {
+  prefetch_l2(p, count * static_cast<int64_t>(sizeof(T)));
+}
+
+}  // namespace bnkernel::BNKERNEL_ISA_NS::detail

@@ -1,0 +1,52 @@
+// Sums over contiguous runs with independent lanes, in an order fixed by this source.
+//
+// A single running sum is bound by the latency of one add per element; the kernels instead keep
+// kLanes partial sums, value q of a run going to lane q % kLanes, and fold the lanes in a fixed
+// pairwise order at the end.  The lanes are four of the widest vectors the translation unit is
+// compiled for (GCC/Clang vector types: 4 x 8 doubles with AVX-512, 4 x 4 with AVX2, 4 x 2
+// otherwise): four independent add chains per accumulator hide the add latency.  They are
+// written out rather than left to a `reduction` clause, so the order of the additions is fixed
+// by the source and the instruction set, never by the thread count or the compiler's mood.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "bnkernel/simd/convert.hpp"
+#include "bnkernel/simd/vectors.hpp"
+
+namespace bnkernel::BNKERNEL_ISA_NS::detail {
+
+constexpr int kVecs = 4;                     // vectors per accumulator
+constexpr int64_t kLanes = kVecs * kVecLen;  // partial sums per accumulator
+
+// kLanes partial sums, lane q in v[q / kVecLen][q % kVecLen].
+struct Lanes {
+  vd v[kVecs] = {};
+
+  // the lanes folded in halves: l[i] += l[i + w] for w = kLanes / 2, ..., 1
+  double total() const {
+    double l[kLanes];
+    std::memcpy(l, v, sizeof l);
+    for (int64_t w = kLanes / 2; w >= 1; w /= 2) {
+      for (int64_t i = 0; i < w; ++i) l[i] += l[i + w];
+    }
+    return l[0];
+  }
+};
+
+// f(k, offset) for each of the kVecs vectors of a block of kLanes values.
+template <class F>
+inline void for_each_vec(F&& f) {
+#pragma GCC unroll 8
+  for (int k = 0; k < kVecs; ++k) f(k, static_cast<int64_t>(k) * kVecLen);
+}
+
+// The tail of a run (len < kLanes values) as kLanes doubles, the missing ones set to `pad`, a value
+// chosen by the caller to add nothing to its sums.
+template <typename T>
+inline void pad_tail(const T* p, int64_t len, double pad, double* out) {
+  for (int64_t q = 0; q < kLanes; ++q) out[q] = q < len ? widen(p[q]) : pad;
+}
+
+}  // namespace bnkernel::BNKERNEL_ISA_NS::detail
