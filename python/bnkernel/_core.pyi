@@ -90,7 +90,7 @@ def set_num_threads(n: int) -> None: ...  # ValueError above max_threads
 def get_num_threads() -> int: ...  # at most max_threads; 1 in a forked child
 
 # Heap allocations the kernels' per-thread workspaces have made so far, every thread together
-# (csrc/bnkernel/workspace.hpp); for the tests.
+# (csrc/bnkernel/runtime/workspace.hpp); for the tests.
 def workspace_allocations() -> int: ...
 
 # The per-call fast path (csrc/fastpath.cpp): the public functions' arguments as given; the

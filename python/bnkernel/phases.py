@@ -43,7 +43,7 @@ def running_update(
     m2: NDArray[np.float64], momentum: float, unbiased: bool,
 ) -> None:  # fmt: skip
     """The running update from merged statistics, in the same float64 operations as the fused
-    kernel's (csrc/bnkernel/forward.cpp), so the results are bit-identical."""
+    kernel's (csrc/bnkernel/kernels/forward.cpp), so the results are bit-identical."""
     if rm is not None:
         rm[...] = (1.0 - momentum) * rm.astype(np.float64) + momentum * mean
     if rv is not None:

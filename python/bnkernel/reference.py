@@ -531,11 +531,10 @@ def renorm_rd(
     r_max: float,
     d_max: float,
 ) -> tuple[F64, F64]:
-    """The batch-renormalization corrections ``(r, d)``, per channel::
-
-    sigma_B = sqrt(batch_var + eps);  sigma = sqrt(running_var + eps)
-    r = clip(sigma_B / sigma, 1 / r_max, r_max)
-    d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
+    """Batch renormalization's ``(r, d)`` for each channel c (Ioffe 2017, Algorithm 1): with the
+    standard deviations of the batch and of the running estimate, both with eps added to the
+    variance, r[c] is their ratio (batch over running) and d[c] the mean's shift measured in
+    running standard deviations; r is kept within [1/r_max, r_max] and d within [-d_max, d_max].
     """
     # channel by channel in Python floats (the package's own code works on whole arrays with
     # np.clip): the oracle reaches the same numbers its own way
