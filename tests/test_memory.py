@@ -7,8 +7,8 @@
   bytes a call would be 4 MB).  Likewise over threads that each run a kernel once and exit (each
   thread's kernel workspace is freed with it).
 * The kernels allocate nothing once a thread has run a call of that shape (their scratch comes
-  from a per-thread workspace, csrc/bnkernel/runtime/workspace.hpp): every malloc made by any thread while
-  a kernel call runs is counted by a library preloaded into a fresh process
+  from a per-thread workspace, csrc/bnkernel/runtime/workspace.hpp): every malloc made by any
+  thread while a kernel call runs is counted by a library preloaded into a fresh process
   (tests/malloc_counter.c, tests/kernel_allocations.py), over every layout, dtype and op.
 """
 
