@@ -3,8 +3,8 @@
 The kernels are compiled for several instruction sets and one is chosen at import (see
 csrc/bnkernel/dispatch/isa.hpp); BNKERNEL_ISA asks for a lower one.  The rest of the suite runs
 the copy this CPU picks; here each available copy runs a sample of every kernel in a fresh
-interpreter and is checked against the float64 reference.  Results may differ between copies in the last bits (their
-sums use different numbers of lanes), never by more than the tolerances.
+interpreter and is checked against the float64 reference.  Results may differ between copies in
+the last bits (their sums use different numbers of lanes), never by more than the tolerances.
 """
 
 from __future__ import annotations
