@@ -529,9 +529,9 @@ def test_the_public_functions_have_no_private_checks_left() -> None:
     """Every public module takes its argument rules from _checks: none defines its own."""
     import inspect
 
-    from bnkernel import functional, layer, variants
+    from bnkernel import functional, layer, masked, phases, variants
 
-    for mod in (functional, variants, layer):
+    for mod in (functional, phases, masked, variants, layer):
         src = inspect.getsource(mod)
         assert "def _relu_arg" not in src and "def _count_arg" not in src
         assert "np.shares_memory" not in src and "may_share_memory" not in src

@@ -469,6 +469,12 @@ class Call:
         self._declare(name, INPUT, xa)
         return xa
 
+    def statistics_only(self, channels: int, dtype: np.dtype[Any]) -> None:
+        """For a call with no data array (update_running_stats): C and the data dtype whose
+        parameter dtype the running statistics must have, given directly."""
+        self.C = channels
+        self.x = np.empty((0, channels), dtype)
+
     def view3(self, a: NDArray[Any]) -> NDArray[Any]:
         """a (x's shape) as the kernels' (outer, C, inner) view."""
         return view3(a, self.ax)

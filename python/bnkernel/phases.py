@@ -153,8 +153,7 @@ def update_running_stats(
     first = chk.running_buffer(first, first_name, C, None)
     assert first is not None
     call = chk.Call()
-    call.C = C
-    call.x = np.empty((0, C), first.dtype)  # stands for the data: only its dtype is used
+    call.statistics_only(C, first.dtype)
     rm = call.running(running_mean, "running_mean")
     rv = call.running(running_var, "running_var")
     mu = call.saved(mean, "mean")
