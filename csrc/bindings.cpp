@@ -226,6 +226,22 @@ int64_t merge_stats_impl(const carray<int64_t>& counts, const carray<double>& me
   return count;
 }
 
+// T: the running statistics' type (float or double), which the batch statistics do not fix
+template <typename T>
+void update_running_stats(opt_carray<T>& running_mean, opt_carray<T>& running_var, int64_t count,
+                          const carray<double>& mean, const carray<double>& m2, double momentum,
+                          bool unbiased) {
+  require(mean.ndim() == 1, "mean: expected a 1-d array");
+  const Shape s{1, mean.shape(0), 1};
+  check(s, {out("running_mean", running_mean, Role::channel),
+            out("running_var", running_var, Role::channel), in("mean", mean, Role::channel),
+            in("m2", m2, Role::channel)});
+  require(count >= 0, "count: must be >= 0");
+  const bnkernel::RunningUpdate<T> running{mutable_data(running_mean), mutable_data(running_var),
+                                           momentum, unbiased};
+  bnkernel::update_running_stats(running, s.channels, count, mean.data(), m2.data());
+}
+
 template <typename T>
 void normalize(const carray<T>& x, const carray<double>& mean, const carray<double>& invstd,
                const opt_carray<Param<T>>& gamma, const opt_carray<Param<T>>& beta, carray<T>& y,
@@ -368,6 +384,15 @@ void register_dtype(py::module_& m) {
         py::arg("dresidual").noconvert().none(true) = py::none());
 }
 
+template <typename T>
+void register_running_update(py::module_& m) {
+  m.def("update_running_stats", &update_running_stats<T>,
+        py::arg("running_mean").noconvert().none(true),
+        py::arg("running_var").noconvert().none(true), py::arg("count"),
+        py::arg("mean").noconvert(), py::arg("m2").noconvert(), py::arg("momentum"),
+        py::arg("unbiased"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -378,6 +403,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("merge_stats", &merge_stats_impl, py::arg("counts").noconvert(),
         py::arg("means").noconvert(), py::arg("m2s").noconvert(), py::arg("mean").noconvert(),
         py::arg("m2").noconvert());
+  // overloads by the running statistics' type (None, None: the first, a no-op)
+  register_running_update<float>(m);
+  register_running_update<double>(m);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &bnkernel::get_num_threads);
   m.def("workspace_allocations", &bnkernel::workspace_allocations);

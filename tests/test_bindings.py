@@ -83,6 +83,48 @@ def test_merge_stats_rejects_negative_counts():
         )
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_running_stats_is_the_fused_forwards_update(dtype):
+    """The split phases' running update is the compiled one the fused forward applies: the same
+    values, bit for bit, for each running dtype, biased and unbiased."""
+    x = np.random.default_rng(1).standard_normal((6, 3, 7)).astype(dtype)
+    for unbiased in (True, False):
+        fused_rm, fused_rv = np.full(3, 0.5, dtype), np.full(3, 2.0, dtype)
+        out, mean, invstd = np.empty_like(x), np.empty(3), np.empty(3)
+        _core.forward_train(
+            x, None, None, 1e-5, out, mean, invstd, fused_rm, fused_rv, 0.3, unbiased
+        )
+        m2 = np.empty(3)
+        _core.channel_stats(x, mean, m2)
+        rm, rv = np.full(3, 0.5, dtype), np.full(3, 2.0, dtype)
+        _core.update_running_stats(rm, rv, 42, mean, m2, 0.3, unbiased)
+        np.testing.assert_array_equal(rm, fused_rm)
+        np.testing.assert_array_equal(rv, fused_rv)
+
+
+@pytest.mark.parametrize(
+    "running_mean,running_var,error,message",
+    [
+        (np.zeros(3, np.float32), np.ones(3), TypeError, "incompatible"),
+        (np.zeros(2, np.float32), None, ValueError, "running_mean: expected"),
+        (None, np.ones(3)[::-1], TypeError, "incompatible"),
+    ],
+    ids=["mixed-dtypes", "length", "strided"],
+)
+def test_update_running_stats_refuses_what_it_cannot_write(
+    running_mean, running_var, error, message
+):
+    with pytest.raises(error, match=message):
+        _core.update_running_stats(running_mean, running_var, 8, np.zeros(3), np.ones(3), 0.1, True)
+
+
+def test_update_running_stats_refuses_a_read_only_buffer():
+    rv = np.ones(3)
+    rv.flags.writeable = False
+    with pytest.raises(ValueError, match="running_var: must be writeable"):
+        _core.update_running_stats(None, rv, 8, np.zeros(3), np.ones(3), 0.1, True)
+
+
 def test_info_command(capsys):
     from bnkernel.__main__ import main
 

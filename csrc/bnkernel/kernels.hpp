@@ -70,6 +70,14 @@ BNKERNEL_DECLARE(BNKERNEL_KERNELS)
 void merge_stats(int64_t parts, int64_t channels, const int64_t* counts, const double* means,
                  const double* m2s, int64_t* count, double* mean, double* m2);
 
+// The running update of `running` from the batch statistics of `count` values per channel (mean and
+// M2 = sum((x - mean)^2), as channel_stats and merge_stats give them), in double and rounded once
+// to T (float or double).  forward_train applies it; the split phases reach it through the
+// bindings, so every path updates with the same operations.
+template <typename T>
+void update_running_stats(RunningUpdate<T> running, int64_t channels, int64_t count,
+                          const double* mean, const double* m2);
+
 // ---- threads and dispatch -----------------------------------------------------------------------
 
 // The most threads a kernel runs on (see runtime/threads.cpp): an OpenMP setting above it is

@@ -25,6 +25,17 @@ sanitized: bool
 def channel_stats(x: _F, mean: _D, m2: _D) -> None: ...
 def masked_channel_stats(x: _F, mask: NDArray[np.uint8], mean: _D, m2: _D) -> int: ...
 def merge_stats(counts: NDArray[np.int64], means: _D, m2s: _D, mean: _D, m2: _D) -> int: ...
+
+# running_mean / running_var: float32 or float64, one dtype (the fused forward's update, alone)
+def update_running_stats(
+    running_mean: _F | None,
+    running_var: _F | None,
+    count: int,
+    mean: _D,
+    m2: _D,
+    momentum: float,
+    unbiased: bool,
+) -> None: ...
 def normalize(
     x: _F,
     mean: _D,

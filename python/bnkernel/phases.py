@@ -42,13 +42,10 @@ def running_update(
     rm: NDArray[Any] | None, rv: NDArray[Any] | None, count: int, mean: NDArray[np.float64],
     m2: NDArray[np.float64], momentum: float, unbiased: bool,
 ) -> None:  # fmt: skip
-    """The running update from merged statistics, in the same float64 operations as the fused
-    kernel's (csrc/bnkernel/kernels/forward.cpp), so the results are bit-identical."""
-    if rm is not None:
-        rm[...] = (1.0 - momentum) * rm.astype(np.float64) + momentum * mean
-    if rv is not None:
-        denom = float(count - 1 if unbiased and count > 1 else count)
-        rv[...] = (1.0 - momentum) * rv.astype(np.float64) + momentum * (m2 / denom)
+    """The running update from merged statistics: the fused forward's own (the compiled
+    ``update_running_stats``, csrc/bnkernel/kernels/running.cpp), so the results are bit-identical.
+    ``rm`` / ``rv``: checked running buffers of one dtype (or None)."""
+    _core.update_running_stats(rm, rv, count, mean, m2, momentum, unbiased)
 
 
 def channel_stats(

@@ -13,28 +13,6 @@
 
 namespace bnkernel::BNKERNEL_ISA_NS {
 
-namespace {
-
-// running = (1 - momentum) * running + momentum * batch, variance corrected to unbiased if asked
-template <typename T>
-void update_running(RunningUpdate<T> running, Shape s, const double* mean, const double* m2) {
-  const int64_t m = s.per_channel();
-  const double keep = 1.0 - running.momentum;
-  const double denom = static_cast<double>(running.unbiased && m > 1 ? m - 1 : m);
-  for (int64_t c = 0; c < s.channels; ++c) {
-    if (running.mean) {
-      running.mean[c] =
-          static_cast<T>(keep * static_cast<double>(running.mean[c]) + running.momentum * mean[c]);
-    }
-    if (running.var) {
-      running.var[c] = static_cast<T>(keep * static_cast<double>(running.var[c]) +
-                                      running.momentum * (m2[c] / denom));
-    }
-  }
-}
-
-}  // namespace
-
 template <typename T>
 void normalize(const T* x, Shape s, const double* mean, const double* invstd, const Param<T>* gamma,
                const Param<T>* beta, T* y, Epilogue<T> epilogue) {
@@ -84,7 +62,7 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
     for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(m2[c] / m + eps);
     BNKERNEL_ISA_NS::normalize(x, s, mean, invstd, gamma, beta, y, epilogue);
   }
-  update_running(running, s, mean, m2);
+  update_running_stats(running, C, s.per_channel(), mean, m2);
 }
 
 BNKERNEL_INSTANTIATE(BNKERNEL_FORWARD_KERNELS)
