@@ -553,3 +553,15 @@ def test_scripts_see_the_same_rules() -> None:
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
+
+
+def test_the_split_phases_still_resolve_from_functional() -> None:
+    """The split phases moved to bnkernel.phases; the old bnkernel.functional names are the same
+    functions, and a name that never existed still raises AttributeError."""
+    import bnkernel.functional as functional
+    import bnkernel.phases as phases
+
+    for name in phases.__all__:
+        assert getattr(functional, name) is getattr(phases, name)
+    with pytest.raises(AttributeError, match="no attribute 'batch_norm'"):
+        functional.batch_norm  # noqa: B018

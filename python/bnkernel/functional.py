@@ -32,29 +32,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _checks as chk
-from . import _core
+from . import _core, phases
 from .masked import masked_backward, masked_forward
-from .phases import (
-    backward_elementwise,
-    backward_reduce,
-    channel_stats,
-    invstd_from_stats,
-    merge_stats,
-    normalize,
-    update_running_stats,
-)
 
-__all__ = [
-    "backward_elementwise",
-    "backward_reduce",
-    "batch_norm_backward",
-    "batch_norm_forward",
-    "channel_stats",
-    "invstd_from_stats",
-    "merge_stats",
-    "normalize",
-    "update_running_stats",
-]
+__all__ = ["batch_norm_backward", "batch_norm_forward"]
+
+
+def __getattr__(name: str) -> Any:
+    """The split phases lived here before bnkernel.phases: ``bnkernel.functional.channel_stats``
+    and the rest still resolve, to the same functions."""
+    if name in phases.__all__:
+        return getattr(phases, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # batch_norm_forward and batch_norm_backward first offer their arguments to a compiled fast path,
 # which runs the plain case (exact ndarrays of the right dtypes, contiguous, Python scalars) in one
