@@ -530,6 +530,26 @@ class Call:
         self._declare(name, OUTPUT, out)
         return self._aligned(out)
 
+    def gradient_inputs(
+        self, x: Any, axis: Any, dy: Any, mean: Any, invstd: Any, *, allow_empty: bool = False
+    ) -> tuple[NDArray[Any], NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
+        """What every backward reads first: x (the data), dy (x's shape) and the forward's mean
+        and invstd (saved statistics); returns ``(x, dy3, mean, invstd)``."""
+        xa = self.data(x, axis, allow_empty=allow_empty)
+        dy3 = self.grad(dy, allow_empty=allow_empty)
+        return xa, dy3, self.saved(mean, "mean"), self.saved(invstd, "invstd")
+
+    def affine_arrays(
+        self, gamma: Any, beta: Any, residual: Any
+    ) -> tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None]:
+        """The arrays of a forward's affine map and epilogue: gamma and beta (parameters) and the
+        residual (an input of x's shape, viewed as the kernels take it)."""
+        return (
+            self.param(gamma, "gamma"),
+            self.param(beta, "beta"),
+            self.like_x(residual, "residual"),
+        )
+
     def training_forward(
         self, gamma: Any, beta: Any, running_mean: Any, running_var: Any, out: Any,
         residual: Any = None,
@@ -538,9 +558,7 @@ class Call:
         (parameters), the residual (an input of x's shape), the running statistics (updated in
         place) and out (the output, x itself allowed); returns what the kernels take, in that
         order: ``(g, b, rm, rv, y, residual3)``."""
-        g = self.param(gamma, "gamma")
-        b = self.param(beta, "beta")
-        res3 = self.like_x(residual, "residual")
+        g, b, res3 = self.affine_arrays(gamma, beta, residual)
         rm = self.running(running_mean, "running_mean")
         rv = self.running(running_var, "running_var")
         y = self.output(out, in_place=True)

@@ -69,7 +69,7 @@ from numpy.typing import NDArray
 from . import _checks as chk
 from . import _core
 from .layer import DEFAULT, BatchNorm, Convention, DefaultType, exclusive
-from .masked import masked_sums
+from .masked import backward_from_sums, masked_sums
 from .phases import Stats, invstd_of, running_update
 
 try:
@@ -514,7 +514,8 @@ def _backward(
         dy3 = call.grad(dy, allow_empty=True)
         n = chk.count(count)
         relu = chk.relu_output(activation, y)
-        m, s, g, y3, dx = call.backward_arrays(mean, invstd, gamma, y, out)
+        arrays = call.backward_arrays(mean, invstd, gamma, y, out)
+        m, s, _, y3, _ = arrays
         with_dres = chk.flag(residual_grad, "residual_grad")
         valid = call.mask(mask)
         call.seal()
@@ -535,17 +536,8 @@ def _backward(
     _agree(comm, what, _BACKWARD, error=error, channels=C, dtype=dtype, count=n,
            settings=settings)  # fmt: skip
     total = _sum_rows(_gather(comm, local))
-    sum_dy, sum_dy_xhat = total[:C], total[C:]
-    mv = None if valid is None else chk.mask_view(valid, x3)
-    _core.backward_elementwise(dy3, x3, m, s, g, sum_dy, sum_dy_xhat, n, dx.reshape(x3.shape), y3,
-                               mv)  # fmt: skip
-    call.finish()
-    P = chk.param_dtype(xa.dtype)
-    dgamma, dbeta = sum_dy_xhat.astype(P), sum_dy.astype(P)
-    dx = dx if out is None else out
-    if with_dres:
-        return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
-    return dx, dgamma, dbeta
+    return backward_from_sums(call, arrays, dy3, x3, total[:C], total[C:], n, valid, with_dres,
+                              dres, dy, out)  # fmt: skip
 
 
 @overload

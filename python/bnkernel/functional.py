@@ -156,9 +156,7 @@ def batch_norm_forward(
             "running_mean, running_var: both are required when training=False "
             "(inference normalizes with the running statistics)"
         )
-    g = call.param(gamma, "gamma")
-    b = call.param(beta, "beta")
-    res3 = call.like_x(residual, "residual")
+    g, b, res3 = call.affine_arrays(gamma, beta, residual)
     rm_in = call.param(running_mean, "running_mean")
     rv_in = call.param(running_var, "running_var")
     assert rm_in is not None and rv_in is not None

@@ -92,7 +92,8 @@ def masked_backward(
     valid = call.mask(mask)
     assert valid is not None
     count = masked_count(valid)
-    m, s, g, y3, dx = call.backward_arrays(mean, invstd, gamma, y, out)
+    arrays = call.backward_arrays(mean, invstd, gamma, y, out)
+    m, s, _, y3, _ = arrays
     call.seal()
     x3 = call.view3(xa)
     dres = np.empty(xa.shape, dtype=xa.dtype) if relu else None
@@ -101,10 +102,25 @@ def masked_backward(
         dy3, x3, valid.reshape(x3.shape[0], x3.shape[2]), m, s, y3,
         None if dres is None else dres.reshape(x3.shape),
     )  # fmt: skip
+    return backward_from_sums(call, arrays, dy3, x3, sum_dy, sum_dy_xhat, count, valid,
+                              residual_grad, dres, dy, out)  # fmt: skip
+
+
+def backward_from_sums(
+    call: chk.Call, arrays: chk.BackwardArrays, dy3: NDArray[Any], x3: NDArray[Any],
+    sum_dy: NDArray[np.float64], sum_dy_xhat: NDArray[np.float64], count: int,
+    valid: NDArray[np.bool_] | None, residual_grad: bool, dres: NDArray[Any] | None, dy: Any,
+    out: Any,
+) -> tuple[NDArray[Any], ...]:  # fmt: skip
+    """The end of a training backward whose sums were reduced apart (under a mask, or over several
+    processes): dx (the direct term only at padded positions), the write-back of ``call``, and
+    ``(dx, dgamma, dbeta)``, with the residual's gradient (``dres``, else dy) when asked."""
+    m, s, g, y3, dx = arrays
+    mv = None if valid is None else chk.mask_view(valid, x3)
     _core.backward_elementwise(dy3, x3, m, s, g, sum_dy, sum_dy_xhat, count,
-                               dx.reshape(x3.shape), y3, chk.mask_view(valid, x3))  # fmt: skip
+                               dx.reshape(x3.shape), y3, mv)  # fmt: skip
     call.finish()
-    P = chk.param_dtype(xa.dtype)
+    P = chk.param_dtype(x3.dtype)
     dgamma, dbeta = sum_dy_xhat.astype(P), sum_dy.astype(P)
     dx = dx if out is None else out
     if residual_grad:

@@ -179,9 +179,7 @@ def normalize(
     xa = call.data(x, axis, allow_empty=True)
     m = call.saved(mean, "mean")
     s = call.saved(invstd, "invstd")
-    g = call.param(gamma, "gamma")
-    b = call.param(beta, "beta")
-    res3 = call.like_x(residual, "residual")
+    g, b, res3 = call.affine_arrays(gamma, beta, residual)
     y = call.output(out, in_place=True)
     call.seal()
     x3 = call.view3(xa)
@@ -206,10 +204,7 @@ def backward_reduce(
     With ``y`` (the output of a forward with ``activation="relu"``), dy is masked where
     ``y <= 0`` first; ``dresidual`` (x's shape and dtype) then receives the masked dy."""
     call = chk.Call()
-    xa = call.data(x, axis, allow_empty=True)
-    dy3 = call.grad(dy, allow_empty=True)
-    m = call.saved(mean, "mean")
-    s = call.saved(invstd, "invstd")
+    xa, dy3, m, s = call.gradient_inputs(x, axis, dy, mean, invstd, allow_empty=True)
     y3 = call.like_x(y, "y")
     if dresidual is not None and y is None:
         raise ValueError("dresidual: needs y (the ReLU mask)")
@@ -255,10 +250,7 @@ def backward_elementwise(
     term ``gamma * invstd * dy`` (see :func:`batch_norm_backward`).
     """
     call = chk.Call()
-    xa = call.data(x, axis, allow_empty=True)
-    dy3 = call.grad(dy, allow_empty=True)
-    m = call.saved(mean, "mean")
-    s = call.saved(invstd, "invstd")
+    xa, dy3, m, s = call.gradient_inputs(x, axis, dy, mean, invstd, allow_empty=True)
     g = call.param(gamma, "gamma")
     sdy = call.saved(sum_dy, "sum_dy")
     sdyx = call.saved(sum_dy_xhat, "sum_dy_xhat")

@@ -146,10 +146,7 @@ def batch_renorm_backward(
     the formula above term for term.
     """
     call = chk.Call()
-    xa = call.data(x, axis)
-    dy3 = call.grad(dy)
-    m = call.saved(mean, "mean")
-    s = call.saved(invstd, "invstd")
+    xa, dy3, m, s = call.gradient_inputs(x, axis, dy, mean, invstd)
     r64 = call.saved(r, "r")
     d64 = call.saved(d, "d")
     if np.any(~(r64 > 0)):
