@@ -72,10 +72,10 @@ def measure(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
         dist.sync_batch_norm_backward(dy, x, mu, s, n, out=out)
 
     def headers() -> None:  # the forward's and the backward's agreement, as the step runs them
-        dist._agree(COMM, "bench", dist._FORWARD, error=None, channels=C, dtype=x.dtype,
-                    count=stats[0], settings={"eps": 1e-5, "activation": None})  # fmt: skip
-        dist._agree(COMM, "bench", dist._BACKWARD, error=None, channels=C, dtype=x.dtype,
-                    count=count, settings={"activation": None})  # fmt: skip
+        forward = dist._Header(None, C, x.dtype, stats[0], {"eps": 1e-5, "activation": None})
+        dist._agree(COMM, "bench", dist._FORWARD, forward)
+        dist._agree(COMM, "bench", dist._BACKWARD,
+                    dist._Header(None, C, x.dtype, count, {"activation": None}))  # fmt: skip
 
     kernels = slowest_median(local_forward, repeats) + slowest_median(local_backward, repeats)
     exchanges = slowest_median(lambda: dist.allreduce_stats(stats), repeats) + slowest_median(

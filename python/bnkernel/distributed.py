@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -192,21 +193,25 @@ def _verdict_needs_details(heads: NDArray[np.int64]) -> bool:
     return bool((heads[:, fields] != heads[0, fields]).any())
 
 
-def _agree(
-    comm: Any,
-    what: str,
-    call: int,
-    *,
-    error: BaseException | None,
-    channels: int = _UNKNOWN,
-    dtype: np.dtype[Any] | None = None,
-    count: int = 0,
-    settings: dict[str, Any] | None = None,
-) -> NDArray[np.int64]:
+@dataclass
+class _Header:
+    """What a process says of its part of one collective call before any data moves: the local
+    error (None: its checks passed), channels, dtype, count and the settings all must share."""
+
+    error: BaseException | None = None
+    channels: int = _UNKNOWN
+    dtype: np.dtype[Any] | None = None
+    count: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _agree(comm: Any, what: str, call: int, head: _Header) -> NDArray[np.int64]:
     """The header exchange: every process's header, in rank order, when all took their part and
     agree; otherwise every process raises the same PeerError (one more collective, for the
     reasons)."""
-    settings = settings or {}
+    error, channels, dtype, count, settings = (
+        head.error, head.channels, head.dtype, head.count, head.settings,
+    )  # fmt: skip
     failed = error is not None
     header = np.array(
         [
@@ -342,7 +347,7 @@ def allreduce_stats(stats: Stats, *, comm: Any = None) -> Stats:
         local = np.concatenate((mu, m2a))
     except Exception as e:  # shared with the other processes, then raised as a PeerError
         error = e
-    heads = _agree(comm, "allreduce_stats", _STATS, error=error, channels=C, count=n)
+    heads = _agree(comm, "allreduce_stats", _STATS, _Header(error, C, None, n))
     _total_count(heads)
     return _merge(heads, _gather(comm, local), C)
 
@@ -365,8 +370,8 @@ def sum_over_ranks(*arrays: NDArray[Any], comm: Any = None) -> list[NDArray[np.f
     except Exception as e:  # shared with the other processes, then raised as a PeerError
         error = e
     packed = np.concatenate(flat) if flat else np.zeros(0)
-    _agree(comm, "sum_over_ranks", _SUMS, error=error, channels=packed.size,
-           settings={"array shapes": tuple(shapes)})  # fmt: skip
+    _agree(comm, "sum_over_ranks", _SUMS,
+           _Header(error, packed.size, settings={"array shapes": tuple(shapes)}))  # fmt: skip
     total = _sum_rows(_gather(comm, packed))
     out = []
     start = 0
@@ -396,18 +401,15 @@ def _forward(
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64], int, NDArray[Any]]:  # fmt: skip
     """The synchronized training forward; returns (y, mean, invstd, count, x as an ndarray).
     `check` (the layer's input check) runs first, among the local checks."""
-    error: BaseException | None = None
+    head = _Header()
     call = chk.Call()
-    C = _UNKNOWN
-    dtype: np.dtype[Any] | None = None
-    n = 0
-    settings: dict[str, Any] = {}
     local = np.zeros(0)
     try:
         if check is not None:
             check()
         xa = call.data(x, axis, allow_empty=True)
-        C, dtype = call.C, xa.dtype
+        C = head.channels = call.C
+        head.dtype = xa.dtype
         valid = call.mask(mask)
         eps_f = chk.eps(eps)
         mom = chk.weight(momentum)
@@ -422,13 +424,13 @@ def _forward(
         mean_l = np.empty(C, dtype=np.float64)
         m2_l = np.empty(C, dtype=np.float64)
         if valid is not None:
-            n = int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean_l, m2_l))
+            head.count = int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean_l, m2_l))
         else:
             _core.channel_stats(x3, mean_l, m2_l)
-            n = xa.size // C
+            head.count = xa.size // C
         local = np.concatenate((mean_l, m2_l))
         updates = rm is not None or rv is not None
-        settings = {
+        head.settings = {
             "eps": eps_f,
             "activation": "relu" if relu else None,
             "running statistics updated": ", ".join(
@@ -439,9 +441,8 @@ def _forward(
             "running_var_unbiased": unbiased if rv is not None else None,
         }
     except Exception as e:  # shared with the other processes, then raised as a PeerError
-        error = e
-    heads = _agree(comm, what, _FORWARD, error=error, channels=C, dtype=dtype, count=n,
-                   settings=settings)  # fmt: skip
+        head.error = e
+    heads = _agree(comm, what, _FORWARD, head)
     # every process agrees: from here on, the same decisions everywhere and nothing to refuse
     total = _total_count(heads)
     if total < 2:
@@ -501,18 +502,15 @@ def _backward(
     what: str, comm: Any, dy: Any, x: Any, mean: Any, invstd: Any, count: Any, gamma: Any,
     axis: Any, activation: Any, y: Any, residual_grad: Any, mask: Any, out: Any,
 ) -> tuple[NDArray[Any], ...]:  # fmt: skip
-    error: BaseException | None = None
+    head = _Header()
     call = chk.Call()
-    C = _UNKNOWN
-    dtype: np.dtype[Any] | None = None
-    n = 0
-    settings: dict[str, Any] = {}
     local = np.zeros(0)
     try:
         xa = call.data(x, axis, allow_empty=True)
-        C, dtype = call.C, xa.dtype
+        C = head.channels = call.C
+        head.dtype = xa.dtype
         dy3 = call.grad(dy, allow_empty=True)
-        n = chk.count(count)
+        n = head.count = chk.count(count)
         relu = chk.relu_output(activation, y)
         arrays = call.backward_arrays(mean, invstd, gamma, y, out)
         m, s, _, y3, _ = arrays
@@ -530,11 +528,10 @@ def _backward(
             sdyx = np.empty(C, dtype=np.float64)
             _core.backward_reduce(dy3, x3, m, s, sdy, sdyx, y3, dres3)
         local = np.concatenate((sdy, sdyx))
-        settings = {"activation": "relu" if relu else None}
+        head.settings = {"activation": "relu" if relu else None}
     except Exception as e:  # shared with the other processes, then raised as a PeerError
-        error = e
-    _agree(comm, what, _BACKWARD, error=error, channels=C, dtype=dtype, count=n,
-           settings=settings)  # fmt: skip
+        head.error = e
+    _agree(comm, what, _BACKWARD, head)
     total = _sum_rows(_gather(comm, local))
     return backward_from_sums(call, arrays, dy3, x3, total[:C], total[C:], n, valid, with_dres,
                               dres, dy, out)  # fmt: skip
@@ -660,7 +657,7 @@ class SyncBatchNorm(BatchNorm):
         if self._saved is None and self._uses_batch_stats():
             # the other processes may be in their synchronized backward: fail there too
             _agree(self.comm, "SyncBatchNorm.backward", _BACKWARD,
-                   error=RuntimeError("backward: call forward first"))  # fmt: skip
+                   _Header(RuntimeError("backward: call forward first")))  # fmt: skip
         if self._saved is None or self._saved[0] != "sync":
             return super().backward(dy)
         _, x, mean, invstd, (y, had_residual, mask, count) = self._saved

@@ -560,30 +560,14 @@ def small_batch_plot(r: Result, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     b = r["batch_sizes"]
-    ax.plot(
-        b, [row["eval"]["median"] for row in r["plain"]], "o-", color="tab:red", label="without BN"
-    )
-    ax.plot(
-        b,
-        [row["eval"]["median"] for row in r["BN"]],
-        "o-",
-        color="tab:blue",
-        label="BN, inference (running statistics)",
-    )
-    ax.plot(
-        b,
-        [row["train_mode"]["median"] for row in r["BN"]],
-        "o--",
-        color="tab:cyan",
-        label="BN, test-batch statistics",
-    )
-    ax.plot(
-        b,
-        [row["eval"]["median"] for row in r["renorm"]],
-        "s-",
-        color="tab:green",
-        label="batch renormalization, inference",
-    )
+    curves = [  # (model, mode, style, colour, label)
+        ("plain", "eval", "o-", "tab:red", "without BN"),
+        ("BN", "eval", "o-", "tab:blue", "BN, inference (running statistics)"),
+        ("BN", "train_mode", "o--", "tab:cyan", "BN, test-batch statistics"),
+        ("renorm", "eval", "s-", "tab:green", "batch renormalization, inference"),
+    ]
+    for model, mode, style, colour, label in curves:
+        ax.plot(b, [row[mode]["median"] for row in r[model]], style, color=colour, label=label)
     ax.set(
         xscale="log",
         xticks=b,
