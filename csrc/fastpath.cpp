@@ -190,6 +190,30 @@ PyObject* not_plain() {
   Py_RETURN_NONE;
 }
 
+// f(T{}) for the data type T of a plain array (float32 or float64, as input() admits)
+template <class F>
+void with_type(int type, F&& f) {
+  if (type == NPY_FLOAT) {
+    f(float{});
+  } else {
+    f(double{});
+  }
+}
+
+// (result, a, b): a and b new vectors of `channels` values of `type` that fill(a's data, b's data)
+// writes without the GIL; steals result.  Null (with the error set) on any failure.
+template <typename V, class Fill>
+PyObject* with_two_vectors(PyArrayObject* result, npy_intp channels, int type, Fill&& fill) {
+  PyObject* a = new_vector(channels, type);
+  PyObject* b = new_vector(channels, type);
+  if (a && b) {
+    auto* pa = static_cast<V*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(a)));
+    auto* pb = static_cast<V*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(b)));
+    if (!run_kernel([&] { fill(pa, pb); })) Py_CLEAR(a);
+  }
+  return triple(reinterpret_cast<PyObject*>(result), a, b);
+}
+
 // forward_fast(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
 //              running_var_unbiased, out) -> (y, mean, invstd) or None
 PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -221,61 +245,32 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     PyArrayObject* y = output(args[10], in, {in.x, gamma, beta, rm, rv});
     if (!y) return PyErr_Occurred() ? nullptr : not_plain();
-    PyObject* mean = new_vector(s.channels, NPY_DOUBLE);
-    PyObject* invstd = new_vector(s.channels, NPY_DOUBLE);
-    if (mean && invstd) {
-      auto* pm = static_cast<double*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(mean)));
-      auto* pi = static_cast<double*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(invstd)));
-      const bool done = run_kernel([&] {
-        if (in.type == NPY_FLOAT) {
-          bnkernel::forward_train(data<float>(in.x), s, data<float>(gamma), data<float>(beta), eps,
-                                  data<float>(y), pm, pi,
-                                  bnkernel::RunningUpdate<float>{data<float>(rm), data<float>(rv),
-                                                                 momentum, unbiased == Py_True},
-                                  bnkernel::Epilogue<float>{});
-        } else {
-          bnkernel::forward_train(
-              data<double>(in.x), s, data<double>(gamma), data<double>(beta), eps, data<double>(y),
-              pm, pi,
-              bnkernel::RunningUpdate<double>{data<double>(rm), data<double>(rv), momentum,
-                                              unbiased == Py_True},
-              bnkernel::Epilogue<double>{});
-        }
+    return with_two_vectors<double>(y, s.channels, NPY_DOUBLE, [&](double* pm, double* pi) {
+      with_type(in.type, [&](auto zero) {
+        using T = decltype(zero);
+        bnkernel::forward_train(
+            data<T>(in.x), s, data<T>(gamma), data<T>(beta), eps, data<T>(y), pm, pi,
+            bnkernel::RunningUpdate<T>{data<T>(rm), data<T>(rv), momentum, unbiased == Py_True},
+            bnkernel::Epilogue<T>{});
       });
-      if (!done) Py_CLEAR(mean);
-    }
-    return triple(reinterpret_cast<PyObject*>(y), mean, invstd);
+    });
   }
 
   // inference: the running statistics are the statistics
   if (!rm || !rv) return not_plain();
   PyArrayObject* y = output(args[10], in, {in.x, gamma, beta, rm, rv});
   if (!y) return PyErr_Occurred() ? nullptr : not_plain();
-  PyObject* mean = new_vector(s.channels, NPY_DOUBLE);
-  PyObject* invstd = new_vector(s.channels, NPY_DOUBLE);
-  if (mean && invstd) {
-    auto* pm = static_cast<double*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(mean)));
-    auto* pi = static_cast<double*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(invstd)));
-    const bool done = run_kernel([&] {
-      if (in.type == NPY_FLOAT) {
-        for (int64_t c = 0; c < s.channels; ++c) {
-          pm[c] = static_cast<double>(data<float>(rm)[c]);
-          pi[c] = 1.0 / std::sqrt(static_cast<double>(data<float>(rv)[c]) + eps);
-        }
-        bnkernel::normalize(data<float>(in.x), s, pm, pi, data<float>(gamma), data<float>(beta),
-                            data<float>(y), bnkernel::Epilogue<float>{});
-      } else {
-        for (int64_t c = 0; c < s.channels; ++c) {
-          pm[c] = data<double>(rm)[c];
-          pi[c] = 1.0 / std::sqrt(data<double>(rv)[c] + eps);
-        }
-        bnkernel::normalize(data<double>(in.x), s, pm, pi, data<double>(gamma), data<double>(beta),
-                            data<double>(y), bnkernel::Epilogue<double>{});
+  return with_two_vectors<double>(y, s.channels, NPY_DOUBLE, [&](double* pm, double* pi) {
+    with_type(in.type, [&](auto zero) {
+      using T = decltype(zero);
+      for (int64_t c = 0; c < s.channels; ++c) {
+        pm[c] = static_cast<double>(data<T>(rm)[c]);
+        pi[c] = 1.0 / std::sqrt(static_cast<double>(data<T>(rv)[c]) + eps);
       }
+      bnkernel::normalize(data<T>(in.x), s, pm, pi, data<T>(gamma), data<T>(beta), data<T>(y),
+                          bnkernel::Epilogue<T>{});
     });
-    if (!done) Py_CLEAR(mean);
-  }
-  return triple(reinterpret_cast<PyObject*>(y), mean, invstd);
+  });
 }
 
 // backward_fast(dy, x, mean, invstd, gamma, training, axis, out) -> (dx, dgamma, dbeta) or None
@@ -299,31 +294,14 @@ PyObject* backward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!ok) return not_plain();
   PyArrayObject* dx = output(args[7], in, {in.x, dy, gamma, mean, invstd});
   if (!dx) return PyErr_Occurred() ? nullptr : not_plain();
-  PyObject* dgamma = new_vector(s.channels, in.type);
-  PyObject* dbeta = new_vector(s.channels, in.type);
-  if (dgamma && dbeta) {
-    auto* pdg = static_cast<char*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(dgamma)));
-    auto* pdb = static_cast<char*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(dbeta)));
-    const bool done = run_kernel([&] {
-      const double* pm = data<double>(mean);
-      const double* pi = data<double>(invstd);
-      if (in.type == NPY_FLOAT) {
-        auto* k = training == Py_True ? &bnkernel::backward_train<float>
-                                      : &bnkernel::backward_frozen<float>;
-        k(data<float>(dy), data<float>(in.x), s, pm, pi, data<float>(gamma), data<float>(dx),
-          reinterpret_cast<float*>(pdg), reinterpret_cast<float*>(pdb),
-          bnkernel::ReluGrad<float>{});
-      } else {
-        auto* k = training == Py_True ? &bnkernel::backward_train<double>
-                                      : &bnkernel::backward_frozen<double>;
-        k(data<double>(dy), data<double>(in.x), s, pm, pi, data<double>(gamma), data<double>(dx),
-          reinterpret_cast<double*>(pdg), reinterpret_cast<double*>(pdb),
-          bnkernel::ReluGrad<double>{});
-      }
+  return with_two_vectors<char>(dx, s.channels, in.type, [&](char* pdg, char* pdb) {
+    with_type(in.type, [&](auto zero) {
+      using T = decltype(zero);
+      auto* k = training == Py_True ? &bnkernel::backward_train<T> : &bnkernel::backward_frozen<T>;
+      k(data<T>(dy), data<T>(in.x), s, data<double>(mean), data<double>(invstd), data<T>(gamma),
+        data<T>(dx), reinterpret_cast<T*>(pdg), reinterpret_cast<T*>(pdb), bnkernel::ReluGrad<T>{});
     });
-    if (!done) Py_CLEAR(dgamma);
-  }
-  return triple(reinterpret_cast<PyObject*>(dx), dgamma, dbeta);
+  });
 }
 
 // The rules above, by name (bnkernel._core.fast_path_rules; see the comment at the top).
