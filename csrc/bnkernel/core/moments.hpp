@@ -29,6 +29,18 @@ inline double clamp_m2(double m2) {
   return m2 < 0.0 ? 0.0 : m2;
 }
 
+// A leaf's (n, mean, M2) from its n values' sums of d = x - center and of d^2.
+inline void leaf_moments(double* out, double n, double center, double dsum, double d2sum) {
+  out[0] = n;
+  out[1] = center + dsum / n;
+  out[2] = clamp_m2(d2sum - dsum * dsum / n);
+}
+
+// Two (n, mean, M2) accumulators into one (Chan's merge).
+inline void merge_moments(double* into, const double* other) {
+  chan_merge(into[0], into[1], into[2], other[0], other[1], other[2]);
+}
+
 // ---- moments, planar pattern (inner > 1): one channel, accumulator (n, mean, M2) ----------------
 //
 // A leaf accumulates d = x - center in double: mean = center + sum(d) / n and
@@ -91,15 +103,10 @@ struct PlanarMoments {
         add2(tail);
       }
     });
-    const double dsum = corr.total();
-    out[0] = n;
-    out[1] = center + dsum / n;
-    out[2] = clamp_m2(m2.total() - dsum * dsum / n);
+    leaf_moments(out, n, center, corr.total(), m2.total());
   }
 
-  void merge(double* into, const double* other) const {
-    chan_merge(into[0], into[1], into[2], other[0], other[1], other[2]);
-  }
+  void merge(double* into, const double* other) const { merge_moments(into, other); }
 };
 
 // ---- moments over the valid positions of a mask, planar pattern ------------------------------
@@ -182,15 +189,10 @@ struct MaskedPlanarMoments {
         add2(tail, tail_mask);
       }
     });
-    const double dsum = corr.total();
-    out[0] = n;
-    out[1] = center + dsum / n;
-    out[2] = clamp_m2(m2.total() - dsum * dsum / n);
+    leaf_moments(out, n, center, corr.total(), m2.total());
   }
 
-  void merge(double* into, const double* other) const {
-    chan_merge(into[0], into[1], into[2], other[0], other[1], other[2]);
-  }
+  void merge(double* into, const double* other) const { merge_moments(into, other); }
 };
 
 // ---- moments, interleaved pattern (inner == 1): all channels of a block of rows -----------------
