@@ -343,6 +343,31 @@ void backward(bool training, const carray<T>& dy, const carray<T>& x, const carr
   kernel(dy.data(), x.data(), s, mean.data(), invstd.data(), data(gamma), pdx, pdg, pdb, relu);
 }
 
+template <typename T>
+double memory_pass(const std::string& kind, const carray<T>& src, carray<T>& dst) {
+  bnkernel::MemoryPass pass;
+  if (kind == "copy") {
+    pass = bnkernel::MemoryPass::copy;
+  } else if (kind == "read") {
+    pass = bnkernel::MemoryPass::read;
+  } else if (kind == "write") {
+    pass = bnkernel::MemoryPass::write;
+  } else {
+    throw py::value_error("kind: expected 'copy', 'read' or 'write', got '" + kind + "'");
+  }
+  require(dst.size() == src.size(), "dst: expected as many values as src");
+  const auto* lo = reinterpret_cast<const char*>(src.data());
+  const auto* dlo = reinterpret_cast<const char*>(dst.data());
+  const auto bytes = static_cast<py::ssize_t>(src.nbytes());
+  require(dlo + bytes <= lo || lo + bytes <= dlo || bytes == 0,
+          "dst: must not share memory with src");
+  require(pass == bnkernel::MemoryPass::read || dst.writeable(), "dst: must be writeable");
+  const T* ps = src.data();
+  T* pd = pass == bnkernel::MemoryPass::read ? nullptr : dst.mutable_data();
+  py::gil_scoped_release release;
+  return bnkernel::memory_pass(pass, ps, pd, static_cast<int64_t>(src.size()));
+}
+
 void set_num_threads(int n) {
   // more would crash libgomp (see csrc/bnkernel/runtime/threads.cpp); n <= 0 is the default
   require(n <= bnkernel::kMaxThreads, "n: " + std::to_string(n) + " is more than the maximum of " +
@@ -376,6 +401,8 @@ void register_dtype(py::module_& m) {
         py::arg("sum_dy_xhat").noconvert(), py::arg("count"), py::arg("out").noconvert(),
         py::arg("y").noconvert().none(true) = py::none(),
         py::arg("mask").noconvert().none(true) = py::none());
+  m.def("memory_pass", &memory_pass<T>, py::arg("kind"), py::arg("src").noconvert(),
+        py::arg("dst").noconvert());
   m.def("backward", &backward<T>, py::arg("training"), py::arg("dy").noconvert(),
         py::arg("x").noconvert(), py::arg("mean").noconvert(), py::arg("invstd").noconvert(),
         py::arg("gamma").noconvert().none(true), py::arg("out").noconvert(),

@@ -80,9 +80,20 @@
      const Param<T>* gamma, T* dx, Param<T>* dgamma, Param<T>* dbeta, ReluGrad<T> relu),           \
     (dy, x, s, mean, invstd, gamma, dx, dgamma, dbeta, relu))
 
+// ---- memory passes (kernels/memory.cpp)
+// -----------------------------------------------------------
+//
+// memory_pass: the passes a kernel's time is measured against (the benchmarks' bandwidth bound),
+// over n values on the kernels' own threads (threads_for(n)) and store policy (streaming stores
+// for an output past the caches, detail::stream_output): copy (dst = src), read (returns the
+// bytes' sum, so that nothing is skipped), write (dst = 0).
+#define BNKERNEL_MEMORY_KERNELS(X, T) \
+  X(double, memory_pass, (MemoryPass kind, const T* src, T* dst, int64_t n), (kind, src, dst, n))
+
 // Every kernel, all directions.
 #define BNKERNEL_KERNELS(X, T) \
-  BNKERNEL_STATS_KERNELS(X, T) BNKERNEL_FORWARD_KERNELS(X, T) BNKERNEL_BACKWARD_KERNELS(X, T)
+  BNKERNEL_STATS_KERNELS(X, T) \
+  BNKERNEL_FORWARD_KERNELS(X, T) BNKERNEL_BACKWARD_KERNELS(X, T) BNKERNEL_MEMORY_KERNELS(X, T)
 
 // F(arg, T) for each data type T the kernels are made for.
 #define BNKERNEL_FOR_EACH_DTYPE(F, arg) \

@@ -58,6 +58,9 @@ struct ReluGrad {
   T* dresidual = nullptr;
 };
 
+// What memory_pass does (see kernel_list.hpp).
+enum class MemoryPass { copy, read, write };
+
 // The kernels (kernel_list.hpp), each forwarding to the copy compiled for the best instruction set
 // this CPU supports (see dispatch/isa.hpp).
 BNKERNEL_DECLARE(BNKERNEL_KERNELS)
