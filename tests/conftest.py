@@ -127,6 +127,21 @@ def bshape(ndim: int, axis: int) -> list[int]:
     return s
 
 
+# Ill-conditioned float32 data (``ill_conditioned_float32``) on planar and interleaved layouts,
+# serial and multi-threaded.
+ILL_CONDITIONED = pytest.mark.parametrize(
+    "shape,axis",
+    [
+        ((8, 4, 16, 16), 1),
+        ((8, 16, 16, 4), -1),
+        ((256, 3), 1),
+        ((64, 3, 32, 32), 1),
+        ((16, 32, 32, 8), -1),
+    ],
+    ids=["NCHW", "NHWC", "NC", "mt-NCHW", "mt-NHWC"],
+)
+
+
 # ---- data ---------------------------------------------------------------------------------------
 
 
@@ -182,6 +197,11 @@ def make_case(layout: Layout, dtype: Any, seed: int | None = None) -> Case:
         running_mean=rng.standard_normal(C).astype(dt),
         running_var=rng.uniform(0.5, 2.0, C).astype(dt),
     )
+
+
+def ill_conditioned_float32(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """x = 1e4 + 1e-2 * randn in float32: mean^2 / var ~ 1e12 per channel."""
+    return (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
 
 
 @pytest.fixture(params=DTYPES, ids=DTYPE_IDS)
@@ -269,3 +289,13 @@ def assert_close(
     if scale is None:
         scale = max_abs(expected)
     np.testing.assert_allclose(actual64, expected, rtol=rel, atol=rel * scale, err_msg=what)
+
+
+def assert_float32_rounding_floor(actual: Any, expected: Any, atol: float, what: Any = "") -> None:
+    """A float32 result at the rounding floor: within one ulp (plus ``atol``) of the float64
+    ``expected`` elementwise, and within two ulps of the largest |expected|."""
+    expected = np.asarray(expected, dtype=np.float64)
+    ulp = np.spacing(np.abs(expected).astype(np.float32)).astype(np.float64)
+    err = np.abs(np.asarray(actual, dtype=np.float64) - expected)
+    assert np.all(err <= ulp + atol), f"{what}: max error {err.max()}, ulps {np.max(err / ulp)}"
+    assert err.max() <= 2 * np.spacing(np.float32(max_abs(expected))), what
