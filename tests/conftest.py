@@ -141,6 +141,17 @@ ILL_CONDITIONED = pytest.mark.parametrize(
     ids=["NCHW", "NHWC", "NC", "mt-NCHW", "mt-NHWC"],
 )
 
+# Layouts for the non-finite tests (``with_bad_element``): planar and interleaved, serial and
+# multi-threaded, C < 8 and C >= 8.
+NONFINITE_SHAPES = [
+    pytest.param((4, 3, 5), 1, id="NCL"),
+    pytest.param((40, 3), 1, id="NC"),
+    pytest.param((8, 6, 5, 4), -1, id="NHWC"),
+    pytest.param((64, 3, 32, 32), 1, id="mt-NCHW-C3"),
+    pytest.param((8, 16, 16, 32), 1, id="mt-NCHW-C16"),
+    pytest.param((8, 16, 16, 32), -1, id="mt-NHWC-C32"),
+]
+
 
 # ---- data ---------------------------------------------------------------------------------------
 
@@ -202,6 +213,15 @@ def make_case(layout: Layout, dtype: Any, seed: int | None = None) -> Case:
 def ill_conditioned_float32(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """x = 1e4 + 1e-2 * randn in float32: mean^2 / var ~ 1e12 per channel."""
     return (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def with_bad_element(a: np.ndarray, axis: int, bad: float) -> np.ndarray:
+    """A copy of ``a`` whose middle element of channel 1 (along ``axis``) is ``bad``."""
+    a = a.copy()
+    idx = [s // 2 for s in a.shape]
+    idx[axis] = 1
+    a[tuple(idx)] = bad
+    return a
 
 
 @pytest.fixture(params=DTYPES, ids=DTYPE_IDS)
