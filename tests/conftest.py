@@ -319,3 +319,31 @@ def assert_float32_rounding_floor(actual: Any, expected: Any, atol: float, what:
     err = np.abs(np.asarray(actual, dtype=np.float64) - expected)
     assert np.all(err <= ulp + atol), f"{what}: max error {err.max()}, ulps {np.max(err / ulp)}"
     assert err.max() <= 2 * np.spacing(np.float32(max_abs(expected))), what
+
+
+# ---- running statistics -------------------------------------------------------------------------
+
+
+def assert_update_matches_fused(
+    case: Case,
+    stats: tuple[Any, Any, Any],
+    momentum: float,
+    unbiased: bool,
+    what: tuple[str, str] = ("running_mean", "running_var"),
+) -> None:
+    """update_running_stats from ``stats`` (count, mean, M2 of case.x) updates a copy of the case's
+    running statistics as the fused forward on case.x updates another (same float64 formula),
+    within case.tol."""
+    rm1, rv1 = case.running_mean.copy(), case.running_var.copy()
+    rm2, rv2 = case.running_mean.copy(), case.running_var.copy()
+    bk.batch_norm_forward(
+        case.x,
+        running_mean=rm1,
+        running_var=rv1,
+        momentum=momentum,
+        running_var_unbiased=unbiased,
+        axis=case.axis,
+    )
+    bk.update_running_stats(rm2, rv2, *stats, momentum=momentum, unbiased=unbiased)
+    assert_close(rm2, rm1, case.tol, what=what[0])
+    assert_close(rv2, rv1, case.tol, what=what[1])
