@@ -224,6 +224,20 @@ def with_bad_element(a: np.ndarray, axis: int, bad: float) -> np.ndarray:
     return a
 
 
+def forward_inference(case: Case, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """batch_norm_forward in inference on the case's x, gamma, beta and running statistics."""
+    return bk.batch_norm_forward(
+        case.x,
+        case.gamma,
+        case.beta,
+        running_mean=case.running_mean,
+        running_var=case.running_var,
+        training=False,
+        eps=eps,
+        axis=case.axis,
+    )
+
+
 @pytest.fixture(params=DTYPES, ids=DTYPE_IDS)
 def dtype(request: pytest.FixtureRequest) -> np.dtype[Any]:
     return np.dtype(request.param)

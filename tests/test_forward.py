@@ -17,6 +17,7 @@ from conftest import (
     assert_close,
     assert_float32_rounding_floor,
     assert_update_matches_fused,
+    forward_inference,
     ill_conditioned_float32,
     layout_params,
     make_case,
@@ -253,15 +254,7 @@ def test_forward_infer_matches_reference(case, affine):
 def test_forward_infer_single_value_per_channel(dtype, shape, axis):
     """One value per channel is fine in inference (it is an error only in training)."""
     case = make_case(Layout("single", shape, axis), dtype)
-    y, _, _ = bk.batch_norm_forward(
-        case.x,
-        case.gamma,
-        case.beta,
-        running_mean=case.running_mean,
-        running_var=case.running_var,
-        training=False,
-        axis=axis,
-    )
+    y, _, _ = forward_inference(case)
     y_ref = ref.forward_infer(
         case.x, case.running_mean, case.running_var, case.gamma, case.beta, 1e-5, axis
     )
