@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 import bnkernel as bk
+from bnkernel import reference as ref
 
 SEED = 20_240_607
 
@@ -333,6 +335,20 @@ def assert_float32_rounding_floor(actual: Any, expected: Any, atol: float, what:
     err = np.abs(np.asarray(actual, dtype=np.float64) - expected)
     assert np.all(err <= ulp + atol), f"{what}: max error {err.max()}, ulps {np.max(err / ulp)}"
     assert err.max() <= 2 * np.spacing(np.float32(max_abs(expected))), what
+
+
+def assert_grads_match_finite_differences(
+    loss: Callable[..., float], args: Sequence[Any], grads: Sequence[Any], rtol: float, atol: float
+) -> list[np.ndarray]:
+    """Each of ``grads`` is the gradient of ``loss(*args)`` with respect to the matching argument:
+    against its central differences (ref.numerical_gradient), to ``rtol`` and ``atol``.  Returns
+    the numerical gradients."""
+    numerical = []
+    for i, (got, at) in enumerate(zip(grads, args, strict=True)):
+        num = ref.numerical_gradient(lambda v, i=i: loss(*args[:i], v, *args[i + 1 :]), at)
+        np.testing.assert_allclose(got, num, rtol=rtol, atol=atol, err_msg=f"argument {i}")
+        numerical.append(num)
+    return numerical
 
 
 # ---- running statistics -------------------------------------------------------------------------

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, assert_close, layout_params, tol
+from conftest import (
+    LAYOUTS,
+    assert_close,
+    assert_grads_match_finite_differences,
+    layout_params,
+    tol,
+)
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -125,13 +131,9 @@ def test_fused_gradients_match_finite_differences():
     y, mean, invstd = bk.batch_norm_forward(x, g, b, activation="relu", residual=r)
     dx, dg, db, dr = bk.batch_norm_backward(w, x, mean, invstd, g, activation="relu", y=y,
                                             residual_grad=True)  # fmt: skip
-    for got, fn, at in (
-        (dx, lambda v: loss(v, g, b, r), x),
-        (dg, lambda v: loss(x, v, b, r), g),
-        (db, lambda v: loss(x, g, v, r), b),
-        (dr, lambda v: loss(x, g, b, v), r),
-    ):
-        np.testing.assert_allclose(got, ref.numerical_gradient(fn, at), rtol=1e-6, atol=1e-8)
+    assert_grads_match_finite_differences(
+        loss, (x, g, b, r), (dx, dg, db, dr), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_relu_keeps_nan_and_masks_nan_outputs():

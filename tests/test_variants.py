@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, assert_close, layout_params, tol
+from conftest import (
+    LAYOUTS,
+    assert_close,
+    assert_grads_match_finite_differences,
+    layout_params,
+    tol,
+)
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -106,12 +112,7 @@ def test_renorm_backward_matches_finite_differences():
         return float(np.sum(w * y))
 
     dx, dg, db = bk.batch_renorm_backward(w, x, mean, invstd, r, d, g)
-    np.testing.assert_allclose(dx, ref.numerical_gradient(lambda v: loss(v, g, b), x),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
-    np.testing.assert_allclose(dg, ref.numerical_gradient(lambda v: loss(x, v, b), g),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
-    np.testing.assert_allclose(db, ref.numerical_gradient(lambda v: loss(x, g, v), b),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
+    assert_grads_match_finite_differences(loss, (x, g, b), (dx, dg, db), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize(
