@@ -337,7 +337,7 @@ def assert_float32_rounding_floor(actual: Any, expected: Any, atol: float, what:
     assert err.max() <= 2 * np.spacing(np.float32(max_abs(expected))), what
 
 
-def assert_grads_match_finite_differences(
+def assert_fd_grads(
     loss: Callable[..., float], args: Sequence[Any], grads: Sequence[Any], rtol: float, atol: float
 ) -> list[np.ndarray]:
     """Each of ``grads`` is the gradient of ``loss(*args)`` with respect to the matching argument:

@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (
-    LAYOUTS,
-    assert_close,
-    assert_grads_match_finite_differences,
-    layout_params,
-    tol,
-)
+from conftest import LAYOUTS, assert_close, assert_fd_grads, layout_params, tol
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -131,9 +125,7 @@ def test_fused_gradients_match_finite_differences():
     y, mean, invstd = bk.batch_norm_forward(x, g, b, activation="relu", residual=r)
     dx, dg, db, dr = bk.batch_norm_backward(w, x, mean, invstd, g, activation="relu", y=y,
                                             residual_grad=True)  # fmt: skip
-    assert_grads_match_finite_differences(
-        loss, (x, g, b, r), (dx, dg, db, dr), rtol=1e-6, atol=1e-8
-    )
+    assert_fd_grads(loss, (x, g, b, r), (dx, dg, db, dr), rtol=1e-6, atol=1e-8)
 
 
 def test_relu_keeps_nan_and_masks_nan_outputs():

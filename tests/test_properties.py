@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import STATS_TOL, TOL, assert_close, assert_grads_match_finite_differences, max_abs
+from conftest import STATS_TOL, TOL, assert_close, assert_fd_grads, max_abs
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -166,4 +166,4 @@ def test_gradients_match_finite_differences(c):
     # to the loss's magnitude; with one value per position of a short channel xhat is ill
     # conditioned in x, which the absolute bound (of the loss's scale) covers
     scale = 1e-7 * (1 + float(np.abs(w).sum()))
-    assert_grads_match_finite_differences(loss, (x, g, b), (dx, dg, db), rtol=1e-5, atol=scale)
+    assert_fd_grads(loss, (x, g, b), (dx, dg, db), rtol=1e-5, atol=scale)
