@@ -212,6 +212,35 @@ def make_case(layout: Layout, dtype: Any, seed: int | None = None) -> Case:
     )
 
 
+def random_arrays(
+    shape: tuple[int, ...],
+    axis: int,
+    dtype: Any,
+    seed: int = 0,
+    *,
+    residual: bool = False,
+    gamma: tuple[float, float] = (0.5, 1.5),
+    running_mean_scale: float = 1.0,
+    running_var: tuple[float, float] = (0.5, 2.0),
+) -> dict[str, np.ndarray]:
+    """Seeded arrays for one call, drawn in this order: "x" ~ 2 * randn + 1, "dy" ~ randn, "res"
+    ~ randn (only with ``residual``), then per channel "g" uniform on ``gamma``, "b" ~ randn,
+    "rm" ~ running_mean_scale * randn, "rv" uniform on ``running_var``."""
+    rng = np.random.default_rng(seed)
+    C = shape[axis]
+    d = {
+        "x": (rng.standard_normal(shape) * 2 + 1).astype(dtype),
+        "dy": rng.standard_normal(shape).astype(dtype),
+    }
+    if residual:
+        d["res"] = rng.standard_normal(shape).astype(dtype)
+    d["g"] = rng.uniform(*gamma, C).astype(dtype)
+    d["b"] = rng.standard_normal(C).astype(dtype)
+    d["rm"] = (rng.standard_normal(C) * running_mean_scale).astype(dtype)
+    d["rv"] = rng.uniform(*running_var, C).astype(dtype)
+    return d
+
+
 def ill_conditioned_float32(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """x = 1e4 + 1e-2 * randn in float32: mean^2 / var ~ 1e12 per channel."""
     return (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)

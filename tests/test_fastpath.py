@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, layout_params
+from conftest import LAYOUTS, layout_params, random_arrays
 
 import bnkernel as bk
 from bnkernel import _core
@@ -37,16 +37,7 @@ def checked_path() -> Iterator[None]:
 
 
 def make(shape: tuple[int, ...], axis: int, dtype: Any, seed: int = 0) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    C = shape[axis]
-    return {
-        "x": (rng.standard_normal(shape) * 2 + 1).astype(dtype),
-        "dy": rng.standard_normal(shape).astype(dtype),
-        "g": rng.uniform(0.5, 2, C).astype(dtype),
-        "b": rng.standard_normal(C).astype(dtype),
-        "rm": rng.standard_normal(C).astype(dtype),
-        "rv": rng.uniform(0.5, 2, C).astype(dtype),
-    }
+    return random_arrays(shape, axis, dtype, seed, gamma=(0.5, 2.0))
 
 
 def forward_both(
