@@ -4,23 +4,19 @@ dtype.  Tolerances are explained in conftest.py (TOL, STATS_TOL)."""
 
 from __future__ import annotations
 
+import edge_data
 import numpy as np
 import pytest
 from conftest import (
     DTYPE_IDS,
     DTYPES,
-    ILL_CONDITIONED,
-    NONFINITE_SHAPES,
     STATS_TOL,
     Layout,
     assert_close,
-    assert_float32_rounding_floor,
     channel_abs_sum,
-    ill_conditioned_float32,
     layout_params,
     make_case,
     tol,
-    with_bad_element,
     xhat_of,
 )
 
@@ -173,13 +169,13 @@ def test_backward_hand_computed(dtype):
 # ---- ill-conditioned data -----------------------------------------------------------------------
 
 
-@ILL_CONDITIONED
+@edge_data.ILL_CONDITIONED
 def test_backward_ill_conditioned_float32(shape, axis, rng):
     """x = 1e4 + 1e-2 * randn (float32): xhat must come from (x - mean) in double, not from a folded
     x * a + b.  dx, dgamma, dbeta at the float32 rounding floor: within one ulp of the reference
     elementwise (the double-side error is ~1e-12 * |x| * invstd^2 ~ 1e-8, far below an ulp of
     |dx| ~ 1e2), and within two ulps of the largest |value|."""
-    x = ill_conditioned_float32(shape, rng)
+    x = edge_data.ill_conditioned_float32(shape, rng)
     C = shape[axis]
     dy = rng.standard_normal(shape).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
@@ -194,7 +190,7 @@ def test_backward_ill_conditioned_float32(shape, axis, rng):
             ("dgamma", dgamma, dgamma_ref),
             ("dbeta", dbeta, dbeta_ref),
         ):
-            assert_float32_rounding_floor(got, want, 1e-7, what=(name, training))
+            edge_data.assert_float32_rounding_floor(got, want, 1e-7, what=(name, training))
 
 
 # ---- finite differences -------------------------------------------------------------------------
@@ -311,12 +307,12 @@ def test_backward_noncontiguous(dtype, which):
 @pytest.mark.parametrize("where", ["dy", "x"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape,axis", NONFINITE_SHAPES)
+@pytest.mark.parametrize("shape,axis", edge_data.NONFINITE_SHAPES)
 def test_nonfinite_gradient_poisons_only_its_channel(shape, axis, dtype, bad, where):
     case = make_case(Layout("nonfinite", shape, axis), dtype)
     _, mean, invstd = bk.batch_norm_forward(case.x, case.gamma, axis=axis)
     arrays = {"x": case.x, "dy": case.dy}
-    arrays[where] = with_bad_element(arrays[where], axis, bad)
+    arrays[where] = edge_data.with_bad_element(arrays[where], axis, bad)
     others = [c for c in range(shape[axis]) if c != 1]
     for training in (True, False):
         dx, dgamma, dbeta = bk.batch_norm_backward(

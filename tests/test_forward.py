@@ -5,25 +5,21 @@ Tolerances are explained in conftest.py (TOL, STATS_TOL)."""
 
 from __future__ import annotations
 
+import edge_data
 import numpy as np
 import pytest
 from conftest import (
     DTYPE_IDS,
     DTYPES,
-    ILL_CONDITIONED,
-    NONFINITE_SHAPES,
     STATS_TOL,
     Layout,
     assert_close,
-    assert_float32_rounding_floor,
     assert_update_matches_fused,
     forward_inference,
-    ill_conditioned_float32,
     layout_params,
     make_case,
     max_abs,
     tol,
-    with_bad_element,
 )
 
 import bnkernel as bk
@@ -203,19 +199,19 @@ def test_constant_channel_gives_beta(dtype, shape, axis):
 # ---- ill-conditioned data -----------------------------------------------------------------------
 
 
-@ILL_CONDITIONED
+@edge_data.ILL_CONDITIONED
 def test_forward_ill_conditioned_float32(shape, axis, rng):
     """x = 1e4 + 1e-2 * randn in float32: mean^2 / var ~ 1e12, so E[x^2] - E[x]^2, or sums in
     float32, lose every digit.  y must sit at the float32 rounding floor: within one ulp of the
     float64 reference computed from the same float32 x (the kernel rounds a double result once;
     the double-side error, ~1e-12 * |x| * invstd ~ 1e-10, is far below an ulp of |y| >= 2**-10)."""
-    x = ill_conditioned_float32(shape, rng)
+    x = edge_data.ill_conditioned_float32(shape, rng)
     C = shape[axis]
     gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
     beta = rng.standard_normal(C).astype(np.float32)
     y, mean, invstd = bk.batch_norm_forward(x, gamma, beta, axis=axis)
     y_ref, mean_ref, invstd_ref = ref.forward_train(x, gamma, beta, 1e-5, axis)
-    assert_float32_rounding_floor(y, y_ref, 1e-9, what="y")
+    edge_data.assert_float32_rounding_floor(y, y_ref, 1e-9, what="y")
     assert_close(mean, mean_ref, STATS_TOL, scale=1e4)
     assert_close(invstd, invstd_ref, STATS_TOL)  # the corrected two-pass keeps M2 exact here
     # the variance really is the generated ~1e-4 (plus float32 quantization), not eaten by
@@ -425,10 +421,12 @@ def test_noncontiguous_inputs(dtype, i):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape,axis", [*NONFINITE_SHAPES, pytest.param((16384, 3), 1, id="mt-NC")])
+@pytest.mark.parametrize(
+    "shape,axis", [*edge_data.NONFINITE_SHAPES, pytest.param((16384, 3), 1, id="mt-NC")]
+)
 def test_nonfinite_input_poisons_only_its_channel(shape, axis, dtype, bad):
     case = make_case(Layout("nonfinite", shape, axis), dtype)
-    x = with_bad_element(case.x, axis, bad)
+    x = edge_data.with_bad_element(case.x, axis, bad)
     rm, rv = case.running_mean.copy(), case.running_var.copy()
     y, mean, invstd = bk.batch_norm_forward(
         x, case.gamma, case.beta, running_mean=rm, running_var=rv, axis=axis
