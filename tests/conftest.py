@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 import bnkernel as bk
+from bnkernel import reference as ref
 
 SEED = 20_240_607
 
@@ -184,6 +186,49 @@ def make_case(layout: Layout, dtype: Any, seed: int | None = None) -> Case:
     )
 
 
+def random_arrays(
+    shape: tuple[int, ...],
+    axis: int,
+    dtype: Any,
+    seed: int = 0,
+    *,
+    residual: bool = False,
+    gamma: tuple[float, float] = (0.5, 1.5),
+    running_mean_scale: float = 1.0,
+    running_var: tuple[float, float] = (0.5, 2.0),
+) -> dict[str, np.ndarray]:
+    """Seeded arrays for one call, drawn in this order: "x" ~ 2 * randn + 1, "dy" ~ randn, "res"
+    ~ randn (only with ``residual``), then per channel "g" uniform on ``gamma``, "b" ~ randn,
+    "rm" ~ running_mean_scale * randn, "rv" uniform on ``running_var``."""
+    rng = np.random.default_rng(seed)
+    C = shape[axis]
+    d = {
+        "x": (rng.standard_normal(shape) * 2 + 1).astype(dtype),
+        "dy": rng.standard_normal(shape).astype(dtype),
+    }
+    if residual:
+        d["res"] = rng.standard_normal(shape).astype(dtype)
+    d["g"] = rng.uniform(*gamma, C).astype(dtype)
+    d["b"] = rng.standard_normal(C).astype(dtype)
+    d["rm"] = (rng.standard_normal(C) * running_mean_scale).astype(dtype)
+    d["rv"] = rng.uniform(*running_var, C).astype(dtype)
+    return d
+
+
+def forward_inference(case: Case, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """batch_norm_forward in inference on the case's x, gamma, beta and running statistics."""
+    return bk.batch_norm_forward(
+        case.x,
+        case.gamma,
+        case.beta,
+        running_mean=case.running_mean,
+        running_var=case.running_var,
+        training=False,
+        eps=eps,
+        axis=case.axis,
+    )
+
+
 @pytest.fixture(params=DTYPES, ids=DTYPE_IDS)
 def dtype(request: pytest.FixtureRequest) -> np.dtype[Any]:
     return np.dtype(request.param)
@@ -269,3 +314,45 @@ def assert_close(
     if scale is None:
         scale = max_abs(expected)
     np.testing.assert_allclose(actual64, expected, rtol=rel, atol=rel * scale, err_msg=what)
+
+
+def assert_fd_grads(
+    loss: Callable[..., float], args: Sequence[Any], grads: Sequence[Any], rtol: float, atol: float
+) -> list[np.ndarray]:
+    """Each of ``grads`` is the gradient of ``loss(*args)`` with respect to the matching argument:
+    against its central differences (ref.numerical_gradient), to ``rtol`` and ``atol``.  Returns
+    the numerical gradients."""
+    numerical = []
+    for i, (got, at) in enumerate(zip(grads, args, strict=True)):
+        num = ref.numerical_gradient(lambda v, i=i: loss(*args[:i], v, *args[i + 1 :]), at)
+        np.testing.assert_allclose(got, num, rtol=rtol, atol=atol, err_msg=f"argument {i}")
+        numerical.append(num)
+    return numerical
+
+
+# ---- running statistics -------------------------------------------------------------------------
+
+
+def assert_update_matches_fused(
+    case: Case,
+    stats: tuple[Any, Any, Any],
+    momentum: float,
+    unbiased: bool,
+    what: tuple[str, str] = ("running_mean", "running_var"),
+) -> None:
+    """update_running_stats from ``stats`` (count, mean, M2 of case.x) updates a copy of the case's
+    running statistics as the fused forward on case.x updates another (same float64 formula),
+    within case.tol."""
+    rm1, rv1 = case.running_mean.copy(), case.running_var.copy()
+    rm2, rv2 = case.running_mean.copy(), case.running_var.copy()
+    bk.batch_norm_forward(
+        case.x,
+        running_mean=rm1,
+        running_var=rv1,
+        momentum=momentum,
+        running_var_unbiased=unbiased,
+        axis=case.axis,
+    )
+    bk.update_running_stats(rm2, rv2, *stats, momentum=momentum, unbiased=unbiased)
+    assert_close(rm2, rm1, case.tol, what=what[0])
+    assert_close(rv2, rv1, case.tol, what=what[1])

@@ -4,6 +4,7 @@ dtype.  Tolerances are explained in conftest.py (TOL, STATS_TOL)."""
 
 from __future__ import annotations
 
+import edge_data
 import numpy as np
 import pytest
 from conftest import (
@@ -15,7 +16,6 @@ from conftest import (
     channel_abs_sum,
     layout_params,
     make_case,
-    max_abs,
     tol,
     xhat_of,
 )
@@ -169,23 +169,13 @@ def test_backward_hand_computed(dtype):
 # ---- ill-conditioned data -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "shape,axis",
-    [
-        ((8, 4, 16, 16), 1),
-        ((8, 16, 16, 4), -1),
-        ((256, 3), 1),
-        ((64, 3, 32, 32), 1),
-        ((16, 32, 32, 8), -1),
-    ],
-    ids=["NCHW", "NHWC", "NC", "mt-NCHW", "mt-NHWC"],
-)
+@edge_data.ILL_CONDITIONED
 def test_backward_ill_conditioned_float32(shape, axis, rng):
     """x = 1e4 + 1e-2 * randn (float32): xhat must come from (x - mean) in double, not from a folded
     x * a + b.  dx, dgamma, dbeta at the float32 rounding floor: within one ulp of the reference
     elementwise (the double-side error is ~1e-12 * |x| * invstd^2 ~ 1e-8, far below an ulp of
     |dx| ~ 1e2), and within two ulps of the largest |value|."""
-    x = (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    x = edge_data.ill_conditioned_float32(shape, rng)
     C = shape[axis]
     dy = rng.standard_normal(shape).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
@@ -200,10 +190,7 @@ def test_backward_ill_conditioned_float32(shape, axis, rng):
             ("dgamma", dgamma, dgamma_ref),
             ("dbeta", dbeta, dbeta_ref),
         ):
-            ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
-            err = np.abs(got.astype(np.float64) - want)
-            assert np.all(err <= ulp + 1e-7), (name, training, float(np.max(err / ulp)))
-            assert err.max() <= 2 * np.spacing(np.float32(max_abs(want))), (name, training)
+            edge_data.assert_float32_rounding_floor(got, want, 1e-7, what=(name, training))
 
 
 # ---- finite differences -------------------------------------------------------------------------
@@ -320,25 +307,12 @@ def test_backward_noncontiguous(dtype, which):
 @pytest.mark.parametrize("where", ["dy", "x"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(
-    "shape,axis",
-    [
-        ((4, 3, 5), 1),
-        ((40, 3), 1),
-        ((8, 6, 5, 4), -1),
-        ((64, 3, 32, 32), 1),
-        ((8, 16, 16, 32), 1),
-        ((8, 16, 16, 32), -1),
-    ],
-    ids=["NCL", "NC", "NHWC", "mt-NCHW-C3", "mt-NCHW-C16", "mt-NHWC-C32"],
-)
+@pytest.mark.parametrize("shape,axis", edge_data.NONFINITE_SHAPES)
 def test_nonfinite_gradient_poisons_only_its_channel(shape, axis, dtype, bad, where):
     case = make_case(Layout("nonfinite", shape, axis), dtype)
     _, mean, invstd = bk.batch_norm_forward(case.x, case.gamma, axis=axis)
-    arrays = {"x": case.x.copy(), "dy": case.dy.copy()}
-    idx = [s // 2 for s in shape]
-    idx[axis] = 1
-    arrays[where][tuple(idx)] = bad
+    arrays = {"x": case.x, "dy": case.dy}
+    arrays[where] = edge_data.with_bad_element(arrays[where], axis, bad)
     others = [c for c in range(shape[axis]) if c != 1]
     for training in (True, False):
         dx, dgamma, dbeta = bk.batch_norm_backward(

@@ -42,26 +42,15 @@ def call(op, x, dy=None, axis=1, out=None, **kw):
     dy = x if dy is None else dy
     eps = p.pop("eps", 1e-5)
     outkw = {} if out is None else {"out": out}
-    if op == "forward_train":
+    if op in ("forward_train", "forward_infer"):
         return bk.batch_norm_forward(
             x,
             p["gamma"],
             p["beta"],
             running_mean=p["running_mean"],
             running_var=p["running_var"],
+            training=op == "forward_train",
             momentum=p.get("momentum", 0.1),
-            eps=eps,
-            axis=axis,
-            **outkw,
-        )
-    if op == "forward_infer":
-        return bk.batch_norm_forward(
-            x,
-            p["gamma"],
-            p["beta"],
-            running_mean=p["running_mean"],
-            running_var=p["running_var"],
-            training=False,
             eps=eps,
             axis=axis,
             **outkw,
@@ -110,6 +99,8 @@ OPS = [
     "backward_elementwise",
 ]
 OPS_WITH_DY = ["backward_train", "backward_frozen", "backward_reduce", "backward_elementwise"]
+# the ops that write an array of x's shape: they take out=, and gamma (that array's scale); the
+# other two (channel_stats, backward_reduce) return per-channel sums and take neither
 OPS_WITH_OUT = [
     "forward_train",
     "forward_infer",
@@ -118,14 +109,7 @@ OPS_WITH_OUT = [
     "normalize",
     "backward_elementwise",
 ]
-OPS_WITH_GAMMA = [
-    "forward_train",
-    "forward_infer",
-    "backward_train",
-    "backward_frozen",
-    "normalize",
-    "backward_elementwise",
-]
+OPS_WITH_GAMMA = OPS_WITH_OUT
 OPS_WITH_BETA = ["forward_train", "forward_infer", "normalize"]
 OPS_WITH_SAVED_STATS = [
     "backward_train",

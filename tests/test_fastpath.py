@@ -14,12 +14,12 @@ suite runs with it on, so its results are checked against the reference there; h
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, layout_params
+from conftest import LAYOUTS, layout_params, random_arrays
 
 import bnkernel as bk
 from bnkernel import _core
@@ -37,16 +37,7 @@ def checked_path() -> Iterator[None]:
 
 
 def make(shape: tuple[int, ...], axis: int, dtype: Any, seed: int = 0) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    C = shape[axis]
-    return {
-        "x": (rng.standard_normal(shape) * 2 + 1).astype(dtype),
-        "dy": rng.standard_normal(shape).astype(dtype),
-        "g": rng.uniform(0.5, 2, C).astype(dtype),
-        "b": rng.standard_normal(C).astype(dtype),
-        "rm": rng.standard_normal(C).astype(dtype),
-        "rv": rng.uniform(0.5, 2, C).astype(dtype),
-    }
+    return random_arrays(shape, axis, dtype, seed, gamma=(0.5, 2.0))
 
 
 def forward_both(
@@ -159,6 +150,16 @@ def _forward_args(d: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def each_dtype_and_change(table: list[tuple[str, Any, Any]]) -> Callable[[Any], Any]:
+    """Parametrizes a test over both dtypes and every (label, change, valid) row of ``table``."""
+
+    def decorate(test: Any) -> Any:
+        test = pytest.mark.parametrize("label,change,valid", table, ids=[c[0] for c in table])(test)
+        return pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])(test)
+
+    return decorate
+
+
 # (label, a change to the plain forward arguments that the fast path must decline, whether the
 # public call is still valid: True, False, or "f64" (valid for float64 x only, where the list or
 # array given converts to x's dtype))
@@ -202,10 +203,7 @@ FORWARD_DECLINED = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize(
-    "label,change,valid", FORWARD_DECLINED, ids=[c[0] for c in FORWARD_DECLINED]
-)
+@each_dtype_and_change(FORWARD_DECLINED)
 def test_forward_declines_what_is_not_plain(label, change, valid, dtype):
     d = make((6, 3, 2, 2), 1, dtype)
     args = _forward_args(d)
@@ -242,10 +240,7 @@ BACKWARD_DECLINED = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize(
-    "label,change,valid", BACKWARD_DECLINED, ids=[c[0] for c in BACKWARD_DECLINED]
-)
+@each_dtype_and_change(BACKWARD_DECLINED)
 def test_backward_declines_what_is_not_plain(label, change, valid, dtype):
     d = make((6, 3, 2, 2), 1, dtype)
     _, mean, invstd = bk.batch_norm_forward(d["x"], d["g"], d["b"])

@@ -5,6 +5,7 @@ Tolerances are explained in conftest.py (TOL, STATS_TOL)."""
 
 from __future__ import annotations
 
+import edge_data
 import numpy as np
 import pytest
 from conftest import (
@@ -13,6 +14,8 @@ from conftest import (
     STATS_TOL,
     Layout,
     assert_close,
+    assert_update_matches_fused,
+    forward_inference,
     layout_params,
     make_case,
     max_abs,
@@ -196,32 +199,19 @@ def test_constant_channel_gives_beta(dtype, shape, axis):
 # ---- ill-conditioned data -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "shape,axis",
-    [
-        ((8, 4, 16, 16), 1),
-        ((8, 16, 16, 4), -1),
-        ((256, 3), 1),
-        ((64, 3, 32, 32), 1),
-        ((16, 32, 32, 8), -1),
-    ],
-    ids=["NCHW", "NHWC", "NC", "mt-NCHW", "mt-NHWC"],
-)
+@edge_data.ILL_CONDITIONED
 def test_forward_ill_conditioned_float32(shape, axis, rng):
     """x = 1e4 + 1e-2 * randn in float32: mean^2 / var ~ 1e12, so E[x^2] - E[x]^2, or sums in
     float32, lose every digit.  y must sit at the float32 rounding floor: within one ulp of the
     float64 reference computed from the same float32 x (the kernel rounds a double result once;
     the double-side error, ~1e-12 * |x| * invstd ~ 1e-10, is far below an ulp of |y| >= 2**-10)."""
-    x = (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    x = edge_data.ill_conditioned_float32(shape, rng)
     C = shape[axis]
     gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
     beta = rng.standard_normal(C).astype(np.float32)
     y, mean, invstd = bk.batch_norm_forward(x, gamma, beta, axis=axis)
     y_ref, mean_ref, invstd_ref = ref.forward_train(x, gamma, beta, 1e-5, axis)
-    ulp = np.spacing(np.abs(y_ref).astype(np.float32)).astype(np.float64)
-    err = np.abs(y.astype(np.float64) - y_ref)
-    assert np.all(err <= ulp + 1e-9), f"max error {err.max()} ulps {np.max(err / ulp)}"
-    assert err.max() <= 2 * np.spacing(np.float32(max_abs(y_ref)))
+    edge_data.assert_float32_rounding_floor(y, y_ref, 1e-9, what="y")
     assert_close(mean, mean_ref, STATS_TOL, scale=1e4)
     assert_close(invstd, invstd_ref, STATS_TOL)  # the corrected two-pass keeps M2 exact here
     # the variance really is the generated ~1e-4 (plus float32 quantization), not eaten by
@@ -260,15 +250,7 @@ def test_forward_infer_matches_reference(case, affine):
 def test_forward_infer_single_value_per_channel(dtype, shape, axis):
     """One value per channel is fine in inference (it is an error only in training)."""
     case = make_case(Layout("single", shape, axis), dtype)
-    y, _, _ = bk.batch_norm_forward(
-        case.x,
-        case.gamma,
-        case.beta,
-        running_mean=case.running_mean,
-        running_var=case.running_var,
-        training=False,
-        axis=axis,
-    )
+    y, _, _ = forward_inference(case)
     y_ref = ref.forward_infer(
         case.x, case.running_mean, case.running_var, case.gamma, case.beta, 1e-5, axis
     )
@@ -349,20 +331,8 @@ def test_update_running_stats_matches_reference(case, convention):
 def test_update_running_stats_equals_fused_update(dtype, unbiased):
     """The split-phase update is the fused forward's update (same float64 formula)."""
     case = make_case(Layout("NHWC", (4, 6, 3, 5), -1), dtype)
-    rm1, rv1 = case.running_mean.copy(), case.running_var.copy()
-    rm2, rv2 = case.running_mean.copy(), case.running_var.copy()
-    bk.batch_norm_forward(
-        case.x,
-        running_mean=rm1,
-        running_var=rv1,
-        momentum=0.3,
-        running_var_unbiased=unbiased,
-        axis=-1,
-    )
-    count, mean, m2 = bk.channel_stats(case.x, axis=-1)
-    bk.update_running_stats(rm2, rv2, count, mean, m2, momentum=0.3, unbiased=unbiased)
-    assert_close(rm2, rm1, tol(dtype))
-    assert_close(rv2, rv1, tol(dtype))
+    stats = bk.channel_stats(case.x, axis=-1)
+    assert_update_matches_fused(case, stats, momentum=0.3, unbiased=unbiased)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -452,24 +422,11 @@ def test_noncontiguous_inputs(dtype, i):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(
-    "shape,axis",
-    [
-        ((4, 3, 5), 1),
-        ((40, 3), 1),
-        ((8, 6, 5, 4), -1),
-        ((64, 3, 32, 32), 1),
-        ((8, 16, 16, 32), 1),
-        ((8, 16, 16, 32), -1),
-        ((16384, 3), 1),
-    ],
-    ids=["NCL", "NC", "NHWC", "mt-NCHW-C3", "mt-NCHW-C16", "mt-NHWC-C32", "mt-NC"],
+    "shape,axis", [*edge_data.NONFINITE_SHAPES, pytest.param((16384, 3), 1, id="mt-NC")]
 )
 def test_nonfinite_input_poisons_only_its_channel(shape, axis, dtype, bad):
     case = make_case(Layout("nonfinite", shape, axis), dtype)
-    x = case.x.copy()
-    idx = [s // 2 for s in shape]
-    idx[axis] = 1
-    x[tuple(idx)] = bad
+    x = edge_data.with_bad_element(case.x, axis, bad)
     rm, rv = case.running_mean.copy(), case.running_var.copy()
     y, mean, invstd = bk.batch_norm_forward(
         x, case.gamma, case.beta, running_mean=rm, running_var=rv, axis=axis

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, assert_close, layout_params, tol
+from conftest import LAYOUTS, assert_close, assert_fd_grads, layout_params, random_arrays, tol
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -18,17 +18,7 @@ EPILOGUE_IDS = ["residual", "relu", "residual-relu"]
 
 
 def data(shape, axis, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    C = shape[axis]
-    return {
-        "x": (rng.standard_normal(shape) * 2 + 1).astype(dtype),
-        "dy": rng.standard_normal(shape).astype(dtype),
-        "res": rng.standard_normal(shape).astype(dtype),
-        "g": rng.uniform(0.5, 1.5, C).astype(dtype),
-        "b": rng.standard_normal(C).astype(dtype),
-        "rm": rng.standard_normal(C).astype(dtype),
-        "rv": rng.uniform(0.5, 2.0, C).astype(dtype),
-    }
+    return random_arrays(shape, axis, dtype, seed, residual=True)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
@@ -125,13 +115,7 @@ def test_fused_gradients_match_finite_differences():
     y, mean, invstd = bk.batch_norm_forward(x, g, b, activation="relu", residual=r)
     dx, dg, db, dr = bk.batch_norm_backward(w, x, mean, invstd, g, activation="relu", y=y,
                                             residual_grad=True)  # fmt: skip
-    for got, fn, at in (
-        (dx, lambda v: loss(v, g, b, r), x),
-        (dg, lambda v: loss(x, v, b, r), g),
-        (db, lambda v: loss(x, g, v, r), b),
-        (dr, lambda v: loss(x, g, b, v), r),
-    ):
-        np.testing.assert_allclose(got, ref.numerical_gradient(fn, at), rtol=1e-6, atol=1e-8)
+    assert_fd_grads(loss, (x, g, b, r), (dx, dg, db, dr), rtol=1e-6, atol=1e-8)
 
 
 def test_relu_keeps_nan_and_masks_nan_outputs():

@@ -84,6 +84,12 @@ def half_case(layout: Layout, dtype: np.dtype[Any]):
     }
 
 
+def every_layout_and_half_dtype(test: Any) -> Any:
+    """Parametrizes a test over every layout in conftest.LAYOUTS and both 16-bit dtypes."""
+    test = pytest.mark.parametrize("dtype", HALF)(test)
+    return pytest.mark.parametrize("layout", layout_params())(test)
+
+
 # ---- the rounding itself ------------------------------------------------------------------------
 
 
@@ -198,8 +204,7 @@ def test_every_value_is_read_exactly(dtype):
 # ---- every kernel against the float64 reference -------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", layout_params())
-@pytest.mark.parametrize("dtype", HALF)
+@every_layout_and_half_dtype
 def test_forward_train(layout, dtype):
     d = half_case(layout, dtype)
     ax = layout.axis
@@ -218,8 +223,7 @@ def test_forward_train(layout, dtype):
     assert_close(rv, rrv, TOL[F32], what="running_var")
 
 
-@pytest.mark.parametrize("layout", layout_params())
-@pytest.mark.parametrize("dtype", HALF)
+@every_layout_and_half_dtype
 def test_forward_infer_and_split_phases(layout, dtype):
     d = half_case(layout, dtype)
     ax = layout.axis
@@ -238,8 +242,7 @@ def test_forward_infer_and_split_phases(layout, dtype):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
-@pytest.mark.parametrize("layout", layout_params())
-@pytest.mark.parametrize("dtype", HALF)
+@every_layout_and_half_dtype
 def test_backward(layout, dtype, training):
     d = half_case(layout, dtype)
     ax = layout.axis
@@ -271,8 +274,7 @@ def test_backward(layout, dtype, training):
         np.testing.assert_array_equal(dx2.view(np.uint16), dx.view(np.uint16))
 
 
-@pytest.mark.parametrize("layout", layout_params())
-@pytest.mark.parametrize("dtype", HALF)
+@every_layout_and_half_dtype
 def test_fused_relu_residual(layout, dtype):
     d = half_case(layout, dtype)
     ax = layout.axis

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, STATS_TOL, Layout, assert_close, layout_params, tol
+from conftest import LAYOUTS, STATS_TOL, Layout, assert_close, assert_fd_grads, layout_params, tol
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -92,13 +92,7 @@ def test_masked_gradients_match_finite_differences():
 
     _, mean, invstd = bk.batch_norm_forward(d["x"], d["g"], d["b"], mask=d["mask"])
     dx, dg, db = bk.batch_norm_backward(w, d["x"], mean, invstd, d["g"], mask=d["mask"])
-    g, b, x = d["g"], d["b"], d["x"]
-    np.testing.assert_allclose(dx, ref.numerical_gradient(lambda v: loss(v, g, b), x),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
-    np.testing.assert_allclose(dg, ref.numerical_gradient(lambda v: loss(x, v, b), g),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
-    np.testing.assert_allclose(db, ref.numerical_gradient(lambda v: loss(x, g, v), b),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
+    assert_fd_grads(loss, (d["x"], d["g"], d["b"]), (dx, dg, db), rtol=1e-6, atol=1e-8)
 
 
 def test_mask_with_fused_relu_and_residual():

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import STATS_TOL, TOL, assert_close, max_abs
+from conftest import STATS_TOL, TOL, assert_close, assert_fd_grads, max_abs
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -162,13 +162,8 @@ def test_gradients_match_finite_differences(c):
     g, b = c["gamma"], c["beta"]
     _, mean, invstd = bk.batch_norm_forward(x, g, b, axis=ax)
     dx, dg, db = bk.batch_norm_backward(w, x, mean, invstd, g, axis=ax)
-    nx = ref.numerical_gradient(lambda v: loss(v, g, b), x)
-    ng = ref.numerical_gradient(lambda v: loss(x, v, b), g)
-    nb = ref.numerical_gradient(lambda v: loss(x, g, v), b)
     # central differences of step 1e-6 on O(1) values: truncation ~1e-12, rounding ~1e-10 relative
     # to the loss's magnitude; with one value per position of a short channel xhat is ill
     # conditioned in x, which the absolute bound (of the loss's scale) covers
     scale = 1e-7 * (1 + float(np.abs(w).sum()))
-    np.testing.assert_allclose(dx, nx, rtol=1e-5, atol=scale)
-    np.testing.assert_allclose(dg, ng, rtol=1e-5, atol=scale)
-    np.testing.assert_allclose(db, nb, rtol=1e-5, atol=scale)
+    assert_fd_grads(loss, (x, g, b), (dx, dg, db), rtol=1e-5, atol=scale)

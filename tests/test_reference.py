@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_fd_grads
 
 from bnkernel import reference as ref
 
@@ -278,12 +279,9 @@ def test_backward_train_matches_finite_differences(shape: tuple[int, ...], axis:
     dx, dgamma, dbeta = ref.backward_train(g_out, x, mean, invstd, gamma, axis=axis)
     assert dx.shape == x.shape and dgamma.shape == dbeta.shape == gamma.shape
 
-    num_dx = ref.numerical_gradient(lambda xv: loss(xv, gamma, beta), x)
-    num_dgamma = ref.numerical_gradient(lambda gv: loss(x, gv, beta), gamma)
-    num_dbeta = ref.numerical_gradient(lambda bv: loss(x, gamma, bv), beta)
-    np.testing.assert_allclose(dx, num_dx, rtol=FD_RTOL, atol=FD_ATOL)
-    np.testing.assert_allclose(dgamma, num_dgamma, rtol=FD_RTOL, atol=FD_ATOL)
-    np.testing.assert_allclose(dbeta, num_dbeta, rtol=FD_RTOL, atol=FD_ATOL)
+    num_dx, _, _ = assert_fd_grads(
+        loss, (x, gamma, beta), (dx, dgamma, dbeta), rtol=FD_RTOL, atol=FD_ATOL
+    )
 
     # The statistics' dependence on x is not negligible: the frozen dx differs clearly.
     dx_frozen, _, _ = ref.backward_frozen(g_out, x, mean, invstd, gamma, axis=axis)
@@ -319,12 +317,7 @@ def test_backward_frozen_matches_finite_differences(shape: tuple[int, ...], axis
         return float(np.sum(ref.normalize(xv, mean, invstd, gv, bv, axis=axis) * g_out))
 
     dx, dgamma, dbeta = ref.backward_frozen(g_out, x, mean, invstd, gamma, axis=axis)
-    num_dx = ref.numerical_gradient(lambda xv: loss(xv, gamma, beta), x)
-    num_dgamma = ref.numerical_gradient(lambda gv: loss(x, gv, beta), gamma)
-    num_dbeta = ref.numerical_gradient(lambda bv: loss(x, gamma, bv), beta)
-    np.testing.assert_allclose(dx, num_dx, rtol=FD_RTOL, atol=FD_ATOL)
-    np.testing.assert_allclose(dgamma, num_dgamma, rtol=FD_RTOL, atol=FD_ATOL)
-    np.testing.assert_allclose(dbeta, num_dbeta, rtol=FD_RTOL, atol=FD_ATOL)
+    assert_fd_grads(loss, (x, gamma, beta), (dx, dgamma, dbeta), rtol=FD_RTOL, atol=FD_ATOL)
 
 
 @pytest.mark.parametrize(("shape", "axis"), GRAD_CASES, ids=GRAD_IDS)

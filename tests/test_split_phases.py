@@ -16,6 +16,7 @@ from conftest import (
     DTYPES,
     STATS_TOL,
     assert_close,
+    assert_update_matches_fused,
     channel_abs_sum,
     guard_intact,
     guarded_empty,
@@ -139,26 +140,12 @@ def test_split_batch_forward(case, affine):
     # y from statistics 1e-15 away: the same up to a float32 rounding flip (or 1e-12 in float64)
     assert_close(y, y_fused, case.tol, what="y")
 
-    # running statistics from the merged statistics = the fused update
-    rm1, rv1 = case.running_mean.copy(), case.running_var.copy()
-    rm2, rv2 = case.running_mean.copy(), case.running_var.copy()
-    bk.batch_norm_forward(case.x, running_mean=rm1, running_var=rv1, axis=case.axis)
-    bk.update_running_stats(rm2, rv2, count, mean, m2, momentum=0.1, unbiased=True)
-    assert_close(rm2, rm1, case.tol, what="running_mean")
-    assert_close(rv2, rv1, case.tol, what="running_var")
-    rm1, rv1 = case.running_mean.copy(), case.running_var.copy()
-    rm2, rv2 = case.running_mean.copy(), case.running_var.copy()
-    bk.batch_norm_forward(
-        case.x,
-        running_mean=rm1,
-        running_var=rv1,
-        momentum=0.01,
-        running_var_unbiased=False,
-        axis=case.axis,
-    )
-    bk.update_running_stats(rm2, rv2, count, mean, m2, momentum=0.01, unbiased=False)
-    assert_close(rm2, rm1, case.tol, what="keras moving_mean")
-    assert_close(rv2, rv1, case.tol, what="keras moving_variance")
+    # running statistics from the merged statistics = the fused update (PyTorch's defaults, then
+    # Keras' rule)
+    merged = (count, mean, m2)
+    assert_update_matches_fused(case, merged, momentum=0.1, unbiased=True)
+    keras = ("keras moving_mean", "keras moving_variance")
+    assert_update_matches_fused(case, merged, momentum=0.01, unbiased=False, what=keras)
 
 
 @AFFINE

@@ -18,6 +18,7 @@ from conftest import (
     Layout,
     assert_close,
     channel_abs_sum,
+    forward_inference,
     make_case,
     xhat_of,
 )
@@ -108,16 +109,7 @@ def test_training_matches_torch(tcase, affine):
 def test_eval_matches_torch(tcase):
     case = tcase
     t_y, t_dx, t_dgamma, t_dbeta, t_rm, t_rv = torch_run(case, training=False, eps=1e-3)
-    y, mean, invstd = bk.batch_norm_forward(
-        case.x,
-        case.gamma,
-        case.beta,
-        running_mean=case.running_mean,
-        running_var=case.running_var,
-        training=False,
-        eps=1e-3,
-        axis=case.axis,
-    )
+    y, mean, invstd = forward_inference(case, eps=1e-3)
     dx, dgamma, dbeta = bk.batch_norm_backward(
         case.dy, case.x, mean, invstd, case.gamma, training=False, axis=case.axis
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, assert_close, layout_params, tol
+from conftest import LAYOUTS, assert_close, assert_fd_grads, layout_params, random_arrays, tol
 
 import bnkernel as bk
 from bnkernel import reference as ref
@@ -19,17 +19,8 @@ SOME = [lay for lay in LAYOUTS if lay.name in (
 
 
 def data(shape, axis, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    C = shape[axis]
-    return {
-        "x": (rng.standard_normal(shape) * 2 + 1).astype(dtype),
-        "dy": rng.standard_normal(shape).astype(dtype),
-        "g": rng.uniform(0.5, 1.5, C).astype(dtype),
-        "b": rng.standard_normal(C).astype(dtype),
-        # running statistics far enough from the batch's that the corrections clip in places
-        "rm": (rng.standard_normal(C) * 2).astype(dtype),
-        "rv": rng.uniform(0.2, 9.0, C).astype(dtype),
-    }
+    # running statistics far enough from the batch's that the corrections clip in places
+    return random_arrays(shape, axis, dtype, seed, running_mean_scale=2.0, running_var=(0.2, 9.0))
 
 
 # ---- batch renormalization -----------------------------------------------------------------------
@@ -106,12 +97,7 @@ def test_renorm_backward_matches_finite_differences():
         return float(np.sum(w * y))
 
     dx, dg, db = bk.batch_renorm_backward(w, x, mean, invstd, r, d, g)
-    np.testing.assert_allclose(dx, ref.numerical_gradient(lambda v: loss(v, g, b), x),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
-    np.testing.assert_allclose(dg, ref.numerical_gradient(lambda v: loss(x, v, b), g),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
-    np.testing.assert_allclose(db, ref.numerical_gradient(lambda v: loss(x, g, v), b),
-                               rtol=1e-6, atol=1e-8)  # fmt: skip
+    assert_fd_grads(loss, (x, g, b), (dx, dg, db), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize(
