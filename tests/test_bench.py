@@ -28,13 +28,16 @@ def bench(*args: str) -> int:
 def test_table_and_json(tmp_path, capsys, restore_threads):
     threads_before = bk.get_num_threads()
     path = tmp_path / "bench.json"
-    rc = bench("--shapes", "4x8x3x3,16x3", "--threads", "1,2", "--json", str(path))
+    rc = bench(
+        "--shapes", "4x8x3x3,16x3", "--threads", "1,2", "--dtypes", "float32,float64",
+        "--json", str(path),
+    )  # fmt: skip
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert bk.get_num_threads() == threads_before  # thread setting restored
 
     # header and table
-    assert "copy bandwidth" in out and "GB/s" in out
+    assert "memory bandwidth" in out and "copy" in out and "read" in out and "write" in out
     for column in ("shape", "layout", "dtype", "op", "bnkernel", "numpy", "torch", "passes"):
         assert column in out
     # 4-D: NCHW and NHWC; 2-D: NC only; x 2 dtypes x 4 ops x 2 thread counts
@@ -48,7 +51,8 @@ def test_table_and_json(tmp_path, capsys, restore_threads):
     assert report["config"]["threads"] == [1, 2]
     assert report["machine"]["numpy"] == np.__version__
     assert [c["threads"] for c in report["copy_bandwidth"]] == [1, 2]
-    assert all(c["GBps"] > 0 for c in report["copy_bandwidth"])
+    for c in report["copy_bandwidth"]:
+        assert c["GBps"] > 0 and c["read_GBps"] > 0 and c["write_GBps"] > 0
     results = report["results"]
     assert len(results) == 48
     assert {r["op"] for r in results} == set(_bench.OPS)
@@ -64,7 +68,13 @@ def test_table_and_json(tmp_path, capsys, restore_threads):
         factor = 2 if r["op"].startswith("forward") else 3
         assert r["traffic_bytes"] == factor * r["bytes"]
         assert r["GBps"] == pytest.approx(r["traffic_bytes"] / bkr["median_s"] / 1e9)
+        # passes against the copy of x itself, at the row's thread count, measured in this run
         assert r["passes"] == pytest.approx(bkr["median_s"] * r["copy_GBps"] * 1e9 / r["bytes"])
+        assert r["copy_GBps"] == pytest.approx(2 * r["bytes"] / r["copy"]["median_s"] / 1e9)
+        lo, hi = r["passes_range"]
+        assert lo <= r["passes"] <= hi
+        assert lo == pytest.approx(bkr["min_s"] * r["copy_GBps"] * 1e9 / r["bytes"])
+        assert hi == pytest.approx(bkr["max_s"] * r["copy_GBps"] * 1e9 / r["bytes"])
     nhwc = next(r for r in results if r["layout"] == "NHWC")
     assert nhwc["stored_shape"] == "4x3x3x8" and nhwc["axis"] == -1
 
@@ -196,7 +206,10 @@ def test_shape_parsing():
     [
         (["--shapes", "64"], "argument --shapes: '64' is not a shape"),
         (["--shapes", "8x3,x"], "'x' is not a shape"),
-        (["--dtypes", "float16"], "unknown dtype 'float16'; choose from float32, float64"),
+        (
+            ["--dtypes", "int8"],
+            "unknown dtype 'int8'; choose from float32, float64, float16, bfloat16",
+        ),
         (["--layouts", "NWHC"], "unknown layout 'NWHC'; choose from NCHW, NHWC, NC"),
         (["--ops", "forward"], "unknown op 'forward'"),
         (["--threads", "0"], "'0' is not a thread count"),
@@ -259,11 +272,53 @@ def test_time_call_caps_slow_peers():
     assert len(timing.times) == 3
 
 
-def test_copy_bandwidth():
+def test_copy_bandwidth(restore_threads):
     for threads in (1, 2):
         bw = _bench.copy_bandwidth(threads, 1 << 20, repeat=3)
         assert bw.nbytes == 1 << 20 and bw.gbps > 0
-        assert bw.to_json()["GBps"] == bw.gbps
+        assert bw.read_gbps is not None and bw.read_gbps > 0
+        assert bw.write_gbps is not None and bw.write_gbps > 0
+        j = bw.to_json()
+        assert j["GBps"] == bw.gbps and j["read_GBps"] == bw.read_gbps
+        assert "memory_pass" in j["method"]
+
+
+def test_half_precision_rows(tmp_path, capsys):
+    """float16 (and bfloat16 with ml_dtypes) rows: checked against the reference at half an ulp of
+    their dtype, float32 parameters; the NumPy textbook is not run on them."""
+    dtypes = ["float16"] + (["bfloat16"] if _has_ml_dtypes() else [])
+    path = tmp_path / "bench.json"
+    rc = bench("--shapes", "4x8x3x3", "--dtypes", ",".join(dtypes), "--json", str(path))
+    out, err = capsys.readouterr()
+    assert "float16" in out
+    assert rc == 0, err
+    results = json.loads(path.read_text())["results"]
+    assert {r["dtype"] for r in results} == set(dtypes)
+    assert len(results) == len(dtypes) * 2 * 4  # NCHW and NHWC, 4 ops
+    for r in results:
+        assert r["numpy"] is None
+        chk = r["bnkernel"]["check"]
+        bound = 2.0**-11 if r["dtype"] == "float16" else 2.0**-8
+        assert chk["tolerance"] == bound
+        assert chk["max_rel_err"] <= bound
+        assert chk["outputs"]["y" if r["op"].startswith("forward") else "dx"] > 0  # rounded once
+
+
+def _has_ml_dtypes() -> bool:
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_half_precision_case_parameters_are_float32():
+    case = _bench.make_case((4, 6, 3, 5), "NHWC", np.float16)
+    assert case.x.dtype == np.float16 and case.x.shape == (4, 3, 5, 6)
+    for a in (case.gamma, case.beta, case.running_mean, case.running_var):
+        assert a.dtype == np.float32
+    with pytest.raises(ValueError, match="expected one of"):
+        _bench.make_case((4, 6), "NC", np.int32)
 
 
 # ---- torch peer (skipped without torch) ---------------------------------------------------------
@@ -287,6 +342,25 @@ def test_torch_peer(op, layout, out_kernels, monkeypatch):
     if layout == "NHWC":
         xt = peers._to_torch(torch, case.x, True)
         assert xt.shape == (4, 6, 3, 5) and xt.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("op", _bench.OPS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_peer_half_precision(op, layout, dtype):
+    """torch on 16-bit data with float32 parameters (its mixed-type kernels), viewed without a copy
+    (bfloat16: ml_dtypes' bits as torch.bfloat16), within the peers' loose tolerance."""
+    torch = pytest.importorskip("torch")
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    case = _bench.make_case((4, 6, 3, 5), layout, dtype)
+    p = _bench.prepare(case, op, "torch", torch)
+    outs = p.outputs()
+    assert all(a.dtype == case.dtype for k, a in outs.items() if k in ("y", "dx"))
+    err = _bench.check_outputs(case, op, outs, peer=True)["max_rel_err"]
+    assert err <= accuracy.PEER_TOLERANCE[case.dtype]
+    xt = peers._to_torch(torch, case.x, layout == "NHWC")
+    assert xt.data_ptr() == case.x.ctypes.data  # a view, not a copy
 
 
 # ---- size sweep ---------------------------------------------------------------------------------

@@ -143,3 +143,45 @@ def test_one_version_everywhere():
     from importlib import metadata
 
     assert bk.__version__ == _core.version == metadata.version("bnkernel")
+
+
+# ---- memory_pass: the benchmarks' bound -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("n", [1, 7, 1000, 12345, (16 << 20) // 4 + 3], ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "off-line"])
+def test_memory_pass_copies_reads_and_writes_every_byte(dtype, n, offset, restore_threads):
+    """Every byte, at any size (head and tail of a cache line, streamed past 16 MiB) and offset
+    within a line, on one and two threads."""
+    for threads in (1, 2):
+        bk.set_num_threads(threads)
+        base = np.arange(n + offset) % 251
+        src = base.astype(dtype)[offset:]
+        dst = np.full(n + offset, 7, dtype)[offset:]
+        _core.memory_pass("copy", src, dst)
+        np.testing.assert_array_equal(dst, src)
+        zeros = np.zeros(n + offset, dtype)[offset:]
+        assert _core.memory_pass("read", zeros, dst) == 0
+        for at in (0, n // 2, n - 1):
+            zeros[at] = 1
+            assert _core.memory_pass("read", zeros, dst) != 0, at
+            zeros[at] = 0
+        _core.memory_pass("write", src, dst)
+        assert not dst.any()
+
+
+def test_memory_pass_refuses_what_it_cannot_do():
+    a, b = np.ones(8), np.ones(8)
+    with pytest.raises(ValueError, match="kind: expected 'copy', 'read' or 'write'"):
+        _core.memory_pass("move", a, b)
+    with pytest.raises(ValueError, match="dst: expected as many values as src"):
+        _core.memory_pass("copy", a, np.ones(7))
+    with pytest.raises(ValueError, match="dst: must not share memory with src"):
+        _core.memory_pass("copy", a, a)
+    b.flags.writeable = False
+    with pytest.raises(ValueError, match="dst: must be writeable"):
+        _core.memory_pass("copy", a, b)
+    assert _core.memory_pass("read", a, b) != 0  # a read never writes dst
+    with pytest.raises(TypeError):
+        _core.memory_pass("copy", a, np.ones(8, np.float32))  # no conversion

@@ -97,6 +97,7 @@ def backward(
     y: _F | None = None,
     dresidual: _F | None = None,
 ) -> None: ...
+
 # kind: "copy" (dst = src), "read" (returns a sum of src's bytes: a value, so nothing is skipped) or
 # "write" (dst = 0), on the kernels' threads and store policy: the benchmarks' bandwidth bound
 def memory_pass(kind: str, src: _F, dst: _F) -> float: ...

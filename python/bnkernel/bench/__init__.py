@@ -10,9 +10,12 @@ Batch norm is memory-bound, so besides times the table reports
 
 * achieved GB/s for the minimal traffic: forward = read x + write y (2 x bytes(x)), backward =
   read x + read dy + write dx (3 x bytes(x));
-* passes over x: ``t / (bytes(x) / copy_bandwidth)``, where the copy bandwidth is measured here,
-  at the same thread count, as ``2 * bytes / t_copy`` (a copy reads and writes every byte).  A copy
-  of x is 2 passes; the lower bound of a forward is 2 and of a backward 3.
+* passes over x: ``t / (bytes(x) / copy_bandwidth)``, where the copy bandwidth is that of a copy of
+  x itself, measured in the same run at the same thread count with the kernels' own threads and
+  store policy (``bnkernel._core.memory_pass``: streaming stores for outputs of 16 MiB or more), as
+  ``2 * bytes / t_copy``; each row also gives the passes of its fastest and slowest samples.  A
+  copy of x is 2 passes; the lower bound of a forward is 2 and of a backward 3.  The header gives
+  the copy, read and write bandwidths of ``--copy-mib`` arrays at each thread count.
 
 Peers are timed the way they run in a training loop: bnkernel with preallocated ``out=``; torch
 through its ATen kernels with preallocated outputs where torch has a real out= kernel (else the
@@ -25,7 +28,7 @@ sizes marked: a cache boundary the kernels fall off shows as a step in that rati
 
 The modules, each importing only those above it in this list:
 
-* :mod:`.units` (parsing, formatting) and :mod:`.timing` (the timer, the copy bandwidth);
+* :mod:`.units` (parsing, formatting) and :mod:`.timing` (the timer, the memory bandwidth);
 * :mod:`.cases` (ops, layouts, shapes, the data), :mod:`.textbook` (the NumPy peer's code),
   :mod:`.peers` (the timed calls), :mod:`.accuracy` (the check against the reference);
 * :mod:`.machine` (CPU, caches), :mod:`.report` (text), :mod:`.plot`;

@@ -7,6 +7,7 @@ family, (N, 64, H, W), of power-of-two byte sizes (:func:`sweep_shape`).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +15,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .. import functional as _fn
+from .. import phases as _fn
 from .units import shape_text
 
 OPS = ("forward_train", "forward_infer", "backward_train", "backward_frozen")
 IMPLS = ("bnkernel", "numpy", "torch")
 LAYOUTS = ("NCHW", "NHWC", "NC")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "float16", "bfloat16")  # bfloat16: ml_dtypes' (optional)
 
 DEFAULT_SHAPES: list[tuple[int, ...]] = [
     (256, 1024),
@@ -130,6 +131,30 @@ class Case:
         return mean, invstd
 
 
+def data_dtype(name: Any) -> np.dtype[Any]:
+    """The dtype a benchmark runs in: float32, float64, float16, or bfloat16 (ml_dtypes', which
+    must be installed: BenchError otherwise)."""
+    if str(name) == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as e:
+            raise BenchError("bfloat16 needs ml_dtypes (pip install ml_dtypes)") from e
+        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
+    dt: np.dtype[Any] = np.dtype(name)
+    if dt.name not in DTYPES:
+        raise ValueError(f"dtype {dt}: expected one of {', '.join(DTYPES)}")
+    return dt
+
+
+def default_dtypes() -> list[str]:
+    """The table's dtypes: float32, float64, float16, and bfloat16 when ml_dtypes is installed."""
+    names = ["float32", "float64", "float16"]
+    if importlib.util.find_spec("ml_dtypes") is not None:
+        names.append("bfloat16")
+    return names
+
+
 def make_case(
     shape: Sequence[int], layout: str = "NCHW", dtype: Any = np.float32, seed: int = 0
 ) -> Case:
@@ -142,9 +167,7 @@ def make_case(
         raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if (len(shape) == 2) != (layout == "NC"):
         raise ValueError(f"layout {layout!r} does not apply to a {len(shape)}-D shape {shape}")
-    dt = np.dtype(dtype)
-    if dt.name not in DTYPES:
-        raise ValueError(f"dtype {dt}: expected float32 or float64")
+    dt = data_dtype(dtype)
     channels_last = layout == "NHWC"
     stored = (shape[0], *shape[2:], shape[1]) if channels_last else shape
     ax = len(shape) - 1 if channels_last else 1
@@ -152,15 +175,19 @@ def make_case(
     bshape = [1] * len(shape)
     bshape[ax] = C
     rng = np.random.default_rng([seed, *shape, int(channels_last), dt.itemsize])
-    x = rng.standard_normal(stored, dtype=dt)
-    x *= rng.uniform(0.5, 2.0, C).astype(dt).reshape(bshape)
-    x += rng.uniform(-3.0, 3.0, C).astype(dt).reshape(bshape)
-    dy = rng.standard_normal(stored, dtype=dt)
-    dy += rng.uniform(-1.0, 1.0, C).astype(dt).reshape(bshape)
-    gamma = (rng.choice([-1.0, 1.0], C) * rng.uniform(0.5, 1.5, C)).astype(dt)
-    beta = rng.standard_normal(C).astype(dt)
-    running_mean = rng.uniform(-3.0, 3.0, C).astype(dt)
-    running_var = rng.uniform(0.5, 4.0, C).astype(dt)
+    # drawn in x's dtype, or in float32 and rounded for the 16-bit ones (parameters: float32)
+    gen = dt if dt.itemsize >= 4 else np.dtype(np.float32)
+    pt = gen  # the 16-bit dtypes' parameters are float32
+    x = rng.standard_normal(stored, dtype=gen)
+    x *= rng.uniform(0.5, 2.0, C).astype(gen).reshape(bshape)
+    x += rng.uniform(-3.0, 3.0, C).astype(gen).reshape(bshape)
+    dy = rng.standard_normal(stored, dtype=gen)
+    dy += rng.uniform(-1.0, 1.0, C).astype(gen).reshape(bshape)
+    x, dy = x.astype(dt, copy=False), dy.astype(dt, copy=False)
+    gamma = (rng.choice([-1.0, 1.0], C) * rng.uniform(0.5, 1.5, C)).astype(pt)
+    beta = rng.standard_normal(C).astype(pt)
+    running_mean = rng.uniform(-3.0, 3.0, C).astype(pt)
+    running_var = rng.uniform(0.5, 4.0, C).astype(pt)
     count, mean, m2 = _fn.channel_stats(x, axis=ax)
     invstd = _fn.invstd_from_stats(count, m2, EPS)
     return Case(shape, layout, dt, x, dy, gamma, beta, running_mean, running_var, mean, invstd)
@@ -191,11 +218,11 @@ def sweep_sizes(min_bytes: int = SWEEP_MIN_BYTES, max_bytes: int = SWEEP_MAX_BYT
 def sweep_shape(nbytes: int, dtype: Any = np.float32) -> tuple[int, int, int, int]:
     """The logical (N, 64, H, W) shape of ``nbytes`` bytes: H = W grow (as powers of two) up to 64,
     then N grows, so past 1 MiB (float32; 2 MiB float64) every size is (N, 64, 64, 64)."""
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = data_dtype(dtype).itemsize
     per_channel_values, rem = divmod(nbytes, SWEEP_CHANNELS * itemsize)
     if rem or per_channel_values < 2 or per_channel_values & (per_channel_values - 1):
         raise ValueError(
-            f"{nbytes} bytes: expected a power of two holding at least 2 {np.dtype(dtype).name} "
+            f"{nbytes} bytes: expected a power of two holding at least 2 {data_dtype(dtype).name} "
             f"values in each of {SWEEP_CHANNELS} channels"
         )
     k = per_channel_values.bit_length() - 1  # N * H * W = 2**k

@@ -21,6 +21,7 @@ from .cases import (
     SWEEP_MIN_BYTES,
     BenchCheckError,
     BenchError,
+    default_dtypes,
 )
 from .measure import BenchConfig
 from .run import run_bench
@@ -70,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--dtypes", type=_argtype(lambda s: parse_choices(s, DTYPES, "dtype")),
-        default=None, help="float32,float64 (default: both; with --sweep: float32)",
+        default=None,
+        help="float32,float64,float16,bfloat16 (default: all, bfloat16 when ml_dtypes is "
+        "installed; with --sweep: float32)",
     )  # fmt: skip
     p.add_argument(
         "--ops", type=_argtype(lambda s: parse_choices(s, OPS, "op")), default=None,
@@ -144,7 +147,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if sweep:
         shapes = []
     layouts = args.layouts if args.layouts is not None else (["NCHW"] if sweep else list(LAYOUTS))
-    dtypes = args.dtypes if args.dtypes is not None else (["float32"] if sweep else list(DTYPES))
+    dtypes = (
+        args.dtypes if args.dtypes is not None else (["float32"] if sweep else default_dtypes())
+    )
     ops = args.ops if args.ops is not None else list(OPS)
     repeat = args.repeat if args.repeat is not None else (3 if quick else 10)
     if repeat < 1:

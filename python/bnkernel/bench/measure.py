@@ -20,20 +20,20 @@ from .. import _core
 from .accuracy import check_outputs
 from .cases import (
     DEFAULT_SHAPES,
-    DTYPES,
     LAYOUTS,
     OPS,
     SWEEP_MAX_BYTES,
     SWEEP_MIN_BYTES,
     BenchError,
     Case,
+    default_dtypes,
     make_case,
     traffic_bytes,
 )
 from .peers import prepare
 from .plot import require_matplotlib
 from .report import row_line
-from .timing import PEER_MAX_TIME_S, CopyBandwidth, copy_bandwidth, time_call
+from .timing import PEER_MAX_TIME_S, CopyBandwidth, Timing, copy_bandwidth, copy_time, time_call
 from .units import fmt_bytes, shape_text
 
 
@@ -43,7 +43,7 @@ class BenchConfig:
 
     shapes: list[tuple[int, ...]] = field(default_factory=lambda: list(DEFAULT_SHAPES))
     layouts: list[str] = field(default_factory=lambda: list(LAYOUTS))
-    dtypes: list[str] = field(default_factory=lambda: list(DTYPES))
+    dtypes: list[str] = field(default_factory=default_dtypes)
     ops: list[str] = field(default_factory=lambda: list(OPS))
     threads: list[int] = field(default_factory=list)  # empty: bnkernel.get_num_threads()
     repeat: int = 10
@@ -104,13 +104,19 @@ def restoring_threads(torch: ModuleType | None) -> Iterator[None]:
 def measure_copy(
     config: BenchConfig, threads_list: Sequence[int], progress: TextIO
 ) -> dict[int, CopyBandwidth]:
-    """The copy bandwidth at each thread count."""
+    """The memory bandwidth (copy, read, write) at each thread count."""
     copy_bw: dict[int, CopyBandwidth] = {}
     nbytes_copy = max(8, int(config.copy_mib * (1 << 20)))
     for t in threads_list:
-        progress.write(f"measuring copy bandwidth, {t} thread(s), {nbytes_copy >> 20} MiB\n")
+        progress.write(f"measuring memory bandwidth, {t} thread(s), {nbytes_copy >> 20} MiB\n")
         copy_bw[t] = copy_bandwidth(t, nbytes_copy)
     return copy_bw
+
+
+def has_textbook(case: Case) -> bool:
+    """Whether the NumPy textbook runs on ``case``: not on 16-bit data (NumPy computes in float32
+    there, so a textbook user would convert first)."""
+    return case.dtype.itemsize >= 4
 
 
 def run_numpy(case: Case, op: str, config: BenchConfig) -> dict[str, Any]:
@@ -135,13 +141,19 @@ def measure(
     config: BenchConfig,
     torch: ModuleType | None,
     bw: CopyBandwidth,
+    row_copy: Timing | None = None,
 ) -> dict[str, Any]:
-    """bnkernel (and torch) on ``case`` with ``threads`` threads: checked, timed, one result row."""
+    """bnkernel (and torch) on ``case`` with ``threads`` threads: checked, timed, one result row.
+    ``row_copy``: the copy of x at this thread count (:func:`copy_time`), the row's bound; measured
+    here when not given."""
     _core.set_num_threads(threads)
+    if row_copy is None:
+        row_copy = copy_time(case.x)
     p = prepare(case, op, "bnkernel")
     check = check_outputs(case, op, p.outputs())
     timing = time_call(p.call, config.repeat, config.min_time, max_time=config.max_time)
     t_op = timing.median
+    copy_gbps = 2.0 * case.nbytes / row_copy.median / 1e9
     row: dict[str, Any] = {
         "shape": case.shape_text,
         "stored_shape": shape_text(case.x.shape),
@@ -154,8 +166,15 @@ def measure(
         "traffic_bytes": traffic_bytes(op, case.nbytes),
         "bnkernel": {**timing.to_json(), "variant": p.variant, "check": check},
         "GBps": traffic_bytes(op, case.nbytes) / t_op / 1e9,
-        "passes": t_op / (case.nbytes / (bw.gbps * 1e9)),
-        "copy_GBps": bw.gbps,
+        "passes": t_op / (case.nbytes / (copy_gbps * 1e9)),
+        "passes_range": [
+            timing.min / (case.nbytes / (copy_gbps * 1e9)),
+            max(timing.times) / (case.nbytes / (copy_gbps * 1e9)),
+        ],
+        "copy_GBps": copy_gbps,
+        "copy": row_copy.to_json(),
+        "passes_vs_memory": t_op / (case.nbytes / (bw.gbps * 1e9)),
+        "memory_copy_GBps": bw.gbps,
         "torch": None,
         "speedup_vs_numpy": None,
         "speedup_vs_torch": None,
@@ -163,8 +182,13 @@ def measure(
     del p
     if torch is not None:
         torch.set_num_threads(threads)
-        pt = prepare(case, op, "torch", torch)
-        tcheck = check_outputs(case, op, pt.outputs(), peer=True, who="torch")
+        try:
+            pt = prepare(case, op, "torch", torch)
+            touts = pt.outputs()
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # a case torch cannot run
+            row["torch_error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            return row
+        tcheck = check_outputs(case, op, touts, peer=True, who="torch")
         ttiming = time_call(pt.call, config.repeat, config.min_time, max_time=config.max_time)
         row["torch"] = {**ttiming.to_json(), "variant": pt.variant, "check": tcheck}
         row["speedup_vs_torch"] = ttiming.median / t_op
@@ -189,11 +213,15 @@ def measure_cases(
     for shape, layout, dtype in specs:
         case = make_case(shape, layout, dtype)
         np_result = None
+        row_copies: dict[int, Timing] = {}  # the copy of x at each thread count, timed once
         for op in config.ops:
-            np_result = run_numpy(case, op, config) if config.numpy else None
+            np_result = run_numpy(case, op, config) if config.numpy and has_textbook(case) else None
             for t in threads_list:
                 done += 1
-                row = measure(case, op, t, config, torch, copy_bw[t])
+                if t not in row_copies:
+                    _core.set_num_threads(t)
+                    row_copies[t] = copy_time(case.x)
+                row = measure(case, op, t, config, torch, copy_bw[t], row_copies[t])
                 add_numpy(row, np_result)
                 yield row
                 size = f"{fmt_bytes(case.nbytes)}: " if size_in_progress else ""

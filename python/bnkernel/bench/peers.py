@@ -109,6 +109,11 @@ def _prepare_bnkernel(case: Case, op: str) -> Prepared:
 
 
 def _prepare_numpy(case: Case, op: str) -> Prepared:
+    if case.dtype.itemsize < 4:
+        raise BenchError(
+            f"the NumPy textbook is not run on {case.dtype.name} (NumPy has no fast arithmetic in "
+            "it: such code computes in float32)"
+        )
     x, dy, g, b, ax = case.x, case.dy, case.gamma, case.beta, case.ax
     variant = "NumPy textbook in x's dtype (allocating, one thread)"
     if op == "forward_train":
@@ -159,7 +164,10 @@ def _has_cpu_kernel(torch: ModuleType, name: str) -> bool:
 def _to_torch(torch: ModuleType, a: NDArray[Any], channels_last: bool) -> Any:
     """A torch view (no copy) of ``a`` with the channel axis at 1; channels-last data keeps its
     memory order, so torch sees e.g. an NCHW-shaped tensor in ``torch.channels_last`` format."""
-    t = torch.from_numpy(a)
+    if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: torch sees its bits
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(a)
     if channels_last:
         t = t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
     return t
@@ -169,7 +177,13 @@ def _from_torch(t: Any, channels_last: bool) -> NDArray[Any]:
     """A torch result as a NumPy array in the case's layout."""
     if channels_last:
         t = t.permute(0, *range(2, t.dim()), 1)
-    return np.asarray(t.detach().numpy())
+    t = t.detach()
+    if str(t.dtype) == "torch.bfloat16":  # (torch is imported: t is its tensor)
+        import ml_dtypes
+        import torch
+
+        return np.asarray(t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+    return np.asarray(t.numpy())
 
 
 def _prepare_torch(case: Case, op: str, torch: ModuleType) -> Prepared:
@@ -190,8 +204,8 @@ def _prepare_torch(case: Case, op: str, torch: ModuleType) -> Prepared:
         if _has_cpu_kernel(torch, "aten::native_batch_norm.out"):
             yt = torch.empty_like(xt)  # same strides as xt (channels-last stays channels-last)
             n_saved = C if training else 0
-            sm = torch.empty(n_saved, dtype=xt.dtype)
-            si = torch.empty(n_saved, dtype=xt.dtype)
+            sm = torch.empty(n_saved, dtype=w.dtype)  # (float32 for 16-bit x)
+            si = torch.empty(n_saved, dtype=w.dtype)
             variant = "torch.ops.aten.native_batch_norm.out (preallocated outputs)"
 
             def call() -> Any:
@@ -228,8 +242,8 @@ def _prepare_torch(case: Case, op: str, torch: ModuleType) -> Prepared:
     mask = [True, True, True]
     if _has_cpu_kernel(torch, "aten::native_batch_norm_backward.out"):
         dxt = torch.empty_like(xt)
-        dgt = torch.empty(C, dtype=xt.dtype)
-        dbt = torch.empty(C, dtype=xt.dtype)
+        dgt = torch.empty(C, dtype=w.dtype)
+        dbt = torch.empty(C, dtype=w.dtype)
         variant = "torch.ops.aten.native_batch_norm_backward.out (preallocated outputs)"
 
         def call_bwd() -> Any:

@@ -15,8 +15,14 @@ from .units import fmt_bytes, fmt_float, fmt_nspb, fmt_ratio, fmt_time
 # What the columns both the table and the sweep report mean (written into their JSON).
 SHARED_DEFINITIONS = {
     "GBps": "minimal traffic / time: forward 2*bytes(x), backward 3*bytes(x); 1e9 B/GB",
-    "passes": "time / (bytes(x) / copy bandwidth at the same thread count)",
-    "copy_bandwidth": "2 * bytes / median time of np.copyto",
+    "passes": "median time / (bytes(x) / copy bandwidth), the copy of x itself at the same thread "
+    "count in the same run (bnkernel._core.memory_pass: the kernels' threads for that size and "
+    "store policy, streaming stores past 16 MiB); a copy is 2 passes",
+    "passes_range": "the same for the fastest and the slowest sample",
+    "passes_vs_memory": "median time / (bytes(x) / the 256 MiB copy bandwidth at the same thread "
+    "count)",
+    "copy_bandwidth": "copy: 2 * bytes / median time; read, write: bytes / median time "
+    "(bnkernel._core.memory_pass on --copy-mib arrays)",
     "speedup": "peer time / bnkernel time",
     "numpy": "textbook NumPy in x's dtype, one thread, timed once per case (not per thread count)",
 }
@@ -36,13 +42,19 @@ def series_key(row: Mapping[str, Any]) -> Series:
     return (row["op"], row["layout"], row["dtype"], int(row["threads"]))
 
 
+def passes_range(row: Mapping[str, Any]) -> str:
+    """The passes of a row's fastest and slowest samples, "[lo-hi]" ("" when not measured)."""
+    lo_hi = row.get("passes_range")
+    return "" if not lo_hi else f"[{lo_hi[0]:.2f}-{lo_hi[1]:.2f}]"
+
+
 def row_line(row: Mapping[str, Any]) -> str:
     """One result as a progress line."""
     return (
         f"{row['shape']} {row['layout']} {row['dtype']} {row['op']} threads={row['threads']}: "
         f"bnkernel {fmt_time(median(row, 'bnkernel'))}, "
         f"numpy {fmt_time(median(row, 'numpy'))}, torch {fmt_time(median(row, 'torch'))}, "
-        f"{row['GBps']:.1f} GB/s, {row['passes']:.2f} passes"
+        f"{row['GBps']:.1f} GB/s, {row['passes']:.2f} passes {passes_range(row)}"
     )
 
 
@@ -64,15 +76,17 @@ def _preamble(
 ) -> str:
     """The first three lines of both headers: the run, the copy bandwidth, the versions."""
     m = report["machine"]
-    bw = ", ".join(
-        f"{t} thread{'s' if t > 1 else ''}: {b.gbps:.1f} GB/s" for t, b in copy_bw.items()
+    bw = "; ".join(
+        f"{t} thread{'s' if t > 1 else ''}: copy {b.gbps:.1f}, read {fmt_float(b.read_gbps, 1)}, "
+        f"write {fmt_float(b.write_gbps, 1)} GB/s"
+        for t, b in copy_bw.items()
     )
     nbytes = next(iter(copy_bw.values())).nbytes
     torch_text = "not used" if torch is None else str(torch.__version__)
     return (
         f"bnkernel {m['bnkernel']} {what} on {m['cpu']} ({m['logical_cpus']} logical CPUs), "
         f"threads {','.join(map(str, report['config']['threads']))}\n"
-        f"copy bandwidth (np.copyto, {nbytes / (1 << 20):g} MiB, 2*bytes/t): {bw}\n"
+        f"memory bandwidth ({nbytes / (1 << 20):g} MiB, streaming stores; copy 2*bytes/t): {bw}\n"
         f"numpy {m['numpy']}, torch {torch_text}, OpenMP {'yes' if m['openmp'] else 'no'}, "
         f"native build {'yes' if m['native_build'] else 'no'}\n"
     )
@@ -85,17 +99,18 @@ def format_header(
     cfg = report["config"]
     return _preamble(report, copy_bw, torch, "benchmark") + (
         f"times: median per call (>= {cfg['repeat']} samples and >= {cfg['min_time']:g} s; "
-        f"numpy textbook one thread, capped at ~{PEER_MAX_TIME_S:g} s); bnkernel and torch with "
-        "preallocated outputs where available\n"
+        f"numpy textbook one thread, capped at ~{PEER_MAX_TIME_S:g} s, not on 16-bit dtypes); "
+        "bnkernel and torch with preallocated outputs where available\n"
         "GB/s: minimal traffic (forward 2x, backward 3x bytes(x)) / time; "
-        "passes: time / (bytes(x) / copy bandwidth)\n\n"
+        "passes: time / (bytes(x) / bandwidth of a copy of x at the same thread count, "
+        "streaming stores past 16 MiB), median [fastest-slowest sample]\n\n"
     )
 
 
 _COLUMNS = [
     ("shape", "<"), ("layout", "<"), ("dtype", "<"), ("op", "<"), ("thr", ">"),
     ("bnkernel", ">"), ("numpy", ">"), ("torch", ">"), ("vs numpy", ">"), ("vs torch", ">"),
-    ("GB/s", ">"), ("passes", ">"),
+    ("GB/s", ">"), ("passes", ">"), ("range", "<"),
 ]  # fmt: skip
 
 
@@ -115,6 +130,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             fmt_ratio(r["speedup_vs_torch"]),
             f"{r['GBps']:.1f}",
             f"{r['passes']:.2f}",
+            passes_range(r),
         ]
         for r in rows
     ]
@@ -156,7 +172,7 @@ def format_sweep_header(
         f"times: median per call (>= {cfg['repeat']} samples and >= {cfg['min_time']:g} s{cap}; "
         f"numpy textbook one thread, capped at ~{PEER_MAX_TIME_S:g} s)\n"
         "ns/B: time / bytes(x); GB/s: minimal traffic (forward 2x, backward 3x bytes(x)) / time; "
-        "passes: time / (bytes(x) / copy bandwidth)\n"
+        "passes: time / (bytes(x) / bandwidth of a copy of x at the same thread count)\n"
         f"ratio: ns/B / {base}; a cache cliff shows as a step in it (the smallest sizes pay the "
         "fixed cost of a call)\n"
         "----- lines: where bytes(x) passes a cache size\n\n"

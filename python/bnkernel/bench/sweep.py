@@ -17,8 +17,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-import numpy as np
-
 from . import machine
 from .cases import (
     IMPLS,
@@ -26,6 +24,7 @@ from .cases import (
     SWEEP_MAX_SIDE,
     SWEEP_MIN_BYTES,
     BenchError,
+    data_dtype,
     sweep_shape,
     sweep_sizes,
 )
@@ -176,4 +175,4 @@ def add_sweep_ratios(rows: Sequence[dict[str, Any]], threshold: int) -> list[dic
 
 
 def _itemsize(row: dict[str, Any]) -> int:
-    return int(np.dtype(row["dtype"]).itemsize)
+    return int(data_dtype(row["dtype"]).itemsize)

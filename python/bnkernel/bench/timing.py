@@ -1,4 +1,4 @@
-"""Timing: medians of ``time.perf_counter`` samples, and the machine's copy bandwidth.
+"""Timing: medians of ``time.perf_counter`` samples, and the machine's memory bandwidth.
 
 :func:`time_call` is the one timer of ``python -m bnkernel bench`` and ``check``: a warm-up call,
 then samples (calls shorter than ~20 us batched and averaged) until enough are in.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from .. import _core
 
 # Samples of one call, or of a batch of calls averaged when a call is too short to time on its
 # own; at least `repeat` samples and `min_time` seconds, at most MAX_SAMPLES samples.
@@ -115,52 +116,78 @@ def median_time(fn: Callable[[], object], repeat: int) -> float:
 
 @dataclass
 class CopyBandwidth:
-    """The copy bandwidth measured with ``threads`` threads on ``nbytes`` arrays."""
+    """The memory bandwidth measured with ``threads`` threads on ``nbytes`` arrays: a copy, a read
+    and a write (:func:`bnkernel._core.memory_pass`: the kernels' own threads and store policy,
+    streaming stores past the caches)."""
 
     threads: int
     nbytes: int
-    timing: Timing
+    timing: Timing  # the copy
+    read: Timing | None = None
+    write: Timing | None = None
 
     @property
     def gbps(self) -> float:
-        """2 * bytes / median time, in GB/s (1e9 bytes): a copy reads and writes every byte."""
+        """2 * bytes / median time of the copy, in GB/s (1e9 bytes): it reads and writes every
+        byte."""
         return 2.0 * self.nbytes / self.timing.median / 1e9
+
+    @property
+    def read_gbps(self) -> float | None:
+        return None if self.read is None else self.nbytes / self.read.median / 1e9
+
+    @property
+    def write_gbps(self) -> float | None:
+        return None if self.write is None else self.nbytes / self.write.median / 1e9
 
     def to_json(self) -> dict[str, Any]:
         return {
             "threads": self.threads,
             "bytes": self.nbytes,
             "GBps": self.gbps,
-            "method": "np.copyto"
-            if self.threads == 1
-            else f"np.copyto in {self.threads} chunks by {self.threads} Python threads",
+            "read_GBps": self.read_gbps,
+            "write_GBps": self.write_gbps,
+            "method": COPY_METHOD,
             "timing": self.timing.to_json(),
+            "read_timing": None if self.read is None else self.read.to_json(),
+            "write_timing": None if self.write is None else self.write.to_json(),
         }
 
 
-def copy_bandwidth(threads: int = 1, nbytes: int = 256 << 20, repeat: int = 7) -> CopyBandwidth:
-    """The machine's copy bandwidth with ``threads`` threads: the median time of ``np.copyto``
-    between two prefaulted ``nbytes`` arrays, split into ``threads`` contiguous chunks copied
-    concurrently (np.copyto releases the GIL)."""
-    n = max(1, nbytes // 8)
-    src = np.full(n, 1.0)  # written, so its pages are real memory (not the shared zero page)
-    dst = np.empty_like(src)
-    if threads == 1:
+COPY_METHOD = (
+    "bnkernel._core.memory_pass: the kernels' threads for the size and store policy (streaming "
+    "stores for an output of 16 MiB or more), 64-byte lines"
+)
 
-        def copy() -> None:
-            np.copyto(dst, src)
 
-        timing = time_call(copy, repeat, 0.0)
-    else:
-        pairs = list(zip(np.array_split(dst, threads), np.array_split(src, threads), strict=True))
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+_PASSES = ("copy", "read", "write")
 
-            def copy_chunk(pair: tuple[NDArray[Any], NDArray[Any]]) -> None:
-                np.copyto(pair[0], pair[1])
 
-            def copy_threads() -> None:
-                for f in [pool.submit(copy_chunk, p) for p in pairs]:
-                    f.result()
+def _pass(kind: str, src: NDArray[Any], dst: NDArray[Any]) -> Callable[[], object]:
+    """One memory pass of ``kind`` from ``src`` into ``dst``, ready to time."""
+    return lambda: _core.memory_pass(kind, src, dst)
 
-            timing = time_call(copy_threads, repeat, 0.0)
-    return CopyBandwidth(threads, int(src.nbytes), timing)
+
+def copy_bandwidth(
+    threads: int = 1, nbytes: int = 256 << 20, repeat: int = 7, *, dtype: Any = np.float64
+) -> CopyBandwidth:
+    """The machine's memory bandwidth with ``threads`` threads: median times of a copy, a read and
+    a write of ``nbytes`` arrays of ``dtype`` (prefaulted) with :func:`bnkernel._core.memory_pass`,
+    the passes a kernel is measured against."""
+    src = np.ones(max(1, nbytes // np.dtype(dtype).itemsize), dtype=dtype)
+    dst = np.ones_like(src)  # written, so its pages are real memory (not the shared zero page)
+    _core.set_num_threads(threads)
+    try:
+        times = {kind: time_call(_pass(kind, src, dst), repeat, 0.0) for kind in _PASSES}
+    finally:
+        _core.set_num_threads(0)  # follow OpenMP's setting again, as the bench leaves it
+    return CopyBandwidth(threads, int(src.nbytes), times["copy"], times["read"], times["write"])
+
+
+def copy_time(src: NDArray[Any], repeat: int = 5, min_time: float = 0.05) -> Timing:
+    """The copy of ``src`` into an array like it at the current thread count
+    (:func:`bnkernel._core.memory_pass`): a row's own bound, in its own regime (cache or memory,
+    the kernels' thread count and store policy for that size)."""
+    flat = src.reshape(-1)
+    dst = np.ones_like(flat)
+    return time_call(_pass("copy", flat, dst), repeat, min_time)
