@@ -9,6 +9,7 @@
 
 #include "bnkernel/core/flags.hpp"
 #include "bnkernel/core/parallel.hpp"
+#include "bnkernel/core/plan.hpp"
 #include "bnkernel/core/prefetch.hpp"
 #include "bnkernel/core/stores.hpp"
 #include "bnkernel/core/tree.hpp"
@@ -57,8 +58,10 @@ inline void narrow_run(T* __restrict__ out, int64_t len, F&& value) {
 // the run is computed block by block into an L1 buffer and copied out with streaming stores (the
 // caller fences, see stream_fence in stores.hpp).
 template <typename T, class F>
-inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value) {
+inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value,
+                      const T* next = nullptr) {
   (void)stream;  // unused where there are no streaming stores
+  (void)next;
   int64_t i = 0;
   if constexpr (kStreamAlign > 0) {
     if (stream) {
@@ -73,6 +76,7 @@ inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value) {
       if (i + kBlock <= len) {
         alignas(64) T buffer[kBlock];
         for (; i + kBlock <= len; i += kBlock) {
+          if (next) prefetch_values(next + i, kBlock);
           narrow_run(buffer, kBlock, [&](int64_t j) { return value(i + j); });
           for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
             stream_block(reinterpret_cast<char*>(y + i) + b,
@@ -120,8 +124,11 @@ inline void fill_values(Shape s, int64_t e, int64_t n, T* __restrict__ out, F&& 
 // y[e] = T(value(e, channel of e)) over the whole array, in parallel over contiguous spans.  With
 // streaming stores the spans are cut at aligned addresses, so that no cache line gets both plain
 // and streaming stores except the array's first and last (mixing them on one line is slow).
-template <typename T, class F>
-void elementwise(Shape s, T* y, int threads, F&& value) {
+//
+// ahead(e, n) is asked, for each streamed block of n values at e, to prefetch the inputs of the
+// values kPrefetchAhead bytes of y further on (see prefetch_ahead).
+template <typename T, class F, class A>
+void elementwise(Shape s, T* y, int threads, F&& value, A&& ahead) {
   const int64_t size = s.size();
   if (size == 0) return;
   const bool stream = stream_output(y, size);
@@ -147,6 +154,7 @@ void elementwise(Shape s, T* y, int threads, F&& value) {
       int64_t e = e0;
       if (stream && t > 0) {
         for (; e + kBlock <= e1; e += kBlock) {
+          ahead(e + kPrefetchAhead / kSize, kBlock);
           fill_values(s, e, kBlock, buffer, value);
           for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
             stream_block(reinterpret_cast<char*>(y + e) + b,
@@ -261,7 +269,9 @@ void elementwise_op(Shape s, T* y, int threads, const Op& op) {
       (is_half_v<T> || coefficient_bytes > kCoefficientBytesInL1)) {
     interleaved_blocks(s, y, threads, op);
   } else {
-    elementwise(s, y, threads, [&](int64_t e, int64_t c) { return op.value(e, c); });
+    elementwise(
+        s, y, threads, [&](int64_t e, int64_t c) { return op.value(e, c); },
+        [&](int64_t e, int64_t n) { op.prefetch(e, n); });
   }
 }
 
@@ -324,16 +334,6 @@ struct AffineOp {
   }
 };
 
-template <typename T>
-void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
-            int threads, Epilogue<T> ep) {
-  with_flags(ep.residual != nullptr, ep.relu, [&](auto res, auto relu) {
-    elementwise_op(s, y, threads,
-                   AffineOp<T, decltype(res)::value, decltype(relu)::value>{x, mean, scale, shift,
-                                                                            ep.residual});
-  });
-}
-
 // ---- 16-bit runs -------------------------------------------------------------------------------
 //
 // Value by value, 16-bit data are widened and narrowed by integer code, at several times the cost
@@ -342,8 +342,10 @@ void affine(const T* x, Shape s, const double* mean, const double* scale, const 
 // values [i, i + kVecLen) as a vector, computed with the same arithmetic as scalar(i) (see fmav),
 // so the two give the same bits and the run's ends may take either.  Streaming as write_run.
 template <typename T, class V, class S>
-inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&& scalar) {
+inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&& scalar,
+                       const T* next = nullptr) {
   (void)stream;  // unused where there are no streaming stores
+  (void)next;
   constexpr auto kSize = static_cast<int64_t>(sizeof(T));
   int64_t i = 0;
   if constexpr (kStreamAlign > 0) {
@@ -357,6 +359,7 @@ inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&&
       if (i + kBlock <= len) {
         alignas(64) T buffer[kBlock];
         for (; i + kBlock <= len; i += kBlock) {
+          if (next) prefetch_values(next + i, kBlock);
           for (int64_t j = 0; j < kBlock; j += kVecLen) storev(buffer + j, vec(i + j));
           for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
             stream_block(reinterpret_cast<char*>(y + i) + b,
@@ -372,24 +375,28 @@ inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&&
 
 template <typename T>
 inline void affine_run_values(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
-                              double scale, double shift, bool stream, const T* residual,
-                              bool relu) {
+                              double scale, double shift, bool stream, const T* residual, bool relu,
+                              const T* next = nullptr) {
   with_flags(residual != nullptr, relu, [&](auto res, auto act) {
-    write_run(y, len, stream, [&](int64_t i) {
-      double r = affine_value(x[i], mean, scale, shift);
-      if constexpr (decltype(res)::value) r += widen(residual[i]);
-      if constexpr (decltype(act)::value) r = relu_value(r);
-      return r;
-    });
+    write_run(
+        y, len, stream,
+        [&](int64_t i) {
+          double r = affine_value(x[i], mean, scale, shift);
+          if constexpr (decltype(res)::value) r += widen(residual[i]);
+          if constexpr (decltype(act)::value) r = relu_value(r);
+          return r;
+        },
+        next);
   });
 }
 
 // one channel's contiguous run (the fused per-channel kernels); residual at the same offset
 template <typename T>
 inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
-                       double scale, double shift, bool stream, const T* residual, bool relu) {
+                       double scale, double shift, bool stream, const T* residual, bool relu,
+                       const T* next = nullptr) {
   if constexpr (!is_half_v<T>) {
-    affine_run_values(x, y, len, mean, scale, shift, stream, residual, relu);
+    affine_run_values(x, y, len, mean, scale, shift, stream, residual, relu, next);
   } else {
     with_flags(residual != nullptr, relu, [&](auto res, auto act) {
       const vd vmean = splat(mean), vscale = splat(scale), vshift = splat(shift);
@@ -406,9 +413,41 @@ inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, 
             if constexpr (decltype(res)::value) r += widen(residual[i]);
             if constexpr (decltype(act)::value) r = relu_value(r);
             return r;
-          });
+          },
+          next);
     });
   }
+}
+
+// y = epilogue((x - mean[c]) * scale[c] + shift[c]) over the whole array.  16-bit planar data go
+// a channel's run at a time (affine_run: a vector of conversions at a time, as the fused kernels
+// do), everything else through elementwise_op.
+template <typename T>
+void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
+            int threads, Epilogue<T> ep) {
+  if constexpr (is_half_v<T>) {
+    if (s.inner > 1) {
+      const bool stream = stream_channel_runs(y, s);
+      const int64_t rows = s.outer * s.channels;
+      parallel_region(threads, [&] {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t c = r % s.channels, offset = r * s.inner;
+          affine_run(x + offset, y + offset, s.inner, mean[c], scale[c], shift[c], stream,
+                     ep.residual ? ep.residual + offset : nullptr, ep.relu);
+        }
+        stream_fence(stream);
+      });
+      return;
+    }
+  }
+  with_flags(ep.residual != nullptr, ep.relu, [&](auto res, auto relu) {
+    elementwise_op(s, y, threads,
+                   AffineOp<T, decltype(res)::value, decltype(relu)::value>{x, mean, scale, shift,
+                                                                            ep.residual});
+  });
 }
 
 // Training backward, per channel, with k_scale = gamma * invstd, k_dy = sum_dy / m and

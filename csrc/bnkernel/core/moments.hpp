@@ -97,7 +97,10 @@ struct PlanarMoments {
     };
     for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
       int64_t i = 0;
-      for (; i + kLanes <= len; i += kLanes) add2(p + i);
+      for (; i + kLanes <= len; i += kLanes) {
+        prefetch_ahead(p + i, kLanes);
+        add2(p + i);
+      }
       if (i < len) {
         pad_tail(p + i, len - i, center, tail);
         add2(tail);

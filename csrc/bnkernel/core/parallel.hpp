@@ -2,6 +2,7 @@
 // plain call by thread count, and a channel per task.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -78,6 +79,38 @@ void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
 #endif
     for (int64_t c = 0; c < channels; ++c) {
       if (!errors.failed()) errors.run([&] { f(c); });
+    }
+    stream_fence(stream);
+  }
+  errors.rethrow();
+}
+
+// f(c, next) for every channel, as for_each_channel, where `next` is the channel the same thread
+// takes after c (-1 when that is not known), so that it can fetch next's values while it finishes
+// c.  Tasks are runs of contiguous channels, several per thread (a thread that falls behind on a
+// shared machine leaves the rest to the others): a task's last channel has no known next.
+template <class F>
+void for_channel_runs_of_tasks(int64_t channels, int threads, bool stream, F&& f) {
+  if (threads <= 1) {
+    for (int64_t c = 0; c < channels; ++c) f(c, c + 1 < channels ? c + 1 : int64_t{-1});
+    stream_fence(stream);
+    return;
+  }
+  const int64_t per_task = std::max<int64_t>(1, channels / (int64_t{4} * threads));
+  const int64_t tasks = (channels + per_task - 1) / per_task;
+  RegionErrors errors;
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(dynamic, 1) nowait
+#endif
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t c1 = std::min(channels, (t + 1) * per_task);
+      for (int64_t c = t * per_task; c < c1; ++c) {
+        if (!errors.failed()) errors.run([&] { f(c, c + 1 < c1 ? c + 1 : int64_t{-1}); });
+      }
     }
     stream_fence(stream);
   }

@@ -45,15 +45,19 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
 
   if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its statistics, then its normalize while it is still in cache
-    detail::for_each_channel(C, threads, stream_runs, [&](int64_t c) {
+    // (and the next channel's rows fetched into L2 while this one's are written, so that its
+    // statistics read from cache: the reads of one channel overlap the writes of another)
+    detail::for_channel_runs_of_tasks(C, threads, stream_runs, [&](int64_t c, int64_t next) {
       double& m2c = m2[c];
       detail::planar_channel_moments(x, s, c, 1, mean[c], m2c);
       invstd[c] = 1.0 / std::sqrt(m2c / m + eps);
       const double scale = detail::gamma_of(gamma, c) * invstd[c];
       const double shift = detail::beta_of(beta, c);
+      const int64_t to_next = (next - c) * s.inner;
       detail::for_channel_rows(s, c, [&](int64_t offset) {
         detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift, stream_runs,
-                           epilogue.residual ? epilogue.residual + offset : nullptr, epilogue.relu);
+                           epilogue.residual ? epilogue.residual + offset : nullptr, epilogue.relu,
+                           next >= 0 ? x + offset + to_next : nullptr);
       });
     });
   } else {
