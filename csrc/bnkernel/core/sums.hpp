@@ -56,6 +56,8 @@ struct PlanarSums {
       const T* pdy = dy + at;
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
+        prefetch_ahead(pdy + i, kLanes);
+        prefetch_ahead(px + i, kLanes);
         vd g[kVecs];
         for_each_vec([&](int v, int64_t o) {
           g[v] = loadv(pdy + i + o);

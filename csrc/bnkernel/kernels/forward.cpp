@@ -57,7 +57,7 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
       detail::for_channel_rows(s, c, [&](int64_t offset) {
         detail::affine_run(x + offset, y + offset, s.inner, mean[c], scale, shift, stream_runs,
                            epilogue.residual ? epilogue.residual + offset : nullptr, epilogue.relu,
-                           next >= 0 ? x + offset + to_next : nullptr);
+                           detail::NextRuns<T>{next >= 0 ? x + offset + to_next : nullptr});
       });
     });
   } else {
