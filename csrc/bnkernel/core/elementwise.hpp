@@ -685,20 +685,23 @@ void scale(const T* dy, const T* y, Shape s, const double* k_scale, T* dx, int t
 
 template <typename T>
 inline void scale_run_values(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
-                             int64_t len, double k, bool stream) {
+                             int64_t len, double k, bool stream, NextRuns<T> next = {}) {
   with_flag(y != nullptr, [&](auto mask) {
-    write_run(dx, len, stream, [&](int64_t i) {
-      const double g = decltype(mask)::value ? masked_dy(dy[i], y[i]) : widen(dy[i]);
-      return g * k;
-    });
+    write_run(
+        dx, len, stream,
+        [&](int64_t i) {
+          const double g = decltype(mask)::value ? masked_dy(dy[i], y[i]) : widen(dy[i]);
+          return g * k;
+        },
+        next);
   });
 }
 
 template <typename T>
 inline void scale_run(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
-                      int64_t len, double k, bool stream) {
+                      int64_t len, double k, bool stream, NextRuns<T> next = {}) {
   if constexpr (!is_half_v<T>) {
-    scale_run_values(dy, y, dx, len, k, stream);
+    scale_run_values(dy, y, dx, len, k, stream, next);
   } else {
     with_flag(y != nullptr, [&](auto mask) {
       constexpr bool kMask = decltype(mask)::value;
@@ -710,7 +713,7 @@ inline void scale_run(const T* __restrict__ dy, const T* __restrict__ y, T* __re
             if constexpr (kMask) g = masked_vec(g, loadv(y + i));
             return g * vk;
           },
-          [&](int64_t i) { return (kMask ? masked_dy(dy[i], y[i]) : widen(dy[i])) * k; });
+          [&](int64_t i) { return (kMask ? masked_dy(dy[i], y[i]) : widen(dy[i])) * k; }, next);
     });
   }
 }

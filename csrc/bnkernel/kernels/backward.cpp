@@ -56,7 +56,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
 
   if (detail::fuse_per_channel(s, threads)) {
     // one channel per task: its sums, then its dx while (dy, x) are still in cache
-    // (and, training, the next channel's dy and x fetched into L2 while this one's dx is written)
+    // (and the next channel's dy and x fetched into L2 while this one's dx is written)
     detail::for_channel_runs_of_tasks(C, threads, stream_runs, [&](int64_t c, int64_t next) {
       double& sdy = sum_dy[c];
       double& sdyx = sum_dy_xhat[c];
@@ -66,14 +66,14 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
       const int64_t to_next = (next - c) * s.inner;
       detail::for_channel_rows(s, c, [&](int64_t offset) {
         const T* y = relu.y ? relu.y + offset : nullptr;
+        const auto fetch = next >= 0
+                               ? detail::NextRuns<T>{dy + offset + to_next, x + offset + to_next}
+                               : detail::NextRuns<T>{};
         if (mode == Mode::train) {
-          const auto fetch = next >= 0
-                                 ? detail::NextRuns<T>{dy + offset + to_next, x + offset + to_next}
-                                 : detail::NextRuns<T>{};
           detail::grad_run(dy + offset, x + offset, y, dx + offset, s.inner, mean[c], k.k_scale,
                            k.k_dy, k.k_x, stream_runs, fetch);
         } else {
-          detail::scale_run(dy + offset, y, dx + offset, s.inner, k.k_scale, stream_runs);
+          detail::scale_run(dy + offset, y, dx + offset, s.inner, k.k_scale, stream_runs, fetch);
         }
       });
     });
