@@ -63,14 +63,16 @@ struct NextRuns {
   const T* b = nullptr;
 };
 
-// y[i] = T(value(i)) for i < len, value computed in double.  With `stream`, the aligned middle of
-// the run is computed block by block into an L1 buffer and copied out with streaming stores (the
-// caller fences, see stream_fence in stores.hpp); `next` is fetched alongside.  (The two pointers
-// are read out of `next` and tested in the loop: a member function that did the same ran the
-// streamed forward 15% slower here.)
-template <typename T, class F>
-inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value,
-                      NextRuns<T> next = {}) {
+// The streamed part of a run written to y: with `stream` (and streaming stores on this machine),
+// the values before y's first kStreamAlign boundary get plain stores (value(i)), then every whole
+// 256-byte block is filled by block(buffer, i) in an L1 buffer and copied out with streaming stores
+// (the caller fences, see stream_fence in stores.hpp), `next` fetched alongside.  Returns where the
+// caller's plain stores take over (0 without `stream`).  (The two pointers are read out of `next`
+// and tested in the loop: a member function that did the same ran the streamed forward 15% slower
+// here.)
+template <typename T, class F, class B>
+inline int64_t stream_blocks(T* __restrict__ y, int64_t len, bool stream, NextRuns<T> next,
+                             F&& value, B&& block) {
   (void)stream;  // unused where there are no streaming stores
   const T* const next_a = next.a;
   const T* const next_b = next.b;
@@ -80,7 +82,7 @@ inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value,
   if constexpr (kStreamAlign > 0) {
     if (stream) {
       constexpr auto kSize = static_cast<int64_t>(sizeof(T));
-      constexpr int64_t kBlock = 256 / kSize;  // 256 bytes a block
+      constexpr int64_t kBlock = 256 / kSize;  // 256 bytes a block (a multiple of kVecLen)
       const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % kStreamAlign);
       // values up to the first aligned address get plain stores (all of them, if none is aligned)
       int64_t head = misaligned == 0 ? 0 : (kStreamAlign - misaligned) / kSize;
@@ -92,7 +94,7 @@ inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value,
         for (; i + kBlock <= len; i += kBlock) {
           if (next_a) prefetch_values(next_a + i, kBlock);
           if (next_b) prefetch_values(next_b + i, kBlock);
-          narrow_run(buffer, kBlock, [&](int64_t j) { return value(i + j); });
+          block(buffer, i, kBlock);
           for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
             stream_block(reinterpret_cast<char*>(y + i) + b,
                          reinterpret_cast<const char*>(buffer) + b);
@@ -101,6 +103,17 @@ inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value,
       }
     }
   }
+  return i;
+}
+
+// y[i] = T(value(i)) for i < len, value computed in double; streamed as stream_blocks says.
+template <typename T, class F>
+inline void write_run(T* __restrict__ y, int64_t len, bool stream, F&& value,
+                      NextRuns<T> next = {}) {
+  const int64_t i =
+      stream_blocks(y, len, stream, next, value, [&](T* buffer, int64_t at, int64_t n) {
+        narrow_run(buffer, n, [&](int64_t j) { return value(at + j); });
+      });
   narrow_run(y + i, len - i, [&](int64_t j) { return value(i + j); });
 }
 
@@ -359,83 +372,39 @@ struct AffineOp {
 template <typename T, class V, class S>
 inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&& scalar,
                        NextRuns<T> next = {}) {
-  (void)stream;  // unused where there are no streaming stores
-  const T* const next_a = next.a;
-  const T* const next_b = next.b;
-  (void)next_a;
-  (void)next_b;
-  constexpr auto kSize = static_cast<int64_t>(sizeof(T));
-  int64_t i = 0;
-  if constexpr (kStreamAlign > 0) {
-    if (stream) {
-      constexpr int64_t kBlock = 256 / kSize;  // a multiple of kVecLen
-      const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % kStreamAlign);
-      int64_t head = misaligned == 0 ? 0 : (kStreamAlign - misaligned) / kSize;
-      if (misaligned % kSize != 0) head = len;
-      head = std::min(head, len);
-      for (; i < head; ++i) y[i] = narrow<T>(scalar(i));
-      if (i + kBlock <= len) {
-        alignas(64) T buffer[kBlock];
-        for (; i + kBlock <= len; i += kBlock) {
-          if (next_a) prefetch_values(next_a + i, kBlock);
-          if (next_b) prefetch_values(next_b + i, kBlock);
-          for (int64_t j = 0; j < kBlock; j += kVecLen) storev(buffer + j, vec(i + j));
-          for (int64_t b = 0; b < kBlock * kSize; b += kStreamAlign) {
-            stream_block(reinterpret_cast<char*>(y + i) + b,
-                         reinterpret_cast<const char*>(buffer) + b);
-          }
-        }
-      }
-    }
-  }
+  int64_t i = stream_blocks(y, len, stream, next, scalar, [&](T* buffer, int64_t at, int64_t n) {
+    for (int64_t j = 0; j < n; j += kVecLen) storev(buffer + j, vec(at + j));
+  });
   for (; i + kVecLen <= len; i += kVecLen) storev(y + i, vec(i));
   for (; i < len; ++i) y[i] = narrow<T>(scalar(i));
 }
 
-template <typename T>
-inline void affine_run_values(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
-                              double scale, double shift, bool stream, const T* residual, bool relu,
-                              NextRuns<T> next = {}) {
-  with_flags(residual != nullptr, relu, [&](auto res, auto act) {
-    write_run(
-        y, len, stream,
-        [&](int64_t i) {
-          double r = affine_value(x[i], mean, scale, shift);
-          if constexpr (decltype(res)::value) r += widen(residual[i]);
-          if constexpr (decltype(act)::value) r = relu_value(r);
-          return r;
-        },
-        next);
-  });
-}
-
-// one channel's contiguous run (the fused per-channel kernels); residual at the same offset
+// one channel's contiguous run (the fused per-channel kernels); residual at the same offset. 16-bit
+// data a vector at a time (vector_run), the rest value by value (write_run): the same arithmetic.
 template <typename T>
 inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, double mean,
                        double scale, double shift, bool stream, const T* residual, bool relu,
                        NextRuns<T> next = {}) {
-  if constexpr (!is_half_v<T>) {
-    affine_run_values(x, y, len, mean, scale, shift, stream, residual, relu, next);
-  } else {
-    with_flags(residual != nullptr, relu, [&](auto res, auto act) {
+  with_flags(residual != nullptr, relu, [&](auto res, auto act) {
+    auto value = [&](int64_t i) {
+      double r = affine_value(x[i], mean, scale, shift);
+      if constexpr (decltype(res)::value) r += widen(residual[i]);
+      if constexpr (decltype(act)::value) r = relu_value(r);
+      return r;
+    };
+    if constexpr (!is_half_v<T>) {
+      write_run(y, len, stream, value, next);
+    } else {
       const vd vmean = splat(mean), vscale = splat(scale), vshift = splat(shift);
-      vector_run(
-          y, len, stream,
-          [&](int64_t i) {
-            vd r = fmav(loadv(x + i) - vmean, vscale, vshift);
-            if constexpr (decltype(res)::value) r += loadv(residual + i);
-            if constexpr (decltype(act)::value) r = relu_vec(r);
-            return r;
-          },
-          [&](int64_t i) {
-            double r = affine_value(x[i], mean, scale, shift);
-            if constexpr (decltype(res)::value) r += widen(residual[i]);
-            if constexpr (decltype(act)::value) r = relu_value(r);
-            return r;
-          },
-          next);
-    });
-  }
+      auto vec = [&](int64_t i) {
+        vd r = fmav(loadv(x + i) - vmean, vscale, vshift);
+        if constexpr (decltype(res)::value) r += loadv(residual + i);
+        if constexpr (decltype(act)::value) r = relu_vec(r);
+        return r;
+      };
+      vector_run(y, len, stream, vec, value, next);
+    }
+  });
 }
 
 // y = epilogue((x - mean[c]) * scale[c] + shift[c]) over the whole array.  16-bit planar data go
@@ -539,47 +508,30 @@ void grad(const T* dy, const T* x, const T* y, Shape s, const double* mean, cons
   });
 }
 
-template <typename T>
-inline void grad_run_values(const T* __restrict__ dy, const T* __restrict__ x,
-                            const T* __restrict__ y, T* __restrict__ dx, int64_t len, double mean,
-                            double k_scale, double k_dy, double k_x, bool stream,
-                            NextRuns<T> next = {}) {
-  with_flag(y != nullptr, [&](auto mask) {
-    write_run(
-        dx, len, stream,
-        [&](int64_t i) {
-          const double g = decltype(mask)::value ? masked_dy(dy[i], y[i]) : widen(dy[i]);
-          return grad_value(g, widen(x[i]), mean, k_scale, k_dy, k_x);
-        },
-        next);
-  });
-}
-
+// the training dx of one channel's contiguous run (the fused per-channel backward), as affine_run
 template <typename T>
 inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y,
                      T* __restrict__ dx, int64_t len, double mean, double k_scale, double k_dy,
                      double k_x, bool stream, NextRuns<T> next = {}) {
-  if constexpr (!is_half_v<T>) {
-    grad_run_values(dy, x, y, dx, len, mean, k_scale, k_dy, k_x, stream, next);
-  } else {
-    with_flag(y != nullptr, [&](auto mask) {
-      constexpr bool kMask = decltype(mask)::value;
+  with_flag(y != nullptr, [&](auto mask) {
+    constexpr bool kMask = decltype(mask)::value;
+    auto value = [&](int64_t i) {
+      const double g = kMask ? masked_dy(dy[i], y[i]) : widen(dy[i]);
+      return grad_value(g, widen(x[i]), mean, k_scale, k_dy, k_x);
+    };
+    if constexpr (!is_half_v<T>) {
+      write_run(dx, len, stream, value, next);
+    } else {
       const vd vmean = splat(mean), vk_scale = splat(k_scale), vk_dy = splat(k_dy),
                vk_x = splat(k_x);
-      vector_run(
-          dx, len, stream,
-          [&](int64_t i) {
-            vd g = loadv(dy + i);
-            if constexpr (kMask) g = masked_vec(g, loadv(y + i));
-            return grad_vec(g, loadv(x + i) - vmean, vk_scale, vk_dy, vk_x);
-          },
-          [&](int64_t i) {
-            const double g = kMask ? masked_dy(dy[i], y[i]) : widen(dy[i]);
-            return grad_value(g, widen(x[i]), mean, k_scale, k_dy, k_x);
-          },
-          next);
-    });
-  }
+      auto vec = [&](int64_t i) {
+        vd g = loadv(dy + i);
+        if constexpr (kMask) g = masked_vec(g, loadv(y + i));
+        return grad_vec(g, loadv(x + i) - vmean, vk_scale, vk_dy, vk_x);
+      };
+      vector_run(dx, len, stream, vec, value, next);
+    }
+  });
 }
 
 // The training dx under a mask over the positions (one byte per (o, i) at o * inner + i, nonzero
@@ -683,39 +635,25 @@ void scale(const T* dy, const T* y, Shape s, const double* k_scale, T* dx, int t
   });
 }
 
-template <typename T>
-inline void scale_run_values(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
-                             int64_t len, double k, bool stream, NextRuns<T> next = {}) {
-  with_flag(y != nullptr, [&](auto mask) {
-    write_run(
-        dx, len, stream,
-        [&](int64_t i) {
-          const double g = decltype(mask)::value ? masked_dy(dy[i], y[i]) : widen(dy[i]);
-          return g * k;
-        },
-        next);
-  });
-}
-
+// the frozen dx of one channel's contiguous run, dx = g * k, as affine_run
 template <typename T>
 inline void scale_run(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
                       int64_t len, double k, bool stream, NextRuns<T> next = {}) {
-  if constexpr (!is_half_v<T>) {
-    scale_run_values(dy, y, dx, len, k, stream, next);
-  } else {
-    with_flag(y != nullptr, [&](auto mask) {
-      constexpr bool kMask = decltype(mask)::value;
+  with_flag(y != nullptr, [&](auto mask) {
+    constexpr bool kMask = decltype(mask)::value;
+    auto value = [&](int64_t i) { return (kMask ? masked_dy(dy[i], y[i]) : widen(dy[i])) * k; };
+    if constexpr (!is_half_v<T>) {
+      write_run(dx, len, stream, value, next);
+    } else {
       const vd vk = splat(k);
-      vector_run(
-          dx, len, stream,
-          [&](int64_t i) {
-            vd g = loadv(dy + i);
-            if constexpr (kMask) g = masked_vec(g, loadv(y + i));
-            return g * vk;
-          },
-          [&](int64_t i) { return (kMask ? masked_dy(dy[i], y[i]) : widen(dy[i])) * k; }, next);
-    });
-  }
+      auto vec = [&](int64_t i) {
+        vd g = loadv(dy + i);
+        if constexpr (kMask) g = masked_vec(g, loadv(y + i));
+        return g * vk;
+      };
+      vector_run(dx, len, stream, vec, value, next);
+    }
+  });
 }
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS::detail

@@ -60,44 +60,16 @@ void parallel_region(int threads, F&& body) {
   }
 }
 
-// f(c) for every channel, a channel per task (planar kernels that keep a channel in cache).
-// An exception from f is rethrown after the region (see RegionErrors).
+// task(t) for t in [0, tasks) on `threads` threads, dynamically scheduled a task at a time; each
+// thread fences its streaming stores at the end.  An exception from task is rethrown after the
+// region (see RegionErrors); with one thread there is no region, so it simply propagates.
 template <class F>
-void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
-  if (threads <= 1) {  // no region (see parallel_region), so an exception may simply propagate
-    for (int64_t c = 0; c < channels; ++c) f(c);
-    stream_fence(stream);
-    return;
-  }
-  RegionErrors errors;
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-  {
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp for schedule(dynamic, 1) nowait
-#endif
-    for (int64_t c = 0; c < channels; ++c) {
-      if (!errors.failed()) errors.run([&] { f(c); });
-    }
-    stream_fence(stream);
-  }
-  errors.rethrow();
-}
-
-// f(c, next) for every channel, as for_each_channel, where `next` is the channel the same thread
-// takes after c (-1 when that is not known), so that it can fetch next's values while it finishes
-// c.  Tasks are runs of contiguous channels, several per thread (a thread that falls behind on a
-// shared machine leaves the rest to the others): a task's last channel has no known next.
-template <class F>
-void for_channel_runs_of_tasks(int64_t channels, int threads, bool stream, F&& f) {
+void for_each_task(int64_t tasks, int threads, bool stream, F&& task) {
   if (threads <= 1) {
-    for (int64_t c = 0; c < channels; ++c) f(c, c + 1 < channels ? c + 1 : int64_t{-1});
+    for (int64_t t = 0; t < tasks; ++t) task(t);
     stream_fence(stream);
     return;
   }
-  const int64_t per_task = std::max<int64_t>(1, channels / (int64_t{4} * threads));
-  const int64_t tasks = (channels + per_task - 1) / per_task;
   RegionErrors errors;
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -107,14 +79,31 @@ void for_channel_runs_of_tasks(int64_t channels, int threads, bool stream, F&& f
 #pragma omp for schedule(dynamic, 1) nowait
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t c1 = std::min(channels, (t + 1) * per_task);
-      for (int64_t c = t * per_task; c < c1; ++c) {
-        if (!errors.failed()) errors.run([&] { f(c, c + 1 < c1 ? c + 1 : int64_t{-1}); });
-      }
+      if (!errors.failed()) errors.run([&] { task(t); });
     }
     stream_fence(stream);
   }
   errors.rethrow();
+}
+
+// f(c) for every channel, a channel per task (planar kernels that keep a channel in cache).
+template <class F>
+void for_each_channel(int64_t channels, int threads, bool stream, F&& f) {
+  for_each_task(channels, threads, stream, f);
+}
+
+// f(c, next) for every channel, as for_each_channel, where `next` is the channel the same thread
+// takes after c (-1 when that is not known), so that it can fetch next's values while it finishes
+// c.  Tasks are runs of contiguous channels, several per thread (a thread that falls behind on a
+// shared machine leaves the rest to the others): a task's last channel has no known next.
+template <class F>
+void for_channel_runs_of_tasks(int64_t channels, int threads, bool stream, F&& f) {
+  const int64_t per_task = threads <= 1 ? std::max<int64_t>(channels, 1)
+                                        : std::max<int64_t>(1, channels / (int64_t{4} * threads));
+  for_each_task((channels + per_task - 1) / per_task, threads, stream, [&](int64_t t) {
+    const int64_t c1 = std::min(channels, (t + 1) * per_task);
+    for (int64_t c = t * per_task; c < c1; ++c) f(c, c + 1 < c1 ? c + 1 : int64_t{-1});
+  });
 }
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS::detail

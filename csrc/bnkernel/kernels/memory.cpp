@@ -132,42 +132,40 @@ int64_t head_bytes(const char* p, int64_t bytes) {
   return head < bytes ? head : bytes;
 }
 
-// dst[0, bytes) = src[0, bytes): whole lines of dst a line at a time (streamed or stored)
-template <bool Stream>
-void copy_bytes(const char* src, char* dst, int64_t bytes) {
+// dst[0, bytes): its whole lines a block at a time, each block line(at) stored or streamed; the
+// partial lines at the ends by edge(at, count)
+template <bool Stream, class Edge, class Line>
+void write_bytes(char* dst, int64_t bytes, Edge&& edge, Line&& line) {
   const int64_t head = head_bytes(dst, bytes);
-  std::memcpy(dst, src, static_cast<size_t>(head));
+  edge(0, head);
   int64_t i = head;
   for (; i + kLine <= bytes; i += kLine) {
-    Block v[kLine / kBlock];
-    for (int64_t b = 0; b < kLine / kBlock; ++b) v[b] = load_block(src + i + b * kBlock);
-    for (int64_t b = 0; b < kLine / kBlock; ++b) {
+    for (int64_t b = 0; b < kLine; b += kBlock) {
       if constexpr (Stream) {
-        stream(dst + i + b * kBlock, v[b]);
+        stream(dst + i + b, line(i + b));
       } else {
-        store(dst + i + b * kBlock, v[b]);
+        store(dst + i + b, line(i + b));
       }
     }
   }
-  std::memcpy(dst + i, src + i, static_cast<size_t>(bytes - i));
+  edge(i, bytes - i);
 }
 
+// dst = src, or dst = 0 (src null)
 template <bool Stream>
-void fill_bytes(char* dst, int64_t bytes) {
-  const int64_t head = head_bytes(dst, bytes);
-  std::memset(dst, 0, static_cast<size_t>(head));
-  int64_t i = head;
-  const Block z = zero_block();
-  for (; i + kLine <= bytes; i += kLine) {
-    for (int64_t b = 0; b < kLine / kBlock; ++b) {
-      if constexpr (Stream) {
-        stream(dst + i + b * kBlock, z);
-      } else {
-        store(dst + i + b * kBlock, z);
-      }
-    }
+void write_pass(const char* src, char* dst, int64_t bytes) {
+  if (src) {
+    write_bytes<Stream>(
+        dst, bytes,
+        [&](int64_t at, int64_t n) { std::memcpy(dst + at, src + at, static_cast<size_t>(n)); },
+        [&](int64_t at) { return load_block(src + at); });
+  } else {
+    const Block zero = zero_block();
+    write_bytes<Stream>(
+        dst, bytes,
+        [&](int64_t at, int64_t n) { std::memset(dst + at, 0, static_cast<size_t>(n)); },
+        [&](int64_t) { return zero; });
   }
-  std::memset(dst + i, 0, static_cast<size_t>(bytes - i));
 }
 
 // the bytes' sum as 64-bit integers (a value the compiler cannot drop), four accumulators deep
@@ -208,19 +206,15 @@ double memory_pass(MemoryPass kind, const T* src, T* dst, int64_t n) {
       const int64_t len = sh.end - sh.begin;
       switch (kind) {
         case MemoryPass::copy:
+        case MemoryPass::write: {
+          const char* from = kind == MemoryPass::copy ? s + sh.begin : nullptr;
           if (streamed) {
-            copy_bytes<true>(s + sh.begin, d + sh.begin, len);
+            write_pass<true>(from, d + sh.begin, len);
           } else {
-            copy_bytes<false>(s + sh.begin, d + sh.begin, len);
+            write_pass<false>(from, d + sh.begin, len);
           }
           break;
-        case MemoryPass::write:
-          if (streamed) {
-            fill_bytes<true>(d + sh.begin, len);
-          } else {
-            fill_bytes<false>(d + sh.begin, len);
-          }
-          break;
+        }
         case MemoryPass::read:
           sums[t] = read_bytes(s + sh.begin, len);
           break;

@@ -220,7 +220,7 @@ def measure_cases(
                 done += 1
                 if t not in row_copies:
                     _core.set_num_threads(t)
-                    row_copies[t] = copy_time(case.x)
+                    row_copies[t] = copy_time(case.x, config.repeat, config.min_time)
                 row = measure(case, op, t, config, torch, copy_bw[t], row_copies[t])
                 add_numpy(row, np_result)
                 yield row
