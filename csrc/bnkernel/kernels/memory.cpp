@@ -34,8 +34,8 @@ inline Block add(Block a, Block b) {
 inline Block zero_block() {
   return _mm512_setzero_si512();
 }
-inline int64_t lanes_sum(Block v) {  // (not _mm512_reduce_add_epi64: GCC 12 warns inside it)
-  alignas(64) int64_t l[8];
+inline uint64_t lanes_sum(Block v) {  // (not _mm512_reduce_add_epi64: GCC 12 warns inside it)
+  alignas(64) uint64_t l[8];
   _mm512_store_si512(l, v);
   return l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7];
 }
@@ -56,8 +56,8 @@ inline Block add(Block a, Block b) {
 inline Block zero_block() {
   return _mm256_setzero_si256();
 }
-inline int64_t lanes_sum(Block v) {
-  alignas(32) int64_t l[4];
+inline uint64_t lanes_sum(Block v) {
+  alignas(32) uint64_t l[4];
   _mm256_store_si256(reinterpret_cast<Block*>(l), v);
   return l[0] + l[1] + l[2] + l[3];
 }
@@ -78,14 +78,14 @@ inline Block add(Block a, Block b) {
 inline Block zero_block() {
   return _mm_setzero_si128();
 }
-inline int64_t lanes_sum(Block v) {
-  alignas(16) int64_t l[2];
+inline uint64_t lanes_sum(Block v) {
+  alignas(16) uint64_t l[2];
   _mm_store_si128(reinterpret_cast<Block*>(l), v);
   return l[0] + l[1];
 }
 #else
 struct Block {
-  int64_t v;
+  uint64_t v;
 };
 inline Block load_block(const char* p) {
   Block b;
@@ -104,7 +104,7 @@ inline Block add(Block a, Block b) {
 inline Block zero_block() {
   return {0};
 }
-inline int64_t lanes_sum(Block v) {
+inline uint64_t lanes_sum(Block v) {
   return v.v;
 }
 #endif
@@ -168,11 +168,11 @@ void write_pass(const char* src, char* dst, int64_t bytes) {
   }
 }
 
-// the bytes' sum as 64-bit integers (a value the compiler cannot drop), four accumulators deep
-int64_t read_bytes(const char* src, int64_t bytes) {
+// the bytes' sum as 64-bit integers, wrapping (a value the compiler cannot drop)
+uint64_t read_bytes(const char* src, int64_t bytes) {
   const int64_t head = head_bytes(src, bytes);
-  int64_t total = 0;
-  for (int64_t i = 0; i < head; ++i) total += src[i];
+  uint64_t total = 0;
+  for (int64_t i = 0; i < head; ++i) total += static_cast<unsigned char>(src[i]);
   Block acc[kLine / kBlock];
   for (auto& a : acc) a = zero_block();
   int64_t i = head;
@@ -180,7 +180,7 @@ int64_t read_bytes(const char* src, int64_t bytes) {
     for (int64_t b = 0; b < kLine / kBlock; ++b)
       acc[b] = add(acc[b], load_block(src + i + b * kBlock));
   }
-  for (; i < bytes; ++i) total += src[i];
+  for (; i < bytes; ++i) total += static_cast<unsigned char>(src[i]);
   for (const auto& a : acc) total += lanes_sum(a);
   return total;
 }
@@ -196,7 +196,7 @@ double memory_pass(MemoryPass kind, const T* src, T* dst, int64_t n) {
       kind == MemoryPass::read ? static_cast<const void*>(src) : static_cast<const void*>(dst));
   const auto* s = reinterpret_cast<const char*>(src);
   auto* d = reinterpret_cast<char*>(dst);
-  int64_t sums[kMaxThreads] = {};
+  uint64_t sums[kMaxThreads] = {};
   detail::parallel_region(threads, [&] {
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(static)
@@ -222,7 +222,7 @@ double memory_pass(MemoryPass kind, const T* src, T* dst, int64_t n) {
     }
     detail::stream_fence(streamed);
   });
-  int64_t total = 0;
+  uint64_t total = 0;
   for (int t = 0; t < threads; ++t) total += sums[t];
   return static_cast<double>(total);
 }
