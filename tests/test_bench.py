@@ -363,6 +363,31 @@ def test_torch_peer_half_precision(op, layout, dtype):
     assert xt.data_ptr() == case.x.ctypes.data  # a view, not a copy
 
 
+def test_a_case_torch_cannot_run_leaves_its_column_empty(monkeypatch, restore_threads):
+    """torch raising on a case (a dtype or layout it has no kernel for) is recorded in the row, not
+    a failed benchmark; bnkernel's own result is still checked and timed."""
+    from types import SimpleNamespace
+
+    from bnkernel.bench import measure as measure_mod
+
+    real_prepare = measure_mod.prepare
+
+    def prepare(case, op, impl, torch=None):
+        if impl == "torch":
+            raise RuntimeError("no CPU kernel for this case\nsecond line")
+        return real_prepare(case, op, impl, torch)
+
+    monkeypatch.setattr(measure_mod, "prepare", prepare)
+    fake_torch = SimpleNamespace(set_num_threads=lambda n: None)
+    case = _bench.make_case((4, 6, 3, 5), "NCHW", np.float32)
+    config = measure_mod.BenchConfig(repeat=1, min_time=0.0)
+    bw = _bench.copy_bandwidth(1, 1 << 16, repeat=1)
+    row = measure_mod.measure(case, "forward_train", 1, config, fake_torch, bw)
+    assert row["torch"] is None and row["speedup_vs_torch"] is None
+    assert row["torch_error"] == "RuntimeError: no CPU kernel for this case"
+    assert row["bnkernel"]["check"]["max_rel_err"] <= row["bnkernel"]["check"]["tolerance"]
+
+
 # ---- size sweep ---------------------------------------------------------------------------------
 
 SWEEP_FAST = ["--sweep", "--sweep-max", "64K", "--repeat", "1", "--min-time", "0.001",

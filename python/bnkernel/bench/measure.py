@@ -186,7 +186,8 @@ def measure(
             pt = prepare(case, op, "torch", torch)
             touts = pt.outputs()
         except (RuntimeError, TypeError, NotImplementedError) as e:  # a case torch cannot run
-            row["torch_error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            first_line = (str(e).splitlines() or [""])[0]
+            row["torch_error"] = f"{type(e).__name__}: {first_line}"
             return row
         tcheck = check_outputs(case, op, touts, peer=True, who="torch")
         ttiming = time_call(pt.call, config.repeat, config.min_time, max_time=config.max_time)
