@@ -1,13 +1,10 @@
-// Software prefetches towards L2, for the access patterns the hardware prefetcher follows poorly.
+// Software prefetches: towards L2 for the access patterns the hardware prefetcher follows poorly,
+// and ahead of the streaming loops, so that one core keeps enough misses in flight.
 #pragma once
 
 #include <cstdint>
 
 #include "bnkernel/dispatch/isa.hpp"
-
-#ifndef BNKERNEL_PREFETCH_LEVEL
-#define BNKERNEL_PREFETCH_LEVEL 3
-#endif
 
 namespace bnkernel::BNKERNEL_ISA_NS::detail {
 
@@ -28,21 +25,18 @@ inline void prefetch_l2_write(void* p, int64_t bytes) {
 
 // Streaming loops: a software prefetch this far ahead of the values being read, one line per
 // line consumed.  One core keeps too few misses in flight for DRAM on the hardware prefetcher
-// alone; these requests let the loads of a run overlap its arithmetic.
-#ifndef BNKERNEL_PREFETCH_AHEAD
-#define BNKERNEL_PREFETCH_AHEAD 2048
-#endif
-constexpr int64_t kPrefetchAhead = BNKERNEL_PREFETCH_AHEAD;
+// alone; these requests let the loads of a run overlap its arithmetic.  Measured on the planar
+// statistics (32x256x56x56 float32, one thread): 2 KiB into L1 8.9 -> 6.7 ms; 1 KiB or into L2
+// no better, 4-8 KiB the same.
+constexpr int64_t kPrefetchAhead = 2048;
 
-// Prefetches the lines `kPrefetchAhead` bytes past [p, p + bytes), the block a loop iteration
-// reads.
+// Prefetches into L1 the lines kPrefetchAhead bytes past the `count` values at p (the block a
+// loop iteration reads).
 template <typename T>
 inline void prefetch_ahead(const T* p, int64_t count) {
-  if constexpr (kPrefetchAhead > 0) {
-    const char* c = reinterpret_cast<const char*>(p) + kPrefetchAhead;
-    const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, BNKERNEL_PREFETCH_LEVEL);
-  }
+  const char* c = reinterpret_cast<const char*>(p) + kPrefetchAhead;
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
 }
 
 template <typename T>

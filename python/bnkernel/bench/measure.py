@@ -30,7 +30,7 @@ from .cases import (
     make_case,
     traffic_bytes,
 )
-from .peers import prepare
+from .peers import has_textbook, prepare
 from .plot import require_matplotlib
 from .report import row_line
 from .timing import PEER_MAX_TIME_S, CopyBandwidth, Timing, copy_bandwidth, copy_time, time_call
@@ -113,12 +113,6 @@ def measure_copy(
     return copy_bw
 
 
-def has_textbook(case: Case) -> bool:
-    """Whether the NumPy textbook runs on ``case``: not on 16-bit data (NumPy computes in float32
-    there, so a textbook user would convert first)."""
-    return case.dtype.itemsize >= 4
-
-
 def run_numpy(case: Case, op: str, config: BenchConfig) -> dict[str, Any]:
     """The NumPy textbook on ``case``: checked, then timed (capped at ~PEER_MAX_TIME_S)."""
     p = prepare(case, op, "numpy")
@@ -148,7 +142,7 @@ def measure(
     here when not given."""
     _core.set_num_threads(threads)
     if row_copy is None:
-        row_copy = copy_time(case.x)
+        row_copy = copy_time(case.x, config.repeat, config.min_time)
     p = prepare(case, op, "bnkernel")
     check = check_outputs(case, op, p.outputs())
     timing = time_call(p.call, config.repeat, config.min_time, max_time=config.max_time)

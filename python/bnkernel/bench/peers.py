@@ -108,8 +108,14 @@ def _prepare_bnkernel(case: Case, op: str) -> Prepared:
     return Prepared(call_bwd, outputs_bwd, variant)
 
 
+def has_textbook(case: Case) -> bool:
+    """Whether the NumPy textbook runs on ``case``: not on 16-bit data (NumPy computes in float32
+    there, so a textbook user would convert first)."""
+    return case.dtype.itemsize >= 4
+
+
 def _prepare_numpy(case: Case, op: str) -> Prepared:
-    if case.dtype.itemsize < 4:
+    if not has_textbook(case):
         raise BenchError(
             f"the NumPy textbook is not run on {case.dtype.name} (NumPy has no fast arithmetic in "
             "it: such code computes in float32)"
