@@ -65,16 +65,21 @@ struct PlanarMoments {
   // mean of values [j0, j1) (a tail padded with 0, which adds nothing)
   double leaf_mean(int64_t j0, int64_t j1, double* tail) const {
     Lanes sum;
-    auto add = [&](const auto* b) {
-      for_each_vec([&](int v, int64_t o) { sum.v[v] += loadv(b + o); });
-    };
     for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
+      Lanes a = sum;  // see Lanes: the run's sums in registers
+      auto add = [&](const auto* b) {
+        for_each_vec([&](int v, int64_t o) { a.v[v] += loadv(b + o); });
+      };
       int64_t i = 0;
-      for (; i + kLanes <= len; i += kLanes) add(p + i);
+      for (; i + kLanes <= len; i += kLanes) {
+        prefetch_ahead(p + i, kLanes);  // this pass reads the leaf from memory, the next from cache
+        add(p + i);
+      }
       if (i < len) {
         pad_tail(p + i, len - i, 0.0, tail);
         add(tail);
       }
+      sum = a;
     });
     return sum.total() / static_cast<double>(j1 - j0);
   }
@@ -88,23 +93,26 @@ struct PlanarMoments {
     // sums of d^2 and of d, d = x - center (a tail padded with center: d = 0)
     const vd vcenter = splat(center);
     Lanes m2, corr;
-    auto add2 = [&](const auto* b) {
-      for_each_vec([&](int v, int64_t o) {
-        const vd d = loadv(b + o) - vcenter;
-        m2.v[v] = fmav(d, d, m2.v[v]);
-        corr.v[v] += d;
-      });
-    };
     for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
+      Lanes a2 = m2, a1 = corr;  // see Lanes: the run's sums in registers
+      auto add2 = [&](const auto* b) {
+        for_each_vec([&](int v, int64_t o) {
+          const vd d = loadv(b + o) - vcenter;
+          a2.v[v] = fmav(d, d, a2.v[v]);
+          a1.v[v] += d;
+        });
+      };
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
-        prefetch_ahead(p + i, kLanes);
+        if constexpr (!std::is_same_v<T, double>) prefetch_ahead(p + i, kLanes);  // else cached
         add2(p + i);
       }
       if (i < len) {
         pad_tail(p + i, len - i, center, tail);
         add2(tail);
       }
+      m2 = a2;
+      corr = a1;
     });
     leaf_moments(out, n, center, corr.total(), m2.total());
   }
@@ -153,19 +161,21 @@ struct MaskedPlanarMoments {
     int64_t count = 0;
     Lanes sum;
     runs(j0, j1, [&](const T* p, const uint8_t* m, int64_t len) {
+      Lanes a = sum;  // see Lanes: the run's sums in registers
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
         for_each_vec([&](int v, int64_t o) {
-          sum.v[v] += select_bits(loadv(p + i + o), mask_bits(m + i + o));
+          a.v[v] += select_bits(loadv(p + i + o), mask_bits(m + i + o));
         });
       }
       if (i < len) {
         for (int64_t q = 0; q < kLanes; ++q) tail_mask[q] = q < len - i ? m[i + q] : 0;
         pad_tail(p + i, len - i, 0.0, tail);
         for_each_vec([&](int v, int64_t o) {
-          sum.v[v] += select_bits(loadv(tail + o), mask_bits(tail_mask + o));
+          a.v[v] += select_bits(loadv(tail + o), mask_bits(tail_mask + o));
         });
       }
+      sum = a;
       for (int64_t q = 0; q < len; ++q) count += m[q] != 0;
     });
     if (count == 0) {
@@ -176,14 +186,15 @@ struct MaskedPlanarMoments {
     const double center = sum.total() / n;
     const vd vcenter = splat(center);
     Lanes m2, corr;
-    auto add2 = [&](const auto* b, const uint8_t* m) {
-      for_each_vec([&](int v, int64_t o) {
-        const vd d = select_bits(loadv(b + o) - vcenter, mask_bits(m + o));
-        m2.v[v] = fmav(d, d, m2.v[v]);
-        corr.v[v] += d;
-      });
-    };
     runs(j0, j1, [&](const T* p, const uint8_t* m, int64_t len) {
+      Lanes a2 = m2, a1 = corr;  // see Lanes: the run's sums in registers
+      auto add2 = [&](const auto* b, const uint8_t* mb) {
+        for_each_vec([&](int v, int64_t o) {
+          const vd d = select_bits(loadv(b + o) - vcenter, mask_bits(mb + o));
+          a2.v[v] = fmav(d, d, a2.v[v]);
+          a1.v[v] += d;
+        });
+      };
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) add2(p + i, m + i);
       if (i < len) {
@@ -191,6 +202,8 @@ struct MaskedPlanarMoments {
         pad_tail(p + i, len - i, center, tail);
         add2(tail, tail_mask);
       }
+      m2 = a2;
+      corr = a1;
     });
     leaf_moments(out, n, center, corr.total(), m2.total());
   }

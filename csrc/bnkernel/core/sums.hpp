@@ -44,14 +44,15 @@ struct PlanarSums {
     // padded with g = 0 and x = mean, which add nothing.
     alignas(64) double tail_dy[kLanes], tail_x[kLanes];
     const vd vmean = splat(mean);
-    Lanes a, b;
-    auto add = [&](const vd* g, const auto* xs) {
-      for_each_vec([&](int v, int64_t o) {
-        a.v[v] += g[v];
-        b.v[v] = fmav(g[v], loadv(xs + o) - vmean, b.v[v]);
-      });
-    };
+    Lanes sum_g, sum_gd;
     for_channel_runs(x, s, c, j0, j1, [&](const T* px, int64_t len) {
+      Lanes a = sum_g, b = sum_gd;  // see Lanes: the run's sums in registers
+      auto add = [&](const vd* g, const auto* xs) {
+        for_each_vec([&](int v, int64_t o) {
+          a.v[v] += g[v];
+          b.v[v] = fmav(g[v], loadv(xs + o) - vmean, b.v[v]);
+        });
+      };
       const int64_t at = px - x;
       const T* pdy = dy + at;
       int64_t i = 0;
@@ -83,9 +84,11 @@ struct PlanarSums {
         for_each_vec([&](int v, int64_t o) { g[v] = loadv(tail_dy + o); });
         add(g, tail_x);
       }
+      sum_g = a;
+      sum_gd = b;
     });
-    const double sdy = a.total();
-    const double sdyd = b.total();
+    const double sdy = sum_g.total();
+    const double sdyd = sum_gd.total();
     out[0] = sdy;
     out[1] = sdyd;
   }

@@ -20,7 +20,10 @@ namespace bnkernel::BNKERNEL_ISA_NS::detail {
 constexpr int kVecs = 4;                     // vectors per accumulator
 constexpr int64_t kLanes = kVecs * kVecLen;  // partial sums per accumulator
 
-// kLanes partial sums, lane q in v[q / kVecLen][q % kVecLen].
+// kLanes partial sums, lane q in v[q / kVecLen][q % kVecLen].  A loop adds into a local copy
+// (`Lanes a = sums; ...loop...; sums = a;` around each contiguous run): GCC 12 kept a Lanes that
+// the run's lambda reached by reference in memory, with a store of every vector per block; the
+// local copy lives in registers (the planar statistics in L1, float32: 0.157 -> 0.114 ns a value).
 struct Lanes {
   vd v[kVecs] = {};
 
