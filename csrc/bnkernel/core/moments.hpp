@@ -245,11 +245,20 @@ struct InterleavedMoments {
 
   int64_t leaves() const { return ceil_div(rows, leaf_rows); }
 
+  // The same columns of the next chunk's rows (of this leaf or the next) into L2, while this
+  // chunk's block is summed, by the pass that reads the leaf from memory (see prefetch_l2).  (A
+  // lambda doing the same inside leaf() lost its prefetches to GCC 12's optimizer for float.)
+  void fetch_next_chunk(int64_t q1, int64_t chunk, int64_t c) const {
+    const int64_t end = std::min(rows, q1 + chunk);
+    for (int64_t r = q1; r < end; ++r) {
+      prefetch_l2(x + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
+    }
+  }
+
   void leaf(int64_t k, double* out) const {
     const int64_t C = channels;
     int64_t r0 = k * leaf_rows;
     const int64_t r1 = std::min(rows, r0 + leaf_rows);
-    const int64_t next_end = std::min(rows, r1 + leaf_rows);
     int64_t count = r1 - r0;
     if constexpr (Masked) {
       count = 0;
@@ -264,24 +273,30 @@ struct InterleavedMoments {
     double* __restrict__ mean = out + 1;
     double* __restrict__ m2 = out + 1 + C;
     double* __restrict__ corr = out + 1 + 2 * C;
-    // The channels are taken kLanes at a time with their sums in registers across the leaf's
-    // rows, then the few left over with their sums in memory.  Either way each channel's values
-    // are added row after row, so the results do not depend on which channels share a block.
+    // The channels are taken kLanes at a time with their sums in registers down a chunk of the
+    // leaf's rows (stored between chunks, see interleaved_chunk_rows), then the few left over with
+    // their sums in memory.  Either way each channel's values are added row after row, so the
+    // results depend neither on which channels share a block nor on the chunks.
     const int64_t blocked = C - C % kLanes;
+    const int64_t chunk = interleaved_chunk_rows(1);
     // the center of each channel (see PlanarMoments): the first row below float64, else the mean
     if constexpr (!std::is_same_v<T, double>) {
       const T* first = x + r0 * stride;
       for (int64_t c = 0; c < C; ++c) mean[c] = widen(first[c]);
     } else {
-      for (int64_t c = 0; c < blocked; c += kLanes) {
-        vd a[kVecs];
-        for_each_vec([&](int v, int64_t) { a[v] = splat(0.0); });
-        for (int64_t r = r0; r < r1; ++r) {
-          if (skip(r)) continue;
-          const T* row = x + r * stride + c;
-          for_each_vec([&](int v, int64_t o) { a[v] += loadv(row + o); });
+      for (int64_t q0 = r0; q0 < r1; q0 += chunk) {
+        const int64_t q1 = std::min(r1, q0 + chunk);
+        for (int64_t c = 0; c < blocked; c += kLanes) {
+          fetch_next_chunk(q1, chunk, c);
+          vd a[kVecs];
+          for_each_vec([&](int v, int64_t o) { a[v] = q0 == r0 ? splat(0.0) : loadv(mean + c + o); });
+          for (int64_t r = q0; r < q1; ++r) {
+            if (skip(r)) continue;
+            const T* row = x + r * stride + c;
+            for_each_vec([&](int v, int64_t o) { a[v] += loadv(row + o); });
+          }
+          for_each_vec([&](int v, int64_t o) { std::memcpy(mean + c + o, &a[v], sizeof(vd)); });
         }
-        for_each_vec([&](int v, int64_t o) { std::memcpy(mean + c + o, &a[v], sizeof(vd)); });
       }
       std::fill(mean + blocked, mean + C, 0.0);
       for (int64_t r = r0; r < r1; ++r) {
@@ -293,30 +308,30 @@ struct InterleavedMoments {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) mean[c] /= n;
     }
-    for (int64_t c = 0; c < blocked; c += kLanes) {
-      // the same columns of the next leaf, spread over this leaf's blocks (see prefetch_l2)
-      for (int64_t r = r1; r < next_end; ++r) {
-        prefetch_l2(x + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
-      }
-      vd center[kVecs], a2[kVecs], a1[kVecs];
-      for_each_vec([&](int v, int64_t o) {
-        center[v] = loadv(mean + c + o);
-        a2[v] = splat(0.0);
-        a1[v] = splat(0.0);
-      });
-      for (int64_t r = r0; r < r1; ++r) {
-        if (skip(r)) continue;
-        const T* row = x + r * stride + c;
+    for (int64_t q0 = r0; q0 < r1; q0 += chunk) {
+      const int64_t q1 = std::min(r1, q0 + chunk);
+      for (int64_t c = 0; c < blocked; c += kLanes) {
+        if constexpr (!std::is_same_v<T, double>) fetch_next_chunk(q1, chunk, c);  // else cached
+        vd center[kVecs], a2[kVecs], a1[kVecs];
         for_each_vec([&](int v, int64_t o) {
-          const vd d = loadv(row + o) - center[v];
-          a2[v] = fmav(d, d, a2[v]);
-          a1[v] += d;
+          center[v] = loadv(mean + c + o);
+          a2[v] = q0 == r0 ? splat(0.0) : loadv(m2 + c + o);
+          a1[v] = q0 == r0 ? splat(0.0) : loadv(corr + c + o);
+        });
+        for (int64_t r = q0; r < q1; ++r) {
+          if (skip(r)) continue;
+          const T* row = x + r * stride + c;
+          for_each_vec([&](int v, int64_t o) {
+            const vd d = loadv(row + o) - center[v];
+            a2[v] = fmav(d, d, a2[v]);
+            a1[v] += d;
+          });
+        }
+        for_each_vec([&](int v, int64_t o) {
+          std::memcpy(m2 + c + o, &a2[v], sizeof(vd));
+          std::memcpy(corr + c + o, &a1[v], sizeof(vd));
         });
       }
-      for_each_vec([&](int v, int64_t o) {
-        std::memcpy(m2 + c + o, &a2[v], sizeof(vd));
-        std::memcpy(corr + c + o, &a1[v], sizeof(vd));
-      });
     }
     std::fill(m2 + blocked, m2 + C, 0.0);
     std::fill(corr + blocked, corr + C, 0.0);

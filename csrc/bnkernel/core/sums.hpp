@@ -132,40 +132,45 @@ struct InterleavedSums {
     const int64_t C = channels;
     const int64_t r0 = k * leaf_rows;
     const int64_t r1 = std::min(rows, r0 + leaf_rows);
-    const int64_t next_end = std::min(rows, r1 + leaf_rows);
     double* __restrict__ sdy = out;
     double* __restrict__ sdyd = out + C;
-    // channel blocks in registers, then the rest in memory, as in InterleavedMoments
+    // channel blocks in registers down a chunk of rows, then the rest in memory, as in
+    // InterleavedMoments
     const int64_t blocked = C - C % kLanes;
-    for (int64_t c = 0; c < blocked; c += kLanes) {
-      for (int64_t r = r1; r < next_end; ++r) {  // as in InterleavedMoments
-        prefetch_l2(x + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
-        prefetch_l2(dy + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
-        if constexpr (Mask)
-          prefetch_l2(y + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
-      }
-      vd mu[kVecs], a[kVecs], b[kVecs];
-      for_each_vec([&](int v, int64_t o) {
-        mu[v] = loadv(mean + c + o);
-        a[v] = splat(0.0);
-        b[v] = splat(0.0);
-      });
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t at = r * stride + c;
+    const int64_t chunk = interleaved_chunk_rows(2);
+    for (int64_t q0 = r0; q0 < r1; q0 += chunk) {
+      const int64_t q1 = std::min(r1, q0 + chunk);
+      const int64_t next_end = std::min(rows, q1 + chunk);
+      for (int64_t c = 0; c < blocked; c += kLanes) {
+        for (int64_t r = q1; r < next_end; ++r) {  // as in InterleavedMoments
+          prefetch_l2(x + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
+          prefetch_l2(dy + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
+          if constexpr (Mask)
+            prefetch_l2(y + r * stride + c, kLanes * static_cast<int64_t>(sizeof(T)));
+        }
+        vd mu[kVecs], a[kVecs], b[kVecs];
         for_each_vec([&](int v, int64_t o) {
-          vd g = loadv(dy + at + o);
-          if constexpr (Mask) {
-            g = masked_vec(g, loadv(y + at + o));
-            if (dres) storev(dres + at + o, g);
-          }
-          a[v] += g;
-          b[v] = fmav(g, loadv(x + at + o) - mu[v], b[v]);
+          mu[v] = loadv(mean + c + o);
+          a[v] = q0 == r0 ? splat(0.0) : loadv(sdy + c + o);
+          b[v] = q0 == r0 ? splat(0.0) : loadv(sdyd + c + o);
+        });
+        for (int64_t r = q0; r < q1; ++r) {
+          const int64_t at = r * stride + c;
+          for_each_vec([&](int v, int64_t o) {
+            vd g = loadv(dy + at + o);
+            if constexpr (Mask) {
+              g = masked_vec(g, loadv(y + at + o));
+              if (dres) storev(dres + at + o, g);
+            }
+            a[v] += g;
+            b[v] = fmav(g, loadv(x + at + o) - mu[v], b[v]);
+          });
+        }
+        for_each_vec([&](int v, int64_t o) {
+          std::memcpy(sdy + c + o, &a[v], sizeof(vd));
+          std::memcpy(sdyd + c + o, &b[v], sizeof(vd));
         });
       }
-      for_each_vec([&](int v, int64_t o) {
-        std::memcpy(sdy + c + o, &a[v], sizeof(vd));
-        std::memcpy(sdyd + c + o, &b[v], sizeof(vd));
-      });
     }
     std::fill(sdy + blocked, sdy + C, 0.0);
     std::fill(sdyd + blocked, sdyd + C, 0.0);
