@@ -414,7 +414,9 @@ void affine(const T* x, Shape s, const double* mean, const double* scale, const 
             int threads, Epilogue<T> ep) {
   if constexpr (is_half_v<T>) {
     if (s.inner > 1) {
-      const bool stream = stream_channel_runs(y, s);
+      // (streamed rows of at least 4 KiB: a shorter row has too few whole streamed blocks)
+      const bool stream =
+          stream_channel_runs(y, s) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
       const int64_t rows = s.outer * s.channels;
       parallel_region(threads, [&] {
 #if BNKERNEL_HAVE_OPENMP

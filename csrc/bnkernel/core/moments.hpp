@@ -65,14 +65,15 @@ struct PlanarMoments {
   // mean of values [j0, j1) (a tail padded with 0, which adds nothing)
   double leaf_mean(int64_t j0, int64_t j1, double* tail) const {
     Lanes sum;
-    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
+    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len, const T* next) {
       Lanes a = sum;  // see Lanes: the run's sums in registers
       auto add = [&](const auto* b) {
         for_each_vec([&](int v, int64_t o) { a.v[v] += loadv(b + o); });
       };
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
-        prefetch_ahead(p + i, kLanes);  // this pass reads the leaf from memory, the next from cache
+        // this pass reads the leaf from memory, the next from cache
+        prefetch_run_ahead(p, i, len, next, kLanes);
         add(p + i);
       }
       if (i < len) {
@@ -93,7 +94,7 @@ struct PlanarMoments {
     // sums of d^2 and of d, d = x - center (a tail padded with center: d = 0)
     const vd vcenter = splat(center);
     Lanes m2, corr;
-    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
+    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len, const T* next) {
       Lanes a2 = m2, a1 = corr;  // see Lanes: the run's sums in registers
       auto add2 = [&](const auto* b) {
         for_each_vec([&](int v, int64_t o) {
@@ -104,7 +105,9 @@ struct PlanarMoments {
       };
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
-        if constexpr (!std::is_same_v<T, double>) prefetch_ahead(p + i, kLanes);  // else cached
+        if constexpr (!std::is_same_v<T, double>) {  // else cached by leaf_mean
+          prefetch_run_ahead(p, i, len, next, kLanes);
+        }
         add2(p + i);
       }
       if (i < len) {
@@ -147,7 +150,7 @@ struct MaskedPlanarMoments {
   template <class F>
   void runs(int64_t j0, int64_t j1, F&& f) const {
     int64_t j = j0;
-    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len) {
+    for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len, const T*) {
       f(p, mask + j, len);
       j += len;
     });

@@ -39,6 +39,21 @@ inline void prefetch_ahead(const T* p, int64_t count) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
 }
 
+// The same for a block of `count` values at value i of a run of len values at p, where the reading
+// goes on at `next` after the run (for_channel_runs): past the run's end the lines ahead are
+// next's, so that a run's first lines are on their way while the run before it is summed (the
+// runs of a channel are a channel stride apart, where the hardware prefetcher has no stream).
+template <typename T>
+inline void prefetch_run_ahead(const T* p, int64_t i, int64_t len, const T* next, int64_t count) {
+  constexpr int64_t kAhead = kPrefetchAhead / static_cast<int64_t>(sizeof(T));
+  const int64_t at = i + kAhead;
+  if (at < len) {
+    prefetch_ahead(p + i, count);
+  } else if (next != nullptr) {
+    prefetch_ahead(next + (at - len) - kAhead, count);
+  }
+}
+
 template <typename T>
 inline void prefetch_values(const T* p, int64_t count) {
   prefetch_l2(p, count * static_cast<int64_t>(sizeof(T)));

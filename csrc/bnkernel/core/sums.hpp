@@ -45,7 +45,7 @@ struct PlanarSums {
     alignas(64) double tail_dy[kLanes], tail_x[kLanes];
     const vd vmean = splat(mean);
     Lanes sum_g, sum_gd;
-    for_channel_runs(x, s, c, j0, j1, [&](const T* px, int64_t len) {
+    for_channel_runs(x, s, c, j0, j1, [&](const T* px, int64_t len, const T* next) {
       Lanes a = sum_g, b = sum_gd;  // see Lanes: the run's sums in registers
       auto add = [&](const vd* g, const auto* xs) {
         for_each_vec([&](int v, int64_t o) {
@@ -57,8 +57,8 @@ struct PlanarSums {
       const T* pdy = dy + at;
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
-        prefetch_ahead(pdy + i, kLanes);
-        prefetch_ahead(px + i, kLanes);
+        prefetch_run_ahead(pdy, i, len, next ? dy + (next - x) : nullptr, kLanes);
+        prefetch_run_ahead(px, i, len, next, kLanes);
         vd g[kVecs];
         for_each_vec([&](int v, int64_t o) {
           g[v] = loadv(pdy + i + o);
