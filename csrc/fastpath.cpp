@@ -12,14 +12,15 @@
 // (python/bnkernel/_checks.py, FAST_PATH_RULES, which names the Python function stating each;
 // kRules here must list the same names, tests/test_fastpath.py holds them together, and its
 // property tests show that the fast path never accepts a call the checked path refuses):
-//   x-plain            x: exact ndarray, float32/float64, C-contiguous, aligned, ndim >= 2, not
-//                      empty (plain(), input())
+//   x-plain            x: exact ndarray, float16/float32/float64, C-contiguous, aligned,
+//                      ndim >= 2, not empty (plain(), input())
 //   axis               an exact int in [-ndim, ndim) (input())
 //   flags              training, running_var_unbiased: exact bools
 //   eps                an exact float, finite, >= 0
 //   momentum           an exact float in [0, 1] (training)
-//   per-channel        gamma, beta, running statistics: plain, 1-d, length C, x's dtype; mean and
-//                      invstd: plain float64 (per_channel())
+//   per-channel        gamma, beta, running statistics: plain, 1-d, length C, x's parameter
+//                      dtype (float32 for float16 data, else x's); mean and invstd: plain float64
+//                      (per_channel())
 //   one-value          training: more than one value per channel
 //   running-required   inference: both running statistics given
 //   running-writeable  training: the running statistics given are writeable
@@ -93,18 +94,21 @@ bool disjoint(PyArrayObject* a, std::initializer_list<PyArrayObject*> others) {
   return true;
 }
 
-// x: plain float32/float64, ndim >= 2, not empty; the channel axis from `axis` (a Python int in
-// range); the (outer, C, inner) view.
+// x: plain float16/float32/float64, ndim >= 2, not empty; the channel axis from `axis` (a Python
+// int in range); the (outer, C, inner) view.  param_type: the dtype of the per-channel parameters
+// and running statistics (bnkernel::Param: float32 for float16 data).  (bfloat16 is ml_dtypes'
+// type, without a fixed NumPy type number: it takes the checked path.)
 struct Input {
   PyArrayObject* x = nullptr;
   int type = 0;
+  int param_type = 0;
   Shape shape;
 };
 
 bool input(PyObject* obj, PyObject* axis_obj, Input& in) {
   if (!PyArray_CheckExact(obj)) return false;
   const int type = PyArray_TYPE(reinterpret_cast<PyArrayObject*>(obj));
-  if (type != NPY_FLOAT && type != NPY_DOUBLE) return false;
+  if (type != NPY_HALF && type != NPY_FLOAT && type != NPY_DOUBLE) return false;
   PyArrayObject* x = plain(obj, type);
   if (!x || PyArray_NDIM(x) < 2 || PyArray_SIZE(x) == 0) return false;
   if (!PyLong_CheckExact(axis_obj)) return false;
@@ -116,7 +120,8 @@ bool input(PyObject* obj, PyObject* axis_obj, Input& in) {
   int64_t outer = 1, inner = 1;
   for (int i = 0; i < axis; ++i) outer *= PyArray_DIM(x, i);
   for (int i = axis + 1; i < ndim; ++i) inner *= PyArray_DIM(x, i);
-  in = Input{x, type, Shape{outer, PyArray_DIM(x, axis), inner}};
+  in = Input{x, type, type == NPY_HALF ? NPY_FLOAT : type,
+             Shape{outer, PyArray_DIM(x, axis), inner}};
   return true;
 }
 
@@ -190,10 +195,12 @@ PyObject* not_plain() {
   Py_RETURN_NONE;
 }
 
-// f(T{}) for the data type T of a plain array (float32 or float64, as input() admits)
+// f(T{}) for the data type T of a plain array (float16, float32 or float64, as input() admits)
 template <class F>
 void with_type(int type, F&& f) {
-  if (type == NPY_FLOAT) {
+  if (type == NPY_HALF) {
+    f(bnkernel::float16{});
+  } else if (type == NPY_FLOAT) {
     f(float{});
   } else {
     f(double{});
@@ -230,10 +237,10 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   double eps = 0.0, momentum = 0.0;
   if (!finite_float(args[7], eps) || eps < 0.0) return not_plain();
   bool ok = true;
-  PyArrayObject* gamma = per_channel(args[1], in.type, s.channels, true, ok);
-  PyArrayObject* beta = per_channel(args[2], in.type, s.channels, true, ok);
-  PyArrayObject* rm = per_channel(args[3], in.type, s.channels, true, ok);
-  PyArrayObject* rv = per_channel(args[4], in.type, s.channels, true, ok);
+  PyArrayObject* gamma = per_channel(args[1], in.param_type, s.channels, true, ok);
+  PyArrayObject* beta = per_channel(args[2], in.param_type, s.channels, true, ok);
+  PyArrayObject* rm = per_channel(args[3], in.param_type, s.channels, true, ok);
+  PyArrayObject* rv = per_channel(args[4], in.param_type, s.channels, true, ok);
   if (!ok) return not_plain();
 
   if (training == Py_True) {
@@ -248,9 +255,10 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return with_two_vectors<double>(y, s.channels, NPY_DOUBLE, [&](double* pm, double* pi) {
       with_type(in.type, [&](auto zero) {
         using T = decltype(zero);
+        using P = bnkernel::Param<T>;
         bnkernel::forward_train(
-            data<T>(in.x), s, data<T>(gamma), data<T>(beta), eps, data<T>(y), pm, pi,
-            bnkernel::RunningUpdate<T>{data<T>(rm), data<T>(rv), momentum, unbiased == Py_True},
+            data<T>(in.x), s, data<P>(gamma), data<P>(beta), eps, data<T>(y), pm, pi,
+            bnkernel::RunningUpdate<P>{data<P>(rm), data<P>(rv), momentum, unbiased == Py_True},
             bnkernel::Epilogue<T>{});
       });
     });
@@ -263,11 +271,12 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return with_two_vectors<double>(y, s.channels, NPY_DOUBLE, [&](double* pm, double* pi) {
     with_type(in.type, [&](auto zero) {
       using T = decltype(zero);
+      using P = bnkernel::Param<T>;
       for (int64_t c = 0; c < s.channels; ++c) {
-        pm[c] = static_cast<double>(data<T>(rm)[c]);
-        pi[c] = 1.0 / std::sqrt(static_cast<double>(data<T>(rv)[c]) + eps);
+        pm[c] = static_cast<double>(data<P>(rm)[c]);
+        pi[c] = 1.0 / std::sqrt(static_cast<double>(data<P>(rv)[c]) + eps);
       }
-      bnkernel::normalize(data<T>(in.x), s, pm, pi, data<T>(gamma), data<T>(beta), data<T>(y),
+      bnkernel::normalize(data<T>(in.x), s, pm, pi, data<P>(gamma), data<P>(beta), data<T>(y),
                           bnkernel::Epilogue<T>{});
     });
   });
@@ -290,16 +299,17 @@ PyObject* backward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   bool ok = true;
   PyArrayObject* mean = per_channel(args[2], NPY_DOUBLE, s.channels, false, ok);
   PyArrayObject* invstd = per_channel(args[3], NPY_DOUBLE, s.channels, false, ok);
-  PyArrayObject* gamma = per_channel(args[4], in.type, s.channels, true, ok);
+  PyArrayObject* gamma = per_channel(args[4], in.param_type, s.channels, true, ok);
   if (!ok) return not_plain();
   PyArrayObject* dx = output(args[7], in, {in.x, dy, gamma, mean, invstd});
   if (!dx) return PyErr_Occurred() ? nullptr : not_plain();
-  return with_two_vectors<char>(dx, s.channels, in.type, [&](char* pdg, char* pdb) {
+  return with_two_vectors<char>(dx, s.channels, in.param_type, [&](char* pdg, char* pdb) {
     with_type(in.type, [&](auto zero) {
       using T = decltype(zero);
+      using P = bnkernel::Param<T>;
       auto* k = training == Py_True ? &bnkernel::backward_train<T> : &bnkernel::backward_frozen<T>;
-      k(data<T>(dy), data<T>(in.x), s, data<double>(mean), data<double>(invstd), data<T>(gamma),
-        data<T>(dx), reinterpret_cast<T*>(pdg), reinterpret_cast<T*>(pdb), bnkernel::ReluGrad<T>{});
+      k(data<T>(dy), data<T>(in.x), s, data<double>(mean), data<double>(invstd), data<P>(gamma),
+        data<T>(dx), reinterpret_cast<P*>(pdg), reinterpret_cast<P*>(pdb), bnkernel::ReluGrad<T>{});
     });
   });
 }

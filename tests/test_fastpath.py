@@ -37,7 +37,18 @@ def checked_path() -> Iterator[None]:
 
 
 def make(shape: tuple[int, ...], axis: int, dtype: Any, seed: int = 0) -> dict[str, Any]:
-    return random_arrays(shape, axis, dtype, seed, gamma=(0.5, 2.0))
+    """The call's arrays; float16 data have float32 parameters and running statistics."""
+    d = random_arrays(shape, axis, dtype, seed, gamma=(0.5, 2.0))
+    if np.dtype(dtype) == np.float16:
+        for k in ("g", "b", "rm", "rv"):
+            d[k] = d[k].astype(np.float32)
+    return d
+
+
+# the data dtypes the fast path takes (bfloat16, ml_dtypes' type, takes the checked path)
+FAST_DTYPES = pytest.mark.parametrize(
+    "dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"]
+)
 
 
 def forward_both(
@@ -74,7 +85,7 @@ def forward_both(
     return results
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@FAST_DTYPES
 def test_plain_calls_take_the_fast_path(dtype):
     d = make((8, 3, 4, 5), 1, dtype)
     for training in (True, False):
@@ -89,7 +100,7 @@ def test_plain_calls_take_the_fast_path(dtype):
         assert isinstance(r, tuple) and len(r) == 3
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@FAST_DTYPES
 @pytest.mark.parametrize("layout", layout_params(LAYOUTS))
 def test_fast_and_checked_paths_agree_bitwise(layout, dtype):
     d = make(layout.shape, layout.axis, dtype)
@@ -126,7 +137,9 @@ def test_fast_and_checked_paths_agree_bitwise(layout, dtype):
                         F._FAST_PATH = True
                 for a, b in zip(*got, strict=True):
                     np.testing.assert_array_equal(a, b)
-                    assert a.dtype == b.dtype == d["x"].dtype
+                    assert a.dtype == b.dtype
+                assert got[0][0].dtype == d["x"].dtype
+                assert got[0][1].dtype == d["g"].dtype  # dgamma: the parameters' dtype
 
 
 class Sub(np.ndarray):
@@ -266,6 +279,36 @@ def test_backward_declines_what_is_not_plain(label, change, valid, dtype):
     else:
         with pytest.raises((ValueError, TypeError)):
             bk.batch_norm_backward(**args)
+
+
+# float16 data: the parameters and running statistics are float32 (param_dtype); float16 ones
+# are refused by the checked path, and bfloat16 data always take it
+F16_DECLINED = [
+    ("gamma-float16", lambda a: a.update(gamma=a["gamma"].astype(np.float16))),
+    ("running-float16", lambda a: a.update(running_mean=a["running_mean"].astype(np.float16))),
+    ("out-float32", lambda a: a.update(out=np.empty(a["x"].shape, np.float32))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("label,change", F16_DECLINED, ids=[c[0] for c in F16_DECLINED])
+def test_float16_forward_declines_other_parameter_dtypes(label, change):
+    d = make((6, 3, 2, 2), 1, np.float16)
+    args = _forward_args(d)
+    assert isinstance(_core.forward_fast(*args.values()), tuple)  # the plain float16 call
+    change(args)
+    assert _core.forward_fast(*args.values()) is None, label
+    with pytest.raises((ValueError, TypeError)):
+        bk.batch_norm_forward(**args)
+
+
+def test_bfloat16_takes_the_checked_path():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    d = make((6, 3, 2, 2), 1, np.float32)
+    x = d["x"].astype(ml_dtypes.bfloat16)
+    args = _forward_args(d) | {"x": x}
+    assert _core.forward_fast(*args.values()) is None
+    y, mean, invstd = bk.batch_norm_forward(**args)
+    assert y.dtype == x.dtype and mean.dtype == invstd.dtype == np.float64
 
 
 def test_no_reference_is_leaked_or_lost():

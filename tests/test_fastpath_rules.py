@@ -77,7 +77,7 @@ def calls(draw: Any) -> dict[str, Any]:
     return {
         "op": draw(st.sampled_from(["forward", "backward"])),
         "shape": draw(st.sampled_from(SHAPES)),
-        "dtype": draw(st.sampled_from([np.float32, np.float64])),
+        "dtype": draw(st.sampled_from([np.float16, np.float32, np.float64])),
         "seed": draw(st.integers(0, 2**16)),
         "rm": RUNNING[pick(draw, RUNNING, 2)],
         "rv": RUNNING[pick(draw, RUNNING, 2)],
@@ -92,6 +92,7 @@ def build(d: dict[str, Any]) -> dict[str, Any]:
     """One world: every array of the call, memory shared as drawn, and the call's arguments."""
     rng = np.random.default_rng(d["seed"])
     dt = np.dtype(d["dtype"])
+    pdt = np.dtype(np.float32) if dt == np.float16 else dt  # the parameters' dtype
     shape = d["shape"]
     scalar = {k: SCALARS[k][d[k]] for k in SCALARS}
     ax = scalar["axis"] % len(shape) if isinstance(scalar["axis"], (int, np.integer)) else 1
@@ -106,11 +107,11 @@ def build(d: dict[str, Any]) -> dict[str, Any]:
         if kind == "none":
             return None
         if kind == "plain":
-            return rng.uniform(0.5, 1.5, nC).astype(dt) * fill
-        if kind == "f32":
-            return np.full(nC, fill, np.float32 if dt == np.float64 else np.float64)
+            return rng.uniform(0.5, 1.5, nC).astype(pdt) * fill
+        if kind == "f32":  # another dtype than the parameters'
+            return np.full(nC, fill, np.float32 if pdt == np.float64 else np.float64)
         if kind == "long":
-            return np.full(nC + 1, fill, dt)
+            return np.full(nC + 1, fill, pdt)
         if kind == "list":
             return [fill] * nC
         flat = out_base.reshape(-1)  # in-out: the first values of out's memory
@@ -128,11 +129,11 @@ def build(d: dict[str, Any]) -> dict[str, Any]:
         if kind == "is-other":
             return other
         if kind == "read-only":
-            a = np.full(nC, fill, dt)
+            a = np.full(nC, fill, pdt)
             a.flags.writeable = False
             return a
         if kind in ("plain",):
-            return rng.uniform(0.5, 1.5, nC).astype(dt)
+            return rng.uniform(0.5, 1.5, nC).astype(pdt)
         return param(kind, fill)
 
     world["rm"] = running(d["rm"], None, 0.0)

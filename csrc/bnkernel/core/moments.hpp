@@ -292,7 +292,8 @@ struct InterleavedMoments {
         for (int64_t c = 0; c < blocked; c += kLanes) {
           fetch_next_chunk(q1, chunk, c);
           vd a[kVecs];
-          for_each_vec([&](int v, int64_t o) { a[v] = q0 == r0 ? splat(0.0) : loadv(mean + c + o); });
+          for_each_vec(
+              [&](int v, int64_t o) { a[v] = q0 == r0 ? splat(0.0) : loadv(mean + c + o); });
           for (int64_t r = q0; r < q1; ++r) {
             if (skip(r)) continue;
             const T* row = x + r * stride + c;
