@@ -27,11 +27,18 @@ constexpr int64_t kLanes = kVecs * kVecLen;  // partial sums per accumulator
 struct Lanes {
   vd v[kVecs] = {};
 
-  // the lanes folded in halves: l[i] += l[i + w] for w = kLanes / 2, ..., 1
+  // the lanes folded in halves: l[i] += l[i + w] for w = kLanes / 2, ..., 1.  The halves of w >=
+  // kVecLen are whole vectors (lane i is in v[i / kVecLen]), added as vectors; then the last
+  // vector's lanes in halves: the same additions in the same order as lane by lane.
   double total() const {
-    double l[kLanes];
-    std::memcpy(l, v, sizeof l);
-    for (int64_t w = kLanes / 2; w >= 1; w /= 2) {
+    vd f[kVecs];
+    for (int k = 0; k < kVecs; ++k) f[k] = v[k];
+    for (int n = kVecs / 2; n >= 1; n /= 2) {
+      for (int k = 0; k < n; ++k) f[k] += f[k + n];
+    }
+    double l[kVecLen];
+    std::memcpy(l, &f[0], sizeof l);
+    for (int64_t w = kVecLen / 2; w >= 1; w /= 2) {
       for (int64_t i = 0; i < w; ++i) l[i] += l[i + w];
     }
     return l[0];
@@ -49,7 +56,10 @@ inline void for_each_vec(F&& f) {
 // chosen by the caller to add nothing to its sums.
 template <typename T>
 inline void pad_tail(const T* p, int64_t len, double pad, double* out) {
-  for (int64_t q = 0; q < kLanes; ++q) out[q] = q < len ? widen(p[q]) : pad;
+  // (two loops, which vectorize, rather than one with a test per value)
+  int64_t q = 0;
+  for (; q < len; ++q) out[q] = widen(p[q]);
+  for (; q < kLanes; ++q) out[q] = pad;
 }
 
 }  // namespace bnkernel::BNKERNEL_ISA_NS::detail
