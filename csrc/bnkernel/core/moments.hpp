@@ -67,19 +67,14 @@ struct PlanarMoments {
     Lanes sum;
     for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len, const T* next) {
       Lanes a = sum;  // see Lanes: the run's sums in registers
-      auto add = [&](const auto* b) {
-        for_each_vec([&](int v, int64_t o) { a.v[v] += loadv(b + o); });
-      };
+      auto one = [&](int v, const auto* b) { a.v[v] += loadv(b); };
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
         // this pass reads the leaf from memory, the next from cache
         prefetch_run_ahead(p, i, len, next, kLanes);
-        add(p + i);
+        for_each_vec([&](int v, int64_t o) { one(v, p + i + o); });
       }
-      if (i < len) {
-        pad_tail(p + i, len - i, 0.0, tail);
-        add(tail);
-      }
+      if (i < len) tail_vectors(p + i, len - i, 0.0, tail, one);
       sum = a;
     });
     return sum.total() / static_cast<double>(j1 - j0);
@@ -96,24 +91,19 @@ struct PlanarMoments {
     Lanes m2, corr;
     for_channel_runs(x, s, c, j0, j1, [&](const T* p, int64_t len, const T* next) {
       Lanes a2 = m2, a1 = corr;  // see Lanes: the run's sums in registers
-      auto add2 = [&](const auto* b) {
-        for_each_vec([&](int v, int64_t o) {
-          const vd d = loadv(b + o) - vcenter;
-          a2.v[v] = fmav(d, d, a2.v[v]);
-          a1.v[v] += d;
-        });
+      auto one = [&](int v, const auto* b) {
+        const vd d = loadv(b) - vcenter;
+        a2.v[v] = fmav(d, d, a2.v[v]);
+        a1.v[v] += d;
       };
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
         if constexpr (!std::is_same_v<T, double>) {  // else cached by leaf_mean
           prefetch_run_ahead(p, i, len, next, kLanes);
         }
-        add2(p + i);
+        for_each_vec([&](int v, int64_t o) { one(v, p + i + o); });
       }
-      if (i < len) {
-        pad_tail(p + i, len - i, center, tail);
-        add2(tail);
-      }
+      if (i < len) tail_vectors(p + i, len - i, center, tail, one);
       m2 = a2;
       corr = a1;
     });

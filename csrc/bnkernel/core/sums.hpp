@@ -71,14 +71,13 @@ struct PlanarSums {
       }
       if (i < len) {
         const int64_t rest = len - i;
-        for (int64_t q = 0; q < kLanes; ++q) {
-          double g = 0.0;
-          if (q < rest) {
-            g = Mask ? masked_dy(pdy[i + q], y[at + i + q]) : widen(pdy[i + q]);
-            if (Mask && dres) dres[at + i + q] = narrow<T>(g);
-          }
+        int64_t q = 0;
+        for (; q < rest; ++q) {
+          const double g = Mask ? masked_dy(pdy[i + q], y[at + i + q]) : widen(pdy[i + q]);
+          if (Mask && dres) dres[at + i + q] = narrow<T>(g);
           tail_dy[q] = g;
         }
+        for (; q < kLanes; ++q) tail_dy[q] = 0.0;
         pad_tail(px + i, rest, mean, tail_x);
         vd g[kVecs];
         for_each_vec([&](int v, int64_t o) { g[v] = loadv(tail_dy + o); });

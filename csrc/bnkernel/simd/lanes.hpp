@@ -52,6 +52,26 @@ inline void for_each_vec(F&& f) {
   for (int k = 0; k < kVecs; ++k) f(k, static_cast<int64_t>(k) * kVecLen);
 }
 
+// one(v, values) for the vectors of the tail of a run (len < kLanes values at p) that hold any of
+// its values: the whole ones straight from p, the last partial one through buf (kVecLen doubles)
+// with its missing values set to `pad`, chosen by the caller to add nothing to its sums.  The
+// vectors past the tail are not taken at all: they too would add nothing (up to the sign of a
+// zero sum).
+template <typename T, class F>
+inline void tail_vectors(const T* p, int64_t len, double pad, double* buf, F&& one) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t o = static_cast<int64_t>(v) * kVecLen;
+    if (o + kVecLen <= len) {
+      one(v, p + o);
+    } else if (o < len) {
+      int64_t q = 0;
+      for (; q < len - o; ++q) buf[q] = widen(p[o + q]);
+      for (; q < kVecLen; ++q) buf[q] = pad;
+      one(v, static_cast<const double*>(buf));
+    }
+  }
+}
+
 // The tail of a run (len < kLanes values) as kLanes doubles, the missing ones set to `pad`, a value
 // chosen by the caller to add nothing to its sums.
 template <typename T>
