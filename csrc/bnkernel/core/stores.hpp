@@ -2,7 +2,9 @@
 // fence after a thread's share of them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -37,6 +39,44 @@ inline void stream_block(void* dst, const void* src) {
 constexpr int64_t kStreamAlign = 0;  // no streaming stores here: plain stores only
 inline void stream_block(void*, const void*) {}
 #endif
+
+// Copies n values from src (cached, e.g. a chunk buffer) to dst with streaming stores for the
+// whole kStreamAlign-byte blocks of dst and plain ones for its partial lines at either end (so
+// that no line gets both kinds); dst is element-aligned (see element_aligned) or gets plain
+// stores throughout.  The values are copied as bytes: no conversion on the way.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  auto* d = reinterpret_cast<char*>(dst);
+  const auto* q = reinterpret_cast<const char*>(src);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  int64_t head = bytes;
+  if constexpr (kStreamAlign > 0) {
+    if (reinterpret_cast<uintptr_t>(dst) % sizeof(T) == 0) {
+      head = std::min<int64_t>(
+          bytes,
+          static_cast<int64_t>((kStreamAlign - reinterpret_cast<uintptr_t>(d) % kStreamAlign) %
+                               kStreamAlign));
+    }
+  }
+  std::memcpy(d, q, static_cast<size_t>(head));
+  int64_t b = head;
+#if defined(__AVX512F__)
+  for (; b + kStreamAlign <= bytes; b += kStreamAlign) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + b), _mm512_loadu_si512(q + b));
+  }
+#elif defined(__AVX__)
+  for (; b + kStreamAlign <= bytes; b += kStreamAlign) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + b),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b)));
+  }
+#elif defined(__SSE2__)
+  for (; b + kStreamAlign <= bytes; b += kStreamAlign) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + b),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b)));
+  }
+#endif
+  std::memcpy(d + b, q + b, static_cast<size_t>(bytes - b));
+}
 
 // Whether y is aligned to its element size.  The bindings refuse arrays that are not (NumPy's
 // ALIGNED flag), so the kernels never see one; but no store below assumes more alignment than it

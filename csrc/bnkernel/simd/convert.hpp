@@ -115,8 +115,10 @@ inline vu round_to_odd_vec(vd d) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
   // truncate, then set the last bit where that was inexact (NaN included)
   const __m512d v = reinterpret_cast<__m512d>(d);
-  const __m256 t = _mm512_cvt_roundpd_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __mmask8 inexact = _mm512_cmp_pd_mask(_mm512_cvtps_pd(t), v, _CMP_NEQ_UQ);
+  // (the zero-masked forms with every lane selected are the same instructions; the plain
+  // intrinsics' "undefined" operand trips GCC 12's -Wuninitialized where this is not inlined)
+  const __m256 t = _mm512_maskz_cvt_roundpd_ps(0xFF, v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask8 inexact = _mm512_cmp_pd_mask(_mm512_maskz_cvtps_pd(0xFF, t), v, _CMP_NEQ_UQ);
   const __m256i bits = _mm256_castps_si256(t);
   return reinterpret_cast<vu>(_mm256_mask_or_epi32(bits, inexact, bits, _mm256_set1_epi32(1)));
 #elif defined(__AVX2__)
