@@ -570,3 +570,31 @@ def test_sweep_plot(tmp_path, capsys):
                "--plot", str(path)])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_floors_script_reports_every_kernel_beside_its_floors(capsys, restore_threads):
+    """benchmarks/floors.py (tiny): per thread count a copy and a read, then for each layout the
+    four kernels, each with passes > 0 and its memory and arithmetic floors."""
+    import importlib.util
+    import pathlib
+    import re
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "floors.py"
+    spec = importlib.util.spec_from_file_location("floors", path)
+    assert spec is not None and spec.loader is not None
+    floors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floors)
+    assert floors.main(["--mib", "2", "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\d thread\(s\): a copy [\d.]+ ms = 2 passes, a read [\d.]+ passes$",
+                          out, re.M)) == 2  # fmt: skip
+    for layout in ("NCHW", "channels-last"):
+        lines = [ln for ln in out.splitlines() if ln.strip().startswith(layout + ":")]
+        assert len(lines) == 2, out
+        for line in lines:
+            cells = re.findall(r"([a-z ]+) ([\d.]+) \(([\d.]+), ([\d.]+)\)", line.split(":", 1)[1])
+            names = [c[0].strip() for c in cells]
+            assert names == ["statistics", "inference", "training forward", "training backward"]
+            assert all(float(v) > 0 for c in cells for v in c[1:])
+    with pytest.raises(SystemExit):
+        floors.main(["--mib", "0"])

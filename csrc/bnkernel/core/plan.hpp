@@ -28,10 +28,20 @@ inline bool short_runs(Shape s) {
   return s.inner > 1 && s.inner < kMinPlanarRun && s.outer >= 8;
 }
 
+// The most bytes of input a channel may have (x, or dy and x) for the fused kernels, which read it
+// a second time from cache: past that it no longer stays there (nor the next channel, fetched
+// alongside), and the fused kernels read it twice from memory.  (N, 64, 64, 64) float32, two
+// threads, against a copy of x: at 8 MiB of x a channel (512 MiB in all) the fused forward took
+// 9.3 passes, the split phases about 3.5; at 4 MiB (256 MiB) 3.6, at 2 MiB 3.0.  The backward's
+// channels, dy and x, step up from 4 MiB (256 MiB in all: 6.8 passes, at 128 MiB 5.6).
+constexpr int64_t kFusedChannelBytes = int64_t{4} << 20;
+
 // The fused per-channel kernels (statistics or sums, then the elementwise pass, a channel at a
-// time while it is in cache) pay off for long runs and enough channels to share.
-inline bool fuse_per_channel(Shape s, int threads) {
-  return s.inner >= kMinPlanarRun && whole_channels_per_thread(s, threads);
+// time while it is in cache) pay off for long runs, enough channels to share, and channels that
+// fit in the cache; `channel_bytes` is the input a channel has.
+inline bool fuse_per_channel(Shape s, int threads, int64_t channel_bytes) {
+  return s.inner >= kMinPlanarRun && whole_channels_per_thread(s, threads) &&
+         channel_bytes <= kFusedChannelBytes;
 }
 
 // Streaming stores for the per-channel runs of the fused kernels' output y whenever the output is

@@ -54,7 +54,7 @@ void backward(Mode mode, const T* dy, const T* x, Shape s, const double* mean, c
   double* sum_dy = ws.take<double>(C);
   double* sum_dy_xhat = ws.take<double>(C);
 
-  if (detail::fuse_per_channel(s, threads)) {
+  if (detail::fuse_per_channel(s, threads, 2 * s.per_channel() * static_cast<int64_t>(sizeof(T)))) {
     // one channel per task: its sums, then its dx while (dy, x) are still in cache
     // (and the next channel's dy and x fetched into L2 while this one's dx is written)
     detail::for_channel_runs_of_tasks(C, threads, stream_runs, [&](int64_t c, int64_t next) {

@@ -43,7 +43,7 @@ void forward_train(const T* x, Shape s, const Param<T>* gamma, const Param<T>* b
   Workspace ws;
   double* m2 = ws.take<double>(C);
 
-  if (detail::fuse_per_channel(s, threads)) {
+  if (detail::fuse_per_channel(s, threads, s.per_channel() * static_cast<int64_t>(sizeof(T)))) {
     // one channel per task: its statistics, then its normalize while it is still in cache
     // (and the next channel's rows fetched into L2 while this one's are written, so that its
     // statistics read from cache: the reads of one channel overlap the writes of another)
