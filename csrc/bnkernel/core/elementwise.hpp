@@ -325,7 +325,7 @@ void interleaved_rows(Shape s, T* y, int threads, const Op& op) {
       T* const out = stream ? chunk_buffer : y + r0 * C;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t e = r * C;
-        T* __restrict__ dst = out + (r - r0) * C;
+        T* const dst = out + (r - r0) * C;  // (may be x itself: an in-place call)
         for (int64_t c = 0; c < whole; c += kVecLen) storev(dst + c, op.at(e + c, c));
         for (int64_t c = whole; c < C; ++c) dst[c] = narrow<T>(op.value(e + c, c));
       }

@@ -50,7 +50,9 @@ inline void prefetch_run_ahead(const T* p, int64_t i, int64_t len, const T* next
   if (at < len) {
     prefetch_ahead(p + i, count);
   } else if (next != nullptr) {
-    prefetch_ahead(next + (at - len) - kAhead, count);
+    const char* c = reinterpret_cast<const char*>(next + (at - len));
+    const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
   }
 }
 

@@ -55,8 +55,8 @@ inline void for_each_vec(F&& f) {
 // one(v, values) for the vectors of the tail of a run (len < kLanes values at p) that hold any of
 // its values: the whole ones straight from p, the last partial one through buf (kVecLen doubles)
 // with its missing values set to `pad`, chosen by the caller to add nothing to its sums.  The
-// vectors past the tail are not taken at all: they too would add nothing (up to the sign of a
-// zero sum).
+// vectors past the tail are not taken at all: they would add zeros, which change no lane (a lane
+// starts at +0 and, rounding to nearest, never becomes -0), so the sums are the same bits.
 template <typename T, class F>
 inline void tail_vectors(const T* p, int64_t len, double pad, double* buf, F&& one) {
   for (int v = 0; v < kVecs; ++v) {
