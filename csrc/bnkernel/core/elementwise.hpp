@@ -210,6 +210,37 @@ void elementwise(Shape s, T* y, int threads, F&& value) {
 // dy, x and dx): 4 rows ran the backward's dx 30% faster than 8 and the normalize as fast.
 constexpr int64_t kTileRows = 4;
 
+// fill(r0, r1, out) for the chunks [r0, r1) of chunk_rows rows of a channels-last array (rows of
+// C values, contiguous in y), in parallel.  out is where row r0 goes: y itself, or with `stream`
+// the calling thread's buffer, which is copied out with streaming stores after fill (stream_copy:
+// whole lines streamed, the partial lines at a chunk's ends stored plainly, since blocks of
+// channels do not start on line boundaries in general and a line must not get both kinds of
+// store).  Each thread fences its streaming stores at the end.
+template <typename T, class F>
+void for_each_row_chunk(Shape s, T* y, int threads, bool stream, int64_t chunk_rows, F&& fill) {
+  const int64_t C = s.channels;
+  const int64_t rows = s.outer;
+  const int64_t chunk_values = chunk_rows * C;
+  Workspace ws;
+  T* const chunk_buffers = stream ? ws.take<T>(threads * chunk_values) : nullptr;
+  const int64_t chunks = ceil_div(rows, chunk_rows);
+  parallel_region(threads, [&] {
+    // (one thread: no region of its own, where an enclosing one's thread index would be wrong)
+    const int slot = threads > 1 ? bnkernel::thread_index() : 0;
+    T* const chunk_buffer = stream ? chunk_buffers + slot * chunk_values : nullptr;
+#if BNKERNEL_HAVE_OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+    for (int64_t h = 0; h < chunks; ++h) {
+      const int64_t r0 = h * chunk_rows;
+      const int64_t r1 = std::min(rows, r0 + chunk_rows);
+      fill(r0, r1, stream ? chunk_buffer : y + r0 * C);
+      if (stream) stream_copy(y + r0 * C, chunk_buffer, (r1 - r0) * C);
+    }
+    stream_fence(stream);
+  });
+}
+
 // Op provides
 //   static constexpr int64_t kCoefficients;       // doubles of coefficients per channel
 //   Coef coef(int64_t c) const;                  // the coefficients of channels [c, c + kLanes)
@@ -223,61 +254,41 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   const int64_t rows = s.outer;
   const int64_t blocked = C - C % kLanes;
   constexpr auto kSize = static_cast<int64_t>(sizeof(T));
-  // A streamed output is computed into a per-thread buffer and copied out (its rows are
-  // contiguous in y) with streaming stores for its whole lines and plain ones for the partial
-  // lines at its ends: blocks of channels do not start on line boundaries in general, and a line
-  // must not get both kinds of store.
   const bool stream = stream_output(y, s.size());
   // streamed, the tiles are grouped in chunks of at least kStreamChunk values, so that few of the
   // lines written are partial ones at a chunk's ends (with C = 64 a tile is only 1 KiB)
   constexpr int64_t kStreamChunk = 4096;
   const int64_t chunk_rows =
       stream ? kTileRows * ceil_div(kStreamChunk, kTileRows * std::max<int64_t>(C, 1)) : kTileRows;
-  const int64_t chunk_values = chunk_rows * C;
-  Workspace ws;
-  T* const chunk_buffers = stream ? ws.take<T>(threads * chunk_values) : nullptr;
-  const int64_t chunks = ceil_div(rows, chunk_rows);
-  parallel_region(threads, [&] {
-    // (one thread: no region of its own, where an enclosing one's thread index would be wrong)
-    const int slot = threads > 1 ? bnkernel::thread_index() : 0;
-    T* chunk_buffer = stream ? chunk_buffers + slot * chunk_values : nullptr;
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp for schedule(static) nowait
-#endif
-    for (int64_t h = 0; h < chunks; ++h) {
-      const int64_t chunk_r0 = h * chunk_rows;
-      const int64_t chunk_r1 = std::min(rows, chunk_r0 + chunk_rows);
-      // row r of the chunk goes to out + (r - chunk_r0) * C
-      T* const out = stream ? chunk_buffer : y + chunk_r0 * C;
-      for (int64_t r0 = chunk_r0; r0 < chunk_r1; r0 += kTileRows) {
-        const int64_t r1 = std::min(chunk_r1, r0 + kTileRows);
-        const int64_t next_end = std::min(rows, r1 + kTileRows);
-        for (int64_t c = 0; c < blocked; c += kLanes) {
-          // the same columns of the next tile, inputs and (unless streamed) output, while this
-          // tile is computed (see prefetch_l2).  Without the output's, the tile order defeats the
-          // hardware prefetcher for the write-allocate reads when a page holds a few rows
-          // (C = 128..512 float32 ran at 2/3 the speed of the per-value path; with it, level).
-          for (int64_t r = r1; r < next_end; ++r) {
-            op.prefetch(r * C + c, kLanes);
-            if (!stream) prefetch_l2_write(y + r * C + c, kLanes * kSize);
+  for_each_row_chunk(
+      s, y, threads, stream, chunk_rows, [&](int64_t chunk_r0, int64_t chunk_r1, T* out) {
+        // row r of the chunk goes to out + (r - chunk_r0) * C
+        for (int64_t r0 = chunk_r0; r0 < chunk_r1; r0 += kTileRows) {
+          const int64_t r1 = std::min(chunk_r1, r0 + kTileRows);
+          const int64_t next_end = std::min(rows, r1 + kTileRows);
+          for (int64_t c = 0; c < blocked; c += kLanes) {
+            // the same columns of the next tile, inputs and (unless streamed) output, while this
+            // tile is computed (see prefetch_l2).  Without the output's, the tile order defeats the
+            // hardware prefetcher for the write-allocate reads when a page holds a few rows
+            // (C = 128..512 float32 ran at 2/3 the speed of the per-value path; with it, level).
+            for (int64_t r = r1; r < next_end; ++r) {
+              op.prefetch(r * C + c, kLanes);
+              if (!stream) prefetch_l2_write(y + r * C + c, kLanes * kSize);
+            }
+            const auto k = op.coef(c);
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t e = r * C + c;
+              T* const dst = out + (r - chunk_r0) * C + c;
+              for_each_vec([&](int v, int64_t o) { storev(dst + o, op.apply(k, v, e + o)); });
+            }
           }
-          const auto k = op.coef(c);
           for (int64_t r = r0; r < r1; ++r) {
-            const int64_t e = r * C + c;
-            T* const dst = out + (r - chunk_r0) * C + c;
-            for_each_vec([&](int v, int64_t o) { storev(dst + o, op.apply(k, v, e + o)); });
+            T* __restrict__ dst = out + (r - chunk_r0) * C;
+#pragma omp simd
+            for (int64_t c = blocked; c < C; ++c) dst[c] = narrow<T>(op.value(r * C + c, c));
           }
         }
-        for (int64_t r = r0; r < r1; ++r) {
-          T* __restrict__ dst = out + (r - chunk_r0) * C;
-#pragma omp simd
-          for (int64_t c = blocked; c < C; ++c) dst[c] = narrow<T>(op.value(r * C + c, c));
-        }
-      }
-      if (stream) stream_copy(y + chunk_r0 * C, chunk_buffer, (chunk_r1 - chunk_r0) * C);
-    }
-    stream_fence(stream);
-  });
+      });
 }
 
 // Coefficient bytes per row up to which the per-value path keeps them in L1 (half of a 32 KiB L1d):
@@ -302,37 +313,19 @@ constexpr int64_t kCoefficientBytesForRows = 8 << 10;
 template <typename T, class Op>
 void interleaved_rows(Shape s, T* y, int threads, const Op& op) {
   const int64_t C = s.channels;
-  const int64_t rows = s.outer;
   const int64_t whole = C - C % kVecLen;
-  const bool stream = stream_output(y, s.size());
   // a chunk of at least 256 values (1 KiB of float32: 2 KiB and 4 KiB chunks ran slower)
   constexpr int64_t kChunkValues = 256;
   const int64_t chunk_rows = std::max<int64_t>(1, kChunkValues / std::max<int64_t>(C, 1));
-  const int64_t chunk_values = chunk_rows * C;
-  Workspace ws;
-  T* const chunk_buffers = stream ? ws.take<T>(threads * chunk_values) : nullptr;
-  const int64_t chunks = ceil_div(rows, chunk_rows);
-  parallel_region(threads, [&] {
-    // (one thread: no region of its own, where an enclosing one's thread index would be wrong)
-    const int slot = threads > 1 ? bnkernel::thread_index() : 0;
-    T* const chunk_buffer = stream ? chunk_buffers + slot * chunk_values : nullptr;
-#if BNKERNEL_HAVE_OPENMP
-#pragma omp for schedule(static) nowait
-#endif
-    for (int64_t h = 0; h < chunks; ++h) {
-      const int64_t r0 = h * chunk_rows;
-      const int64_t r1 = std::min(rows, r0 + chunk_rows);
-      T* const out = stream ? chunk_buffer : y + r0 * C;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t e = r * C;
-        T* const dst = out + (r - r0) * C;  // (may be x itself: an in-place call)
-        for (int64_t c = 0; c < whole; c += kVecLen) storev(dst + c, op.at(e + c, c));
-        for (int64_t c = whole; c < C; ++c) dst[c] = narrow<T>(op.value(e + c, c));
-      }
-      if (stream) stream_copy(y + r0 * C, chunk_buffer, (r1 - r0) * C);
+  auto fill = [&](int64_t r0, int64_t r1, T* out) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t e = r * C;
+      T* const dst = out + (r - r0) * C;  // (may be x itself: an in-place call)
+      for (int64_t c = 0; c < whole; c += kVecLen) storev(dst + c, op.at(e + c, c));
+      for (int64_t c = whole; c < C; ++c) dst[c] = narrow<T>(op.value(e + c, c));
     }
-    stream_fence(stream);
-  });
+  };
+  for_each_row_chunk(s, y, threads, stream_output(y, s.size()), chunk_rows, fill);
 }
 
 // The interleaved pattern goes by register blocks when a row's coefficients would crowd L1, or
