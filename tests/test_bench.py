@@ -574,7 +574,8 @@ def test_sweep_plot(tmp_path, capsys):
 
 def test_floors_script_reports_every_kernel_beside_its_floors(capsys, restore_threads):
     """benchmarks/floors.py (tiny): per thread count a copy and a read, then for each layout the
-    four kernels, each with passes > 0 and its memory and arithmetic floors."""
+    four kernels, each with its passes and its memory and arithmetic floors.  (At 2 MiB the data
+    sit in cache, where a read can take 0.00 passes to two decimals: the floors are only >= 0.)"""
     import importlib.util
     import pathlib
     import re
@@ -595,6 +596,6 @@ def test_floors_script_reports_every_kernel_beside_its_floors(capsys, restore_th
             cells = re.findall(r"([a-z ]+) ([\d.]+) \(([\d.]+), ([\d.]+)\)", line.split(":", 1)[1])
             names = [c[0].strip() for c in cells]
             assert names == ["statistics", "inference", "training forward", "training backward"]
-            assert all(float(v) > 0 for c in cells for v in c[1:])
+            assert all(float(c[1]) > 0 and float(c[2]) >= 0 and float(c[3]) >= 0 for c in cells)
     with pytest.raises(SystemExit):
         floors.main(["--mib", "0"])
