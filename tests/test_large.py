@@ -2,9 +2,10 @@
 
 Outputs past the caches are written with non-temporal stores through an aligned L1 buffer, with
 plain stores for the unaligned head and the tail of every run; these cases cover all three parts
-on both memory patterns and every elementwise kernel.  The interleaved kernels that hold blocks of
-channels in registers compute a tile of rows into a buffer and stream the tile out the same way,
-so the tile boundaries, aligned or not, are covered too.
+on both memory patterns and every elementwise kernel.  The channels-last kernels compute a chunk
+of rows into a buffer and stream the chunk out (stream_copy): by rows a vector of channels at a
+time when the coefficients are few, by blocks of channels in registers when they are many; so the
+chunk boundaries, aligned or not, are covered too.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ CASES = [
     ("NHWC-f32-C17", (8, 181, 181, 17), -1, np.float32),
     ("NCHW-f64", (8, 17, 128, 128), 1, np.float64),
     ("NC-f64-C5", (445_000, 5), 1, np.float64),
-    # channel blocks in registers, tiles streamed from a buffer, with channels left over past the
-    # last block and a row count that is not a multiple of the tile
+    # rows a vector of channels at a time (C17 has a channel past the last vector), chunks of
+    # rows streamed from a buffer
     ("NHWC-f32-C48", (7, 113, 113, 48), -1, np.float32),
     ("NHWC-f64-C40", (7, 87, 89, 40), -1, np.float64),
+    # channel blocks in registers (24 KiB of coefficients a row), with channels left over past the
+    # last block and a row count that is not a multiple of the tile
+    ("NHWC-f32-C1000", (3, 7, 223, 1000), -1, np.float32),
 ]
 TOL = {np.float32: 1e-6, np.float64: 1e-12}  # relative to max(1, |ref|), as everywhere
 
