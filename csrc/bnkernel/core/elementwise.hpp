@@ -340,6 +340,8 @@ void elementwise_op(Shape s, T* y, int threads, const Op& op) {
     interleaved_blocks(s, y, threads, op);
   } else if (s.inner == 1 && s.channels >= kVecLen && s.outer > 0 && !is_half_v<T> &&
              coefficient_bytes <= kCoefficientBytesForRows) {
+    // (16-bit data never come here; the constexpr test keeps the rows path from being compiled
+    // for them at all)
     if constexpr (!is_half_v<T>) interleaved_rows(s, y, threads, op);
   } else {
     elementwise(s, y, threads, [&](int64_t e, int64_t c) { return op.value(e, c); });
@@ -465,7 +467,8 @@ void affine(const T* x, Shape s, const double* mean, const double* scale, const 
             int threads, Epilogue<T> ep) {
   if constexpr (is_half_v<T>) {
     if (s.inner > 1) {
-      // (streamed rows of at least 4 KiB: a shorter row has too few whole streamed blocks)
+      // (rows under 4 KiB keep plain stores here, as before: streaming them was measured only
+      // for the fused kernels' float32 runs)
       const bool stream =
           stream_channel_runs(y, s) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
       const int64_t rows = s.outer * s.channels;

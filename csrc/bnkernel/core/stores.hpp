@@ -19,21 +19,23 @@ namespace bnkernel::BNKERNEL_ISA_NS::detail {
 // for whoever reads them next, so they get plain stores.
 constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
+// stream_block(dst, src): kStreamAlign bytes from src (any alignment) to dst (aligned) with a
+// streaming store
 #if defined(__AVX512F__)
 constexpr int64_t kStreamAlign = 64;
-inline void stream_block(void* dst, const void* src) {  // kStreamAlign bytes, both aligned
-  _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(src));
+inline void stream_block(void* dst, const void* src) {
+  _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_loadu_si512(src));
 }
 #elif defined(__AVX__)
 constexpr int64_t kStreamAlign = 32;
 inline void stream_block(void* dst, const void* src) {
   _mm256_stream_si256(static_cast<__m256i*>(dst),
-                      _mm256_load_si256(static_cast<const __m256i*>(src)));
+                      _mm256_loadu_si256(static_cast<const __m256i*>(src)));
 }
 #elif defined(__SSE2__)
 constexpr int64_t kStreamAlign = 16;
 inline void stream_block(void* dst, const void* src) {
-  _mm_stream_si128(static_cast<__m128i*>(dst), _mm_load_si128(static_cast<const __m128i*>(src)));
+  _mm_stream_si128(static_cast<__m128i*>(dst), _mm_loadu_si128(static_cast<const __m128i*>(src)));
 }
 #else
 constexpr int64_t kStreamAlign = 0;  // no streaming stores here: plain stores only
@@ -60,21 +62,9 @@ inline void stream_copy(T* dst, const T* src, int64_t n) {
   }
   std::memcpy(d, q, static_cast<size_t>(head));
   int64_t b = head;
-#if defined(__AVX512F__)
-  for (; b + kStreamAlign <= bytes; b += kStreamAlign) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + b), _mm512_loadu_si512(q + b));
+  if constexpr (kStreamAlign > 0) {
+    for (; b + kStreamAlign <= bytes; b += kStreamAlign) stream_block(d + b, q + b);
   }
-#elif defined(__AVX__)
-  for (; b + kStreamAlign <= bytes; b += kStreamAlign) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + b),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b)));
-  }
-#elif defined(__SSE2__)
-  for (; b + kStreamAlign <= bytes; b += kStreamAlign) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + b),
-                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b)));
-  }
-#endif
   std::memcpy(d + b, q + b, static_cast<size_t>(bytes - b));
 }
 

@@ -55,9 +55,10 @@ struct PlanarSums {
       };
       const int64_t at = px - x;
       const T* pdy = dy + at;
+      const T* const next_dy = next ? dy + (next - x) : nullptr;  // dy's run where x's goes on
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) {
-        prefetch_run_ahead(pdy, i, len, next ? dy + (next - x) : nullptr, kLanes);
+        prefetch_run_ahead(pdy, i, len, next_dy, kLanes);
         prefetch_run_ahead(px, i, len, next, kLanes);
         vd g[kVecs];
         for_each_vec([&](int v, int64_t o) {
