@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "bnkernel/core/flags.hpp"
@@ -15,8 +16,10 @@
 #include "bnkernel/core/tree.hpp"
 #include "bnkernel/dispatch/isa.hpp"
 #include "bnkernel/kernels.hpp"
+#include "bnkernel/runtime/test_hooks.hpp"
 #include "bnkernel/runtime/threads.hpp"
 #include "bnkernel/runtime/workspace.hpp"
+#include "bnkernel/simd/certified.hpp"
 #include "bnkernel/simd/convert.hpp"
 #include "bnkernel/simd/lanes.hpp"
 #include "bnkernel/simd/relu.hpp"
@@ -241,6 +244,50 @@ void for_each_row_chunk(Shape s, T* y, int threads, bool stream, int64_t chunk_r
   });
 }
 
+// The rows [chunk_r0, chunk_r1) of interleaved_blocks into out (row r at out + (r - chunk_r0) *
+// C): tiles of kTileRows rows, a block of kLanes channels at a time with its coefficients in
+// registers, then the channels past the last block value by value.  (The op is a copy: the stores
+// through out may alias the caller's as far as the compiler can tell, and it reloaded the op's
+// pointers after each one.)
+template <typename T, class Op>
+void fill_tiles(Shape s, T* y, bool stream, const Op op, int64_t chunk_r0, int64_t chunk_r1,
+                T* out) {
+  const int64_t C = s.channels;
+  const int64_t rows = s.outer;
+  const int64_t blocked = C - C % kLanes;
+  constexpr auto kSize = static_cast<int64_t>(sizeof(T));
+  for (int64_t r0 = chunk_r0; r0 < chunk_r1; r0 += kTileRows) {
+    const int64_t r1 = std::min(chunk_r1, r0 + kTileRows);
+    const int64_t next_end = std::min(rows, r1 + kTileRows);
+    for (int64_t c = 0; c < blocked; c += kLanes) {
+      // the same columns of the next tile, inputs and (unless streamed) output, while this tile
+      // is computed (see prefetch_l2).  Without the output's, the tile order defeats the hardware
+      // prefetcher for the write-allocate reads when a page holds a few rows (C = 128..512
+      // float32 ran at 2/3 the speed of the per-value path; with it, level).
+      for (int64_t r = r1; r < next_end; ++r) {
+        op.prefetch(r * C + c, kLanes);
+        if (!stream) prefetch_l2_write(y + r * C + c, kLanes * kSize);
+      }
+      const auto k = op.coef(c);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t e = r * C + c;
+        T* const dst = out + (r - chunk_r0) * C + c;
+        for_each_vec([&](int v, int64_t o) {
+          if constexpr (is_half_v<T>) {
+            if (op.f32 && op.certified(dst + o, e + o, c + o)) return;
+          }
+          storev(dst + o, op.apply(k, v, e + o));
+        });
+      }
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      T* __restrict__ dst = out + (r - chunk_r0) * C;
+#pragma omp simd
+      for (int64_t c = blocked; c < C; ++c) dst[c] = narrow<T>(op.value(r * C + c, c));
+    }
+  }
+}
+
 // Op provides
 //   static constexpr int64_t kCoefficients;       // doubles of coefficients per channel
 //   Coef coef(int64_t c) const;                  // the coefficients of channels [c, c + kLanes)
@@ -248,47 +295,22 @@ void for_each_row_chunk(Shape s, T* y, int threads, bool stream, int64_t chunk_r
 //   vd at(int64_t e, int64_t c) const;           // kVecLen values at e, channels [c, c + kVecLen)
 //   double value(int64_t e, int64_t c) const;    // one value (the channels past the last block)
 //   void prefetch(int64_t e, int64_t count) const;  // inputs [e, e + count) towards L2
+//   const float* f32;                            // 16-bit data: the float coefficients, or null
+//   bool certified(T* dst, int64_t e, int64_t c) const;  // at(e, c) stored from float arithmetic
+//                                                // when certified (false: nothing stored)
 template <typename T, class Op>
 void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   const int64_t C = s.channels;
-  const int64_t rows = s.outer;
-  const int64_t blocked = C - C % kLanes;
-  constexpr auto kSize = static_cast<int64_t>(sizeof(T));
   const bool stream = stream_output(y, s.size());
   // streamed, the tiles are grouped in chunks of at least kStreamChunk values, so that few of the
   // lines written are partial ones at a chunk's ends (with C = 64 a tile is only 1 KiB)
   constexpr int64_t kStreamChunk = 4096;
   const int64_t chunk_rows =
       stream ? kTileRows * ceil_div(kStreamChunk, kTileRows * std::max<int64_t>(C, 1)) : kTileRows;
-  for_each_row_chunk(
-      s, y, threads, stream, chunk_rows, [&](int64_t chunk_r0, int64_t chunk_r1, T* out) {
-        // row r of the chunk goes to out + (r - chunk_r0) * C
-        for (int64_t r0 = chunk_r0; r0 < chunk_r1; r0 += kTileRows) {
-          const int64_t r1 = std::min(chunk_r1, r0 + kTileRows);
-          const int64_t next_end = std::min(rows, r1 + kTileRows);
-          for (int64_t c = 0; c < blocked; c += kLanes) {
-            // the same columns of the next tile, inputs and (unless streamed) output, while this
-            // tile is computed (see prefetch_l2).  Without the output's, the tile order defeats the
-            // hardware prefetcher for the write-allocate reads when a page holds a few rows
-            // (C = 128..512 float32 ran at 2/3 the speed of the per-value path; with it, level).
-            for (int64_t r = r1; r < next_end; ++r) {
-              op.prefetch(r * C + c, kLanes);
-              if (!stream) prefetch_l2_write(y + r * C + c, kLanes * kSize);
-            }
-            const auto k = op.coef(c);
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t e = r * C + c;
-              T* const dst = out + (r - chunk_r0) * C + c;
-              for_each_vec([&](int v, int64_t o) { storev(dst + o, op.apply(k, v, e + o)); });
-            }
-          }
-          for (int64_t r = r0; r < r1; ++r) {
-            T* __restrict__ dst = out + (r - chunk_r0) * C;
-#pragma omp simd
-            for (int64_t c = blocked; c < C; ++c) dst[c] = narrow<T>(op.value(r * C + c, c));
-          }
-        }
-      });
+  for_each_row_chunk(s, y, threads, stream, chunk_rows,
+                     [&](int64_t chunk_r0, int64_t chunk_r1, T* out) {
+                       fill_tiles(s, y, stream, op, chunk_r0, chunk_r1, out);
+                     });
 }
 
 // Coefficient bytes per row up to which the per-value path keeps them in L1 (half of a 32 KiB L1d):
@@ -363,6 +385,105 @@ inline double affine_value(T x, double mean, double scale, double shift) {
 #endif
 }
 
+// ---- 16-bit outputs certified from float arithmetic (see simd/certified.hpp) -----------------
+//
+// Each op's float arithmetic and its error bound, err >= |y - exact| with a factor of at least two
+// to spare, where u = 2^-24 is a float rounding's relative error and every coefficient's float is
+// within u of its double (float_coefficient).  The per-channel terms of each bound are computed
+// in double and rounded up (bound_up); they are the op's "float coefficients", made once per call
+// (or run) by *_floats, which return false where a coefficient cannot be certified: the call (or
+// run) then takes the double path alone.  kFloatCoefficients is how many a channel has.
+
+// affine: y1 = fma(x - m, s, b) [+ r].  Its error: u|m s| (m's rounding), 2u|d s| (d = x - m's
+// rounding and s's), u|b|, u|y1| (the fma's), plus u|y1| for the rounding of y1 -/+ err: with
+// |d s| <= |y1| + |b| (1 + u), at most 4.1u|y1| + 1.1u|m s| + 3.1u|b|.  The bound:
+// err = 8u |y1| + 8u (|m s| + |b|) + floor (1 + |s|) (an underflow in d costs |s| times its
+// error, one in y1 its own); a residual adds u|y|, bound 8u |y|.
+constexpr int kAffineFloats = 4;  // m, s, b, the constant term of err
+inline bool affine_floats(double mean, double scale, double shift, float* f) {
+  f[3] = bound_up(2 * kCertifyFactor * (std::fabs(mean * scale) + std::fabs(shift)) +
+                  kUnderflowFloor * (2 + std::fabs(scale)));
+  return float_coefficient(mean, f[0]) & float_coefficient(scale, f[1]) &
+         float_coefficient(shift, f[2]);
+}
+
+// the training dx: d = x - m, u1 = fma(-d, kx, g - kd), dx = ks u1.  Its error (t = g - kd):
+// u|ks| (|kd| + |t| + 2|d kx| + |m kx|) from the roundings inside u1, u|ks u1| from u1's and
+// 2u|ks u1| from ks's and the product's, u|dx| for err's ends; with |t| <= |u1| + |d kx|, at most
+// 1.05u |ks| (|kd| + |m kx| + 3|d||kx| + 5|u1|).  The bound: err = |d| a + |u1| b + k with
+// a = 12u |ks kx|, b = 20u |ks|, k = 4u |ks| (|kd| + |m kx|) + floor (1 + |ks| (3 + 2|kx|))
+// (underflows in d, g - kd, u1 and dx).
+constexpr int kGradFloats = 7;  // m, ks, kd, kx, a, b, k
+inline bool grad_floats(double mean, double k_scale, double k_dy, double k_x, float* f) {
+  const double ks = std::fabs(k_scale), kx = std::fabs(k_x);
+  f[4] = bound_up(3 * kCertifyFactor * ks * kx);
+  f[5] = bound_up(5 * kCertifyFactor * ks);
+  f[6] = bound_up(kCertifyFactor * ks * (std::fabs(k_dy) + std::fabs(mean * k_x)) +
+                  kUnderflowFloor * (1 + ks * (3 + 2 * kx)));
+  return float_coefficient(mean, f[0]) & float_coefficient(k_scale, f[1]) &
+         float_coefficient(k_dy, f[2]) & float_coefficient(k_x, f[3]);
+}
+
+// the frozen dx = g ks: u|g ks| from ks, u|dx| from the product, u|dx| for the ends: about 3u|dx|.
+// The bound: err = 8u |dx| + floor (1 + |ks|), without the absolute term where g = 0 (exactly
+// zero then, in both paths).
+constexpr int kScaleFloats = 2;  // ks, the constant term of err
+inline bool scale_floats(double k_scale, float* f) {
+  f[1] = bound_up(kUnderflowFloor * (1 + std::fabs(k_scale)));
+  return float_coefficient(k_scale, f[0]);
+}
+
+// The float coefficients of every channel, as kFloats arrays of C (array j at f + j * C), made by
+// make(c, out) into a workspace; null where the instruction set has no certified path or the
+// tests turned it off.  A channel whose coefficients cannot be certified gets a NaN for its last
+// one, the constant term of its bound, which every op adds into err: its vectors all fail the
+// test and take the double path, and the other channels keep theirs.
+template <int kFloats, class Make>
+inline const float* channel_floats(Workspace& ws, int64_t C, Make&& make) {
+  if (!BNKERNEL_CERTIFIED16 || !certify_16bit_outputs()) return nullptr;
+  float* f = ws.take<float>(kFloats * C);
+  for (int64_t c = 0; c < C; ++c) {
+    float one[kFloats];
+    if (!make(c, one)) one[kFloats - 1] = std::numeric_limits<float>::quiet_NaN();
+    for (int j = 0; j < kFloats; ++j) f[j * C + c] = one[j];
+  }
+  return f;
+}
+
+#if BNKERNEL_CERTIFIED16
+template <bool Residual, bool Relu, typename T>
+inline bool affine_certified(T* dst, const T* x, const T* residual, vf m, vf s, vf b, vf k) {
+  constexpr auto k8u = static_cast<float>(2 * kCertifyFactor);
+  const vf y1 = fmaf_v(loadf(x) - m, s, b);
+  if constexpr (Residual) {
+    const vf y = y1 + loadf(residual);
+    return store_certified<Relu>(dst, y, fmaf_v(absf(y1) + absf(y), splatf(k8u), k));
+  } else {
+    return store_certified<Relu>(dst, y1, fmaf_v(absf(y1), splatf(k8u), k));
+  }
+}
+template <bool Mask, typename T>
+inline bool grad_certified(T* dst, const T* dy, const T* x, const T* y, vf m, vf ks, vf kd, vf kx,
+                           vf a, vf b, vf k) {
+  vf g = loadf(dy);
+  if constexpr (Mask) g = masked_f(g, loadf(y));
+  const vf d = loadf(x) - m;
+  const vf u1 = fmaf_v(-d, kx, g - kd);
+  return store_certified(dst, ks * u1, fmaf_v(absf(d), a, fmaf_v(absf(u1), b, k)));
+}
+template <bool Mask, typename T>
+inline bool scale_certified(T* dst, const T* dy, const T* y, vf ks, vf k) {
+  constexpr auto k8u = static_cast<float>(2 * kCertifyFactor);
+  vf g = loadf(dy);
+  if constexpr (Mask) g = masked_f(g, loadf(y));
+  const vf dx = g * ks;
+  // a zero g (the ReLU mask's, or a zero dy) gives an exact zero, with the sign the double path
+  // gives it: no bound there (the absolute term would send every masked vector the double way)
+  const vf floor = reinterpret_cast<vf>(reinterpret_cast<vi>(k) & (g != splatf(0.0f)));
+  return store_certified(dst, dx, fmaf_v(absf(dx), splatf(k8u), floor));
+}
+#endif
+
 // ---- fusion flags ------------------------------------------------------------------------------
 //
 // The epilogue of the forward (a residual added, a ReLU) and the ReLU mask of the backward are
@@ -377,6 +498,8 @@ struct AffineOp {
   const double* scale;
   const double* shift;
   const T* residual;
+  const float* f32 = nullptr;  // 16-bit data: kAffineFloats arrays of C (channel_floats), or null
+  int64_t channels = 0;
   struct Coef {
     vd mean[kVecs], scale[kVecs], shift[kVecs];
   };
@@ -412,6 +535,17 @@ struct AffineOp {
     prefetch_values(x + e, count);
     if constexpr (Residual) prefetch_values(residual + e, count);
   }
+  bool certified(T* dst, int64_t e, int64_t c) const {
+#if BNKERNEL_CERTIFIED16
+    const float* f = f32 + c;
+    const int64_t C = channels;
+    return affine_certified<Residual, Relu>(dst, x + e, Residual ? residual + e : nullptr, loadf(f),
+                                            loadf(f + C), loadf(f + 2 * C), loadf(f + 3 * C));
+#else
+    (void)dst, (void)e, (void)c;
+    return false;
+#endif
+  }
 };
 
 // ---- 16-bit runs -------------------------------------------------------------------------------
@@ -421,13 +555,18 @@ struct AffineOp {
 // them.  The per-channel runs of 16-bit data are therefore computed a vector at a time: vec(i) is
 // values [i, i + kVecLen) as a vector, computed with the same arithmetic as scalar(i) (see fmav),
 // so the two give the same bits and the run's ends may take either.  Streaming as write_run.
-template <typename T, class V, class S>
+// cert(p, i) stores vector i at p from float arithmetic when certified (simd/certified.hpp) and
+// says whether it did; vec(i) is the double path that takes the vectors it does not.
+template <typename T, class V, class S, class Cert>
 inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&& scalar,
-                       NextRuns<T> next = {}) {
+                       Cert&& cert, NextRuns<T> next = {}) {
+  auto put = [&](T* p, int64_t i) {
+    if (!cert(p, i)) storev(p, vec(i));
+  };
   int64_t i = stream_blocks(y, len, stream, next, scalar, [&](T* buffer, int64_t at, int64_t n) {
-    for (int64_t j = 0; j < n; j += kVecLen) storev(buffer + j, vec(at + j));
+    for (int64_t j = 0; j < n; j += kVecLen) put(buffer + j, at + j);
   });
-  for (; i + kVecLen <= len; i += kVecLen) storev(y + i, vec(i));
+  for (; i + kVecLen <= len; i += kVecLen) put(y + i, i);
   for (; i < len; ++i) y[i] = narrow<T>(scalar(i));
 }
 
@@ -454,42 +593,66 @@ inline void affine_run(const T* __restrict__ x, T* __restrict__ y, int64_t len, 
         if constexpr (decltype(act)::value) r = relu_vec(r);
         return r;
       };
-      vector_run(y, len, stream, vec, value, next);
+#if BNKERNEL_CERTIFIED16
+      float f[kAffineFloats] = {};
+      const bool certify = certify_16bit_outputs() && affine_floats(mean, scale, shift, f);
+      const vf fm = splatf(f[0]), fs = splatf(f[1]), fb = splatf(f[2]), fk = splatf(f[3]);
+      auto cert = [&](T* p, int64_t i) {
+        return certify &&
+               affine_certified<decltype(res)::value, decltype(act)::value>(
+                   p, x + i, decltype(res)::value ? residual + i : nullptr, fm, fs, fb, fk);
+      };
+#else
+      auto cert = [&](T*, int64_t) { return false; };
+#endif
+      vector_run(y, len, stream, vec, value, cert, next);
     }
   });
 }
 
-// y = epilogue((x - mean[c]) * scale[c] + shift[c]) over the whole array.  16-bit planar data go
-// a channel's run at a time (affine_run: a vector of conversions at a time, as the fused kernels
-// do), everything else through elementwise_op.
-template <typename T>
-void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
-            int threads, Epilogue<T> ep) {
-  if constexpr (is_half_v<T>) {
-    if (s.inner > 1) {
-      // (rows under 4 KiB keep plain stores here, as before: streaming them was measured only
-      // for the fused kernels' float32 runs)
-      const bool stream =
-          stream_channel_runs(y, s) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
-      const int64_t rows = s.outer * s.channels;
-      parallel_region(threads, [&] {
+// run(c, offset, stream) for every run of the planar pattern (channel c's inner values from
+// offset), in parallel: how 16-bit planar data go through the whole-array passes, a vector of
+// conversions at a time as the fused kernels do (affine_run, grad_run, scale_run).  (Rows under
+// 4 KiB keep plain stores here, as before: streaming them was measured only for the fused kernels'
+// float32 runs.)
+template <typename T, class Run>
+void planar_runs(Shape s, T* y, int threads, Run&& run) {
+  const bool stream =
+      stream_channel_runs(y, s) && s.inner * static_cast<int64_t>(sizeof(T)) >= 4096;
+  const int64_t rows = s.outer * s.channels;
+  parallel_region(threads, [&] {
 #if BNKERNEL_HAVE_OPENMP
 #pragma omp for schedule(static) nowait
 #endif
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t c = r % s.channels, offset = r * s.inner;
-          affine_run(x + offset, y + offset, s.inner, mean[c], scale[c], shift[c], stream,
-                     ep.residual ? ep.residual + offset : nullptr, ep.relu);
-        }
-        stream_fence(stream);
+    for (int64_t r = 0; r < rows; ++r) run(r % s.channels, r * s.inner, stream);
+    stream_fence(stream);
+  });
+}
+
+// y = epilogue((x - mean[c]) * scale[c] + shift[c]) over the whole array.  16-bit planar data go
+// a channel's run at a time (planar_runs), everything else through elementwise_op; 16-bit
+// interleaved data with their float coefficients (channel_floats) for the certified path.
+template <typename T>
+void affine(const T* x, Shape s, const double* mean, const double* scale, const double* shift, T* y,
+            int threads, Epilogue<T> ep) {
+  Workspace ws;
+  const float* f32 = nullptr;
+  if constexpr (is_half_v<T>) {
+    if (s.inner > 1) {
+      planar_runs(s, y, threads, [&](int64_t c, int64_t offset, bool stream) {
+        affine_run(x + offset, y + offset, s.inner, mean[c], scale[c], shift[c], stream,
+                   ep.residual ? ep.residual + offset : nullptr, ep.relu);
       });
       return;
     }
+    f32 = channel_floats<kAffineFloats>(ws, s.channels, [&](int64_t c, float* f) {
+      return affine_floats(mean[c], scale[c], shift[c], f);
+    });
   }
   with_flags(ep.residual != nullptr, ep.relu, [&](auto res, auto relu) {
     elementwise_op(s, y, threads,
-                   AffineOp<T, decltype(res)::value, decltype(relu)::value>{x, mean, scale, shift,
-                                                                            ep.residual});
+                   AffineOp<T, decltype(res)::value, decltype(relu)::value>{
+                       x, mean, scale, shift, ep.residual, f32, s.channels});
   });
 }
 
@@ -524,6 +687,8 @@ struct GradOp {
   const double* k_scale;
   const double* k_dy;
   const double* k_x;
+  const float* f32 = nullptr;  // 16-bit data: kGradFloats arrays of C (channel_floats), or null
+  int64_t channels = 0;
   struct Coef {
     vd mean[kVecs], k_scale[kVecs], k_dy[kVecs], k_x[kVecs];
   };
@@ -558,16 +723,19 @@ struct GradOp {
     prefetch_values(x + e, count);
     if constexpr (Mask) prefetch_values(y + e, count);
   }
+  bool certified(T* dst, int64_t e, int64_t c) const {
+#if BNKERNEL_CERTIFIED16
+    const float* f = f32 + c;
+    const int64_t C = channels;
+    return grad_certified<Mask>(dst, dy + e, x + e, Mask ? y + e : nullptr, loadf(f), loadf(f + C),
+                                loadf(f + 2 * C), loadf(f + 3 * C), loadf(f + 4 * C),
+                                loadf(f + 5 * C), loadf(f + 6 * C));
+#else
+    (void)dst, (void)e, (void)c;
+    return false;
+#endif
+  }
 };
-
-template <typename T>
-void grad(const T* dy, const T* x, const T* y, Shape s, const double* mean, const double* k_scale,
-          const double* k_dy, const double* k_x, T* dx, int threads) {
-  with_flag(y != nullptr, [&](auto mask) {
-    elementwise_op(s, dx, threads,
-                   GradOp<T, decltype(mask)::value>{dy, x, y, mean, k_scale, k_dy, k_x});
-  });
-}
 
 // the training dx of one channel's contiguous run (the fused per-channel backward), as affine_run
 template <typename T>
@@ -590,8 +758,45 @@ inline void grad_run(const T* __restrict__ dy, const T* __restrict__ x, const T*
         if constexpr (kMask) g = masked_vec(g, loadv(y + i));
         return grad_vec(g, loadv(x + i) - vmean, vk_scale, vk_dy, vk_x);
       };
-      vector_run(dx, len, stream, vec, value, next);
+#if BNKERNEL_CERTIFIED16
+      float f[kGradFloats] = {};
+      const bool certify = certify_16bit_outputs() && grad_floats(mean, k_scale, k_dy, k_x, f);
+      const vf fm = splatf(f[0]), fks = splatf(f[1]), fkd = splatf(f[2]), fkx = splatf(f[3]),
+               fa = splatf(f[4]), fb = splatf(f[5]), fk = splatf(f[6]);
+      auto cert = [&](T* p, int64_t i) {
+        return certify && grad_certified<kMask>(p, dy + i, x + i, kMask ? y + i : nullptr, fm, fks,
+                                                fkd, fkx, fa, fb, fk);
+      };
+#else
+      auto cert = [&](T*, int64_t) { return false; };
+#endif
+      vector_run(dx, len, stream, vec, value, cert, next);
     }
+  });
+}
+
+// the training dx over the whole array (as affine: 16-bit planar data a run at a time)
+template <typename T>
+void grad(const T* dy, const T* x, const T* y, Shape s, const double* mean, const double* k_scale,
+          const double* k_dy, const double* k_x, T* dx, int threads) {
+  Workspace ws;
+  const float* f32 = nullptr;
+  if constexpr (is_half_v<T>) {
+    if (s.inner > 1) {
+      planar_runs(s, dx, threads, [&](int64_t c, int64_t offset, bool stream) {
+        grad_run(dy + offset, x + offset, y ? y + offset : nullptr, dx + offset, s.inner, mean[c],
+                 k_scale[c], k_dy[c], k_x[c], stream);
+      });
+      return;
+    }
+    f32 = channel_floats<kGradFloats>(ws, s.channels, [&](int64_t c, float* f) {
+      return grad_floats(mean[c], k_scale[c], k_dy[c], k_x[c], f);
+    });
+  }
+  with_flag(y != nullptr, [&](auto mask) {
+    elementwise_op(
+        s, dx, threads,
+        GradOp<T, decltype(mask)::value>{dy, x, y, mean, k_scale, k_dy, k_x, f32, s.channels});
   });
 }
 
@@ -666,6 +871,8 @@ struct ScaleOp {
   const T* dy;
   const T* y;
   const double* k_scale;
+  const float* f32 = nullptr;  // 16-bit data: kScaleFloats arrays of C (channel_floats), or null
+  int64_t channels = 0;
   struct Coef {
     vd k_scale[kVecs];
   };
@@ -689,14 +896,16 @@ struct ScaleOp {
     prefetch_values(dy + e, count);
     if constexpr (Mask) prefetch_values(y + e, count);
   }
+  bool certified(T* dst, int64_t e, int64_t c) const {
+#if BNKERNEL_CERTIFIED16
+    return scale_certified<Mask>(dst, dy + e, Mask ? y + e : nullptr, loadf(f32 + c),
+                                 loadf(f32 + channels + c));
+#else
+    (void)dst, (void)e, (void)c;
+    return false;
+#endif
+  }
 };
-
-template <typename T>
-void scale(const T* dy, const T* y, Shape s, const double* k_scale, T* dx, int threads) {
-  with_flag(y != nullptr, [&](auto mask) {
-    elementwise_op(s, dx, threads, ScaleOp<T, decltype(mask)::value>{dy, y, k_scale});
-  });
-}
 
 // the frozen dx of one channel's contiguous run, dx = g * k, as affine_run
 template <typename T>
@@ -714,8 +923,40 @@ inline void scale_run(const T* __restrict__ dy, const T* __restrict__ y, T* __re
         if constexpr (kMask) g = masked_vec(g, loadv(y + i));
         return g * vk;
       };
-      vector_run(dx, len, stream, vec, value, next);
+#if BNKERNEL_CERTIFIED16
+      float f[kScaleFloats] = {};
+      const bool certify = certify_16bit_outputs() && scale_floats(k, f);
+      const vf fk = splatf(f[0]), fbound = splatf(f[1]);
+      auto cert = [&](T* p, int64_t i) {
+        return certify && scale_certified<kMask>(p, dy + i, kMask ? y + i : nullptr, fk, fbound);
+      };
+#else
+      auto cert = [&](T*, int64_t) { return false; };
+#endif
+      vector_run(dx, len, stream, vec, value, cert, next);
     }
+  });
+}
+
+// the frozen dx over the whole array (as affine: 16-bit planar data a run at a time)
+template <typename T>
+void scale(const T* dy, const T* y, Shape s, const double* k_scale, T* dx, int threads) {
+  Workspace ws;
+  const float* f32 = nullptr;
+  if constexpr (is_half_v<T>) {
+    if (s.inner > 1) {
+      planar_runs(s, dx, threads, [&](int64_t c, int64_t offset, bool stream) {
+        scale_run(dy + offset, y ? y + offset : nullptr, dx + offset, s.inner, k_scale[c], stream,
+                  NextRuns<T>{});
+      });
+      return;
+    }
+    f32 = channel_floats<kScaleFloats>(
+        ws, s.channels, [&](int64_t c, float* f) { return scale_floats(k_scale[c], f); });
+  }
+  with_flag(y != nullptr, [&](auto mask) {
+    elementwise_op(s, dx, threads,
+                   ScaleOp<T, decltype(mask)::value>{dy, y, k_scale, f32, s.channels});
   });
 }
 
