@@ -12,14 +12,14 @@
 // (python/bnkernel/_checks.py, FAST_PATH_RULES, which names the Python function stating each;
 // kRules here must list the same names, tests/test_fastpath.py holds them together, and its
 // property tests show that the fast path never accepts a call the checked path refuses):
-//   x-plain            x: exact ndarray, float16/float32/float64, C-contiguous, aligned,
+//   x-plain            x: exact ndarray, float16/bfloat16/float32/float64, C-contiguous, aligned,
 //                      ndim >= 2, not empty (plain(), input())
 //   axis               an exact int in [-ndim, ndim) (input())
 //   flags              training, running_var_unbiased: exact bools
 //   eps                an exact float, finite, >= 0
 //   momentum           an exact float in [0, 1] (training)
 //   per-channel        gamma, beta, running statistics: plain, 1-d, length C, x's parameter
-//                      dtype (float32 for float16 data, else x's); mean and invstd: plain float64
+//                      dtype (float32 for 16-bit data, else x's); mean and invstd: plain float64
 //                      (per_channel())
 //   one-value          training: more than one value per channel
 //   running-required   inference: both running statistics given
@@ -94,10 +94,39 @@ bool disjoint(PyArrayObject* a, std::initializer_list<PyArrayObject*> others) {
   return true;
 }
 
-// x: plain float16/float32/float64, ndim >= 2, not empty; the channel axis from `axis` (a Python
-// int in range); the (outer, C, inner) view.  param_type: the dtype of the per-channel parameters
-// and running statistics (bnkernel::Param: float32 for float16 data).  (bfloat16 is ml_dtypes'
-// type, without a fixed NumPy type number: it takes the checked path.)
+// ml_dtypes' bfloat16 has no fixed NumPy type number: NumPy gives it one when ml_dtypes registers
+// the type.  An array of a user type (one past NumPy's own) is taken for bfloat16 when its scalar
+// type is the very object ml_dtypes.bfloat16, from an ml_dtypes already imported (an array of it
+// cannot exist otherwise; this never imports it); its number is then remembered.  (The GIL is held
+// here.)
+int bfloat16_type = -1;
+
+bool is_bfloat16(PyArrayObject* a) {
+  const int type = PyArray_TYPE(a);
+  if (type == bfloat16_type) return true;
+  if (bfloat16_type >= 0 || type < NPY_USERDEF) return false;
+  PyObject* name = PyUnicode_FromString("ml_dtypes");
+  PyObject* module = name ? PyImport_GetModule(name) : nullptr;
+  Py_XDECREF(name);
+  if (!module) {
+    PyErr_Clear();
+    return false;
+  }
+  PyObject* scalar = PyObject_GetAttrString(module, "bfloat16");
+  Py_DECREF(module);
+  if (!scalar) {
+    PyErr_Clear();
+    return false;
+  }
+  const bool match = scalar == reinterpret_cast<PyObject*>(PyArray_DESCR(a)->typeobj);
+  Py_DECREF(scalar);
+  if (match) bfloat16_type = type;
+  return match;
+}
+
+// x: plain float16/bfloat16/float32/float64, ndim >= 2, not empty; the channel axis from `axis` (a
+// Python int in range); the (outer, C, inner) view.  param_type: the dtype of the per-channel
+// parameters and running statistics (bnkernel::Param: float32 for 16-bit data).
 struct Input {
   PyArrayObject* x = nullptr;
   int type = 0;
@@ -108,7 +137,10 @@ struct Input {
 bool input(PyObject* obj, PyObject* axis_obj, Input& in) {
   if (!PyArray_CheckExact(obj)) return false;
   const int type = PyArray_TYPE(reinterpret_cast<PyArrayObject*>(obj));
-  if (type != NPY_HALF && type != NPY_FLOAT && type != NPY_DOUBLE) return false;
+  if (type != NPY_HALF && type != NPY_FLOAT && type != NPY_DOUBLE &&
+      !is_bfloat16(reinterpret_cast<PyArrayObject*>(obj))) {
+    return false;
+  }
   PyArrayObject* x = plain(obj, type);
   if (!x || PyArray_NDIM(x) < 2 || PyArray_SIZE(x) == 0) return false;
   if (!PyLong_CheckExact(axis_obj)) return false;
@@ -120,8 +152,8 @@ bool input(PyObject* obj, PyObject* axis_obj, Input& in) {
   int64_t outer = 1, inner = 1;
   for (int i = 0; i < axis; ++i) outer *= PyArray_DIM(x, i);
   for (int i = axis + 1; i < ndim; ++i) inner *= PyArray_DIM(x, i);
-  in = Input{x, type, type == NPY_HALF ? NPY_FLOAT : type,
-             Shape{outer, PyArray_DIM(x, axis), inner}};
+  const bool half = type == NPY_HALF || type == bfloat16_type;
+  in = Input{x, type, half ? NPY_FLOAT : type, Shape{outer, PyArray_DIM(x, axis), inner}};
   return true;
 }
 
@@ -195,11 +227,14 @@ PyObject* not_plain() {
   Py_RETURN_NONE;
 }
 
-// f(T{}) for the data type T of a plain array (float16, float32 or float64, as input() admits)
+// f(T{}) for the data type T of a plain array (float16, bfloat16, float32 or float64, as input()
+// admits)
 template <class F>
 void with_type(int type, F&& f) {
   if (type == NPY_HALF) {
     f(bnkernel::float16{});
+  } else if (type == bfloat16_type) {
+    f(bnkernel::bfloat16{});
   } else if (type == NPY_FLOAT) {
     f(float{});
   } else {

@@ -37,17 +37,29 @@ def checked_path() -> Iterator[None]:
 
 
 def make(shape: tuple[int, ...], axis: int, dtype: Any, seed: int = 0) -> dict[str, Any]:
-    """The call's arrays; float16 data have float32 parameters and running statistics."""
-    d = random_arrays(shape, axis, dtype, seed, gamma=(0.5, 2.0))
-    if np.dtype(dtype) == np.float16:
+    """The call's arrays; 16-bit data have float32 parameters and running statistics."""
+    d = random_arrays(shape, axis, np.float32 if dtype == BF16 else dtype, seed, gamma=(0.5, 2.0))
+    if np.dtype(dtype).itemsize == 2:
+        for k in ("x", "dy"):
+            d[k] = d[k].astype(dtype)
         for k in ("g", "b", "rm", "rv"):
             d[k] = d[k].astype(np.float32)
     return d
 
 
-# the data dtypes the fast path takes (bfloat16, ml_dtypes' type, takes the checked path)
+# the data dtypes the fast path takes: bfloat16 (ml_dtypes' type, with a type number NumPy
+# assigns at run time) when ml_dtypes is installed
+try:
+    import ml_dtypes
+
+    BF16: Any = ml_dtypes.bfloat16
+except ImportError:
+    ml_dtypes = None
+    BF16 = None
 FAST_DTYPES = pytest.mark.parametrize(
-    "dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"]
+    "dtype",
+    [np.float16, np.float32, np.float64] + ([] if BF16 is None else [BF16]),
+    ids=["f16", "f32", "f64"] + ([] if BF16 is None else ["bf16"]),
 )
 
 
@@ -301,14 +313,22 @@ def test_float16_forward_declines_other_parameter_dtypes(label, change):
         bk.batch_norm_forward(**args)
 
 
-def test_bfloat16_takes_the_checked_path():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+@pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed")
+def test_other_user_dtypes_are_declined():
+    """bfloat16 is recognized by its scalar type, ml_dtypes.bfloat16 itself: ml_dtypes' other
+    types (user types too, each with a run-time type number) are declined, and the checked path
+    refuses them by name."""
     d = make((6, 3, 2, 2), 1, np.float32)
-    x = d["x"].astype(ml_dtypes.bfloat16)
-    args = _forward_args(d) | {"x": x}
+    for other in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+        args = _forward_args(d) | {"x": d["x"].astype(other)}
+        assert _core.forward_fast(*args.values()) is None
+        with pytest.raises(TypeError, match="x"):
+            bk.batch_norm_forward(**args)
+    # and bfloat16 with float16 parameters is declined like float16 data with them
+    args = _forward_args(make((6, 3, 2, 2), 1, BF16))
+    assert isinstance(_core.forward_fast(*args.values()), tuple)
+    args["gamma"] = args["gamma"].astype(np.float16)
     assert _core.forward_fast(*args.values()) is None
-    y, mean, invstd = bk.batch_norm_forward(**args)
-    assert y.dtype == x.dtype and mean.dtype == invstd.dtype == np.float64
 
 
 def test_no_reference_is_leaked_or_lost():

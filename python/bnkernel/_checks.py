@@ -57,14 +57,14 @@ INT64_MAX = 2**63 - 1
 # The rules csrc/fastpath.cpp checks again in C, each with the function here that states it.  The
 # fast path declines (returns None) whenever one fails, and the checked path then raises.
 FAST_PATH_RULES: Mapping[str, str] = {
-    "x-plain": "data: an exact ndarray, float16/float32/float64, C-contiguous, aligned, "
+    "x-plain": "data: an exact ndarray, float16/bfloat16/float32/float64, C-contiguous, aligned, "
     "ndim >= 2, not empty (Call.data)",
     "axis": "channel_axis: an int in [-ndim, ndim)",
     "flags": "flag: training and running_var_unbiased are bools",
     "eps": "eps: a finite float >= 0",
     "momentum": "momentum: a finite float in [0, 1] (training)",
     "per-channel": "Call.param / Call.running / Call.saved: 1-d, length C, the exact dtype "
-    "(param_dtype: float32 for float16 data)",
+    "(param_dtype: float32 for 16-bit data)",
     "one-value": "one_value_check: more than one value per channel when training",
     "running-required": "running statistics required for inference",
     "running-writeable": "Call.running: writeable when updated",
