@@ -339,11 +339,17 @@ void interleaved_rows(Shape s, T* y, int threads, const Op& op) {
   constexpr int64_t kChunkValues = 256;
   const int64_t chunk_rows = std::max<int64_t>(1, kChunkValues / std::max<int64_t>(C, 1));
   auto fill = [&](int64_t r0, int64_t r1, T* out) {
+    // local copies of the op and the bounds: the vector stores (through may_alias types) could
+    // write to them for all the compiler knows, and GCC reloaded every pointer of the op through
+    // the closure on every vector (float32 normalize, one thread, 32x56x56x256: 9.2 -> 7.9 ms,
+    // 32x56x56x64: 2.5 -> 2.0 ms, medians of 5 interleaved runs)
+    const Op o = op;
+    const int64_t n = C, w = whole;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t e = r * C;
-      T* const dst = out + (r - r0) * C;  // (may be x itself: an in-place call)
-      for (int64_t c = 0; c < whole; c += kVecLen) storev(dst + c, op.at(e + c, c));
-      for (int64_t c = whole; c < C; ++c) dst[c] = narrow<T>(op.value(e + c, c));
+      const int64_t e = r * n;
+      T* const dst = out + (r - r0) * n;  // (may be x itself: an in-place call)
+      for (int64_t c = 0; c < w; c += kVecLen) storev(dst + c, o.at(e + c, c));
+      for (int64_t c = w; c < n; ++c) dst[c] = narrow<T>(o.value(e + c, c));
     }
   };
   for_each_row_chunk(s, y, threads, stream_output(y, s.size()), chunk_rows, fill);
