@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -270,6 +271,31 @@ def test_time_call_counts():
 def test_time_call_caps_slow_peers():
     timing = _bench.time_call(lambda: sum(range(20000)), repeat=1000, min_time=0.0, max_time=0.0)
     assert len(timing.times) == 3
+
+
+def test_time_calls_interleaves_rounds():
+    """Functions timed together take their samples in the same rounds, the order rotated from
+    round to round (so a slow period of the machine slows them alike), each until it has enough:
+    the slower one stops first, the faster one goes on alone."""
+    order = []
+
+    def fn(name, seconds):
+        def call():
+            order.append(name)
+            time.sleep(seconds)  # over 1 ms: one warm-up call, one call a sample
+
+        return call
+
+    timings = _bench.time_calls({"a": fn("a", 0.002), "b": fn("b", 0.01)}, repeat=4, min_time=0.02)
+    a, b = timings["a"], timings["b"]
+    assert a.number == b.number == 1  # both long enough to time one call at a time
+    assert len(a.times) >= 4 and len(b.times) >= 4
+    assert sum(b.times) >= 0.02 and sum(a.times) >= 0.02
+    assert len(a.times) > len(b.times)  # b reached min_time in fewer samples
+    timed = order[2:]  # after each one's warm-up call
+    rounds = [timed[2 * k : 2 * k + 2] for k in range(4)]
+    assert rounds == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    assert set(timed[2 * len(b.times) :]) == {"a"}  # a alone once b is done
 
 
 def test_copy_bandwidth(restore_threads):

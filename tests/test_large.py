@@ -26,6 +26,9 @@ CASES = [
     # rows streamed from a buffer
     ("NHWC-f32-C48", (7, 113, 113, 48), -1, np.float32),
     ("NHWC-f64-C40", (7, 87, 89, 40), -1, np.float64),
+    # rows with the most coefficients they take (the normalize's 12 KiB a row, dx's 16 KiB), with
+    # channels past the last vector of 8
+    ("NHWC-f32-C500", (3, 13, 229, 500), -1, np.float32),
     # channel blocks in registers (24 KiB of coefficients a row), with channels left over past the
     # last block and a row count that is not a multiple of the tile
     ("NHWC-f32-C1000", (3, 7, 223, 1000), -1, np.float32),

@@ -70,7 +70,14 @@ from .peers import Prepared, prepare
 from .report import format_sweep_table, format_table
 from .run import run_bench
 from .sweep import run_sweep
-from .timing import SWEEP_MAX_TIME_S, CopyBandwidth, Timing, copy_bandwidth, time_call
+from .timing import (
+    SWEEP_MAX_TIME_S,
+    CopyBandwidth,
+    Timing,
+    copy_bandwidth,
+    time_call,
+    time_calls,
+)
 from .units import parse_shape, parse_shapes, parse_size
 
 __all__ = [
@@ -116,4 +123,5 @@ __all__ = [
     "sweep_shape",
     "sweep_sizes",
     "time_call",
+    "time_calls",
 ]

@@ -33,7 +33,15 @@ from .cases import (
 from .peers import has_textbook, prepare
 from .plot import require_matplotlib
 from .report import row_line
-from .timing import PEER_MAX_TIME_S, CopyBandwidth, Timing, copy_bandwidth, copy_time, time_call
+from .timing import (
+    PEER_MAX_TIME_S,
+    CopyBandwidth,
+    Timing,
+    copy_bandwidth,
+    copy_call,
+    time_call,
+    time_calls,
+)
 from .units import fmt_bytes, shape_text
 
 
@@ -137,15 +145,36 @@ def measure(
     bw: CopyBandwidth,
     row_copy: Timing | None = None,
 ) -> dict[str, Any]:
-    """bnkernel (and torch) on ``case`` with ``threads`` threads: checked, timed, one result row.
-    ``row_copy``: the copy of x at this thread count (:func:`copy_time`), the row's bound; measured
-    here when not given."""
+    """bnkernel (and torch) on ``case`` with ``threads`` threads: checked, then timed in the same
+    rounds as the copy of x (:func:`copy_call`, the row's bound) and torch's kernel, their calls
+    interleaved (:func:`time_calls`), so that a slow period of a shared machine slows all three
+    alike; one result row.  ``row_copy``: an already measured copy, used instead of timing one
+    here."""
     _core.set_num_threads(threads)
-    if row_copy is None:
-        row_copy = copy_time(case.x, config.repeat, config.min_time)
     p = prepare(case, op, "bnkernel")
     check = check_outputs(case, op, p.outputs())
-    timing = time_call(p.call, config.repeat, config.min_time, max_time=config.max_time)
+    calls: dict[str, Callable[[], object]] = {"bnkernel": p.call}
+    if row_copy is None:
+        calls["copy"] = copy_call(case.x)
+    torch_row: dict[str, Any] = {}
+    pt = None
+    if torch is not None:
+        torch.set_num_threads(threads)
+        try:
+            pt = prepare(case, op, "torch", torch)
+            touts = pt.outputs()
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # a case torch cannot run
+            first_line = (str(e).splitlines() or [""])[0]
+            torch_row["torch_error"] = f"{type(e).__name__}: {first_line}"
+            pt = None
+        else:
+            tcheck = check_outputs(case, op, touts, peer=True, who="torch")
+            del touts
+            calls["torch"] = pt.call
+    timings = time_calls(calls, config.repeat, config.min_time, max_time=config.max_time)
+    timing = timings["bnkernel"]
+    if row_copy is None:
+        row_copy = timings["copy"]
     t_op = timing.median
     copy_gbps = 2.0 * case.nbytes / row_copy.median / 1e9
     row: dict[str, Any] = {
@@ -173,18 +202,9 @@ def measure(
         "speedup_vs_numpy": None,
         "speedup_vs_torch": None,
     }
-    del p
-    if torch is not None:
-        torch.set_num_threads(threads)
-        try:
-            pt = prepare(case, op, "torch", torch)
-            touts = pt.outputs()
-        except (RuntimeError, TypeError, NotImplementedError) as e:  # a case torch cannot run
-            first_line = (str(e).splitlines() or [""])[0]
-            row["torch_error"] = f"{type(e).__name__}: {first_line}"
-            return row
-        tcheck = check_outputs(case, op, touts, peer=True, who="torch")
-        ttiming = time_call(pt.call, config.repeat, config.min_time, max_time=config.max_time)
+    row.update(torch_row)
+    if pt is not None:
+        ttiming = timings["torch"]
         row["torch"] = {**ttiming.to_json(), "variant": pt.variant, "check": tcheck}
         row["speedup_vs_torch"] = ttiming.median / t_op
     return row
@@ -208,15 +228,11 @@ def measure_cases(
     for shape, layout, dtype in specs:
         case = make_case(shape, layout, dtype)
         np_result = None
-        row_copies: dict[int, Timing] = {}  # the copy of x at each thread count, timed once
         for op in config.ops:
             np_result = run_numpy(case, op, config) if config.numpy and has_textbook(case) else None
             for t in threads_list:
                 done += 1
-                if t not in row_copies:
-                    _core.set_num_threads(t)
-                    row_copies[t] = copy_time(case.x, config.repeat, config.min_time)
-                row = measure(case, op, t, config, torch, copy_bw[t], row_copies[t])
+                row = measure(case, op, t, config, torch, copy_bw[t])
                 add_numpy(row, np_result)
                 yield row
                 size = f"{fmt_bytes(case.nbytes)}: " if size_in_progress else ""

@@ -1,14 +1,15 @@
 """Timing: medians of ``time.perf_counter`` samples, and the machine's memory bandwidth.
 
-:func:`time_call` is the one timer of ``python -m bnkernel bench`` and ``check``: a warm-up call,
-then samples (calls shorter than ~20 us batched and averaged) until enough are in.
+:func:`time_calls` is the one timer of ``python -m bnkernel bench`` and ``check``: a warm-up call of
+each function, then rounds of one sample of each (calls shorter than ~20 us batched and averaged)
+until enough are in; :func:`time_call` times one function that way.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,76 @@ class Timing:
         return d
 
 
+def _calls_per_sample(fn: Callable[[], object]) -> int:
+    """A warm-up call of ``fn`` (page faults of new outputs, lazy initialization, thread
+    start-up), then how many calls one sample averages: 1, or for calls shorter than ~20 us a
+    batch of about 0.2 ms."""
+    clock = time.perf_counter
+    t0 = clock()
+    fn()
+    first = clock() - t0
+    if first < 1e-3:
+        t0 = clock()
+        for _ in range(5):
+            fn()
+        per_call = (clock() - t0) / 5
+        if per_call < SHORT_CALL_S:
+            return int(min(1000, max(1, BATCH_TARGET_S // max(per_call, 1e-9))))
+    return 1
+
+
+def _sample(fn: Callable[[], object], number: int) -> float:
+    """Seconds per call of one sample: ``number`` calls of ``fn``, averaged."""
+    clock = time.perf_counter
+    t0 = clock()
+    if number == 1:
+        fn()
+    else:
+        for _ in range(number):
+            fn()
+    return (clock() - t0) / number
+
+
+def time_calls(
+    fns: Mapping[str, Callable[[], object]],
+    repeat: int = 10,
+    min_time: float = 0.1,
+    *,
+    max_time: float | None = None,
+    max_samples: int = MAX_SAMPLES,
+) -> dict[str, Timing]:
+    """Time several functions in the same rounds: each round takes one sample of every function
+    still sampling, the order rotated from round to round, so a slow period of a shared machine
+    slows them all alike and their ratios stay honest.  A function samples until it has at least
+    ``repeat`` samples that took at least ``min_time`` seconds (at most ``max_samples``; with
+    ``max_time``, until that much time is spent and 3 samples are in).  A warm-up call each first;
+    calls shorter than ~20 us are timed in batches and averaged, so the clock's own cost stays
+    out."""
+    repeat = max(1, repeat)
+    names = list(fns)
+    number = {name: _calls_per_sample(fns[name]) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    total = dict.fromkeys(names, 0.0)
+
+    def done(name: str) -> bool:
+        n = len(times[name])
+        if n >= max_samples or (n >= repeat and total[name] >= min_time):
+            return True
+        return max_time is not None and total[name] >= max_time and n >= min(repeat, 3)
+
+    rounds = 0
+    while not all(done(name) for name in names):
+        for k in range(len(names)):
+            name = names[(rounds + k) % len(names)]
+            if done(name):
+                continue
+            dt = _sample(fns[name], number[name])
+            times[name].append(dt)
+            total[name] += dt * number[name]
+        rounds += 1
+    return {name: Timing(times[name], number[name]) for name in names}
+
+
 def time_call(
     fn: Callable[[], object],
     repeat: int = 10,
@@ -70,43 +141,10 @@ def time_call(
     max_time: float | None = None,
     max_samples: int = MAX_SAMPLES,
 ) -> Timing:
-    """Time ``fn`` with ``time.perf_counter``: a warm-up call, then samples until there are at
-    least ``repeat`` of them and they took at least ``min_time`` seconds (at most ``max_samples``
-    samples; with ``max_time``, stop once that much time is spent and 3 samples are in).  Calls
-    shorter than ~20 us are timed in batches and averaged, so the clock's own cost stays out."""
-    clock = time.perf_counter
-    repeat = max(1, repeat)
-    t0 = clock()
-    fn()  # warm-up: page faults of new outputs, lazy initialization, thread start-up
-    first = clock() - t0
-    number = 1
-    if first < 1e-3:
-        t0 = clock()
-        for _ in range(5):
-            fn()
-        per_call = (clock() - t0) / 5
-        if per_call < SHORT_CALL_S:
-            number = int(min(1000, max(1, BATCH_TARGET_S // max(per_call, 1e-9))))
-    times: list[float] = []
-    total = 0.0
-    while True:
-        if number == 1:
-            t0 = clock()
-            fn()
-            dt = clock() - t0
-        else:
-            t0 = clock()
-            for _ in range(number):
-                fn()
-            dt = (clock() - t0) / number
-        times.append(dt)
-        total += dt * number
-        n = len(times)
-        if n >= max_samples or (n >= repeat and total >= min_time):
-            break
-        if max_time is not None and total >= max_time and n >= min(repeat, 3):
-            break
-    return Timing(times, number)
+    """Time ``fn`` with ``time.perf_counter``: :func:`time_calls` of one function."""
+    return time_calls({"fn": fn}, repeat, min_time, max_time=max_time, max_samples=max_samples)[
+        "fn"
+    ]
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -178,16 +216,15 @@ def copy_bandwidth(
     dst = np.ones_like(src)  # written, so its pages are real memory (not the shared zero page)
     _core.set_num_threads(threads)
     try:
-        times = {kind: time_call(_pass(kind, src, dst), repeat, 0.0) for kind in _PASSES}
+        times = time_calls({kind: _pass(kind, src, dst) for kind in _PASSES}, repeat, 0.0)
     finally:
         _core.set_num_threads(0)  # follow OpenMP's setting again, as the bench leaves it
     return CopyBandwidth(threads, int(src.nbytes), times["copy"], times["read"], times["write"])
 
 
-def copy_time(src: NDArray[Any], repeat: int = 5, min_time: float = 0.05) -> Timing:
+def copy_call(src: NDArray[Any]) -> Callable[[], object]:
     """The copy of ``src`` into an array like it at the current thread count
-    (:func:`bnkernel._core.memory_pass`): a row's own bound, in its own regime (cache or memory,
-    the kernels' thread count and store policy for that size)."""
+    (:func:`bnkernel._core.memory_pass`), ready to time: a row's own bound, in its own regime
+    (cache or memory, the kernels' thread count and store policy for that size)."""
     flat = src.reshape(-1)
-    dst = np.ones_like(flat)
-    return time_call(_pass("copy", flat, dst), repeat, min_time)
+    return _pass("copy", flat, np.ones_like(flat))
