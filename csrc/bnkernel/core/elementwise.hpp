@@ -250,7 +250,7 @@ void for_each_row_chunk(Shape s, T* y, int threads, bool stream, int64_t chunk_r
 // op's certified float path first (simd/certified.hpp) where it has one.
 template <typename T, class Op>
 void fill_tiles(Shape s, T* y, bool stream, const Op& op_ref, int64_t chunk_r0, int64_t chunk_r1,
-                T* out) {
+                T* out, CertifyRate<T>& rate_ref) {
   // 16-bit data work on a local copy of the op, which GCC then does not reload after every vector
   // store (see interleaved_rows); float32 and float64 keep the reference (one thread, medians of 7
   // interleaved runs, 32x7x7x2048: float16 normalize 946 -> 782 us, training forward 1687 -> 1534;
@@ -260,6 +260,7 @@ void fill_tiles(Shape s, T* y, bool stream, const Op& op_ref, int64_t chunk_r0, 
   const int64_t rows = s.outer;
   const int64_t blocked = C - C % kLanes;
   constexpr auto kSize = static_cast<int64_t>(sizeof(T));
+  CertifyRate<T> rate = rate_ref;  // the thread's, over its chunks (in a local here)
   for (int64_t r0 = chunk_r0; r0 < chunk_r1; r0 += kTileRows) {
     const int64_t r1 = std::min(chunk_r1, r0 + kTileRows);
     const int64_t next_end = std::min(rows, r1 + kTileRows);
@@ -278,7 +279,11 @@ void fill_tiles(Shape s, T* y, bool stream, const Op& op_ref, int64_t chunk_r0, 
         T* const dst = out + (r - chunk_r0) * C + c;
         for_each_vec([&](int v, int64_t o) {
           if constexpr (is_half_v<T>) {
-            if (op.f32 && op.certified(dst + o, e + o, c + o)) return;
+            if (op.f32 && rate.on) {
+              ++rate.attempts;
+              if (op.certified(dst + o, e + o, c + o)) return;
+              rate.fail(rate.attempts);
+            }
           }
           storev(dst + o, op.apply(k, v, e + o));
         });
@@ -290,6 +295,7 @@ void fill_tiles(Shape s, T* y, bool stream, const Op& op_ref, int64_t chunk_r0, 
       for (int64_t c = blocked; c < C; ++c) dst[c] = narrow<T>(op.value(r * C + c, c));
     }
   }
+  rate_ref = rate;
 }
 
 // Op provides
@@ -311,9 +317,15 @@ void interleaved_blocks(Shape s, T* y, int threads, const Op& op) {
   constexpr int64_t kStreamChunk = 4096;
   const int64_t chunk_rows =
       stream ? kTileRows * ceil_div(kStreamChunk, kTileRows * std::max<int64_t>(C, 1)) : kTileRows;
+  // the certified path's success rate, per thread over its chunks (a chunk of 4 rows of 64
+  // channels is only 32 vectors)
+  Workspace ws;
+  CertifyRate<T>* const rates = ws.take<CertifyRate<T>>(threads);
+  for (int t = 0; t < threads; ++t) rates[t] = CertifyRate<T>{};
   for_each_row_chunk(s, y, threads, stream, chunk_rows,
                      [&](int64_t chunk_r0, int64_t chunk_r1, T* out) {
-                       fill_tiles(s, y, stream, op, chunk_r0, chunk_r1, out);
+                       CertifyRate<T>& rate = rates[threads > 1 ? bnkernel::thread_index() : 0];
+                       fill_tiles(s, y, stream, op, chunk_r0, chunk_r1, out, rate);
                      });
 }
 
@@ -573,8 +585,13 @@ struct AffineOp {
 template <typename T, class V, class S, class Cert>
 inline void vector_run(T* __restrict__ y, int64_t len, bool stream, V&& vec, S&& scalar,
                        Cert&& cert, NextRuns<T> next = {}) {
+  CertifyRate<T> rate;  // (the run's; vector i is attempt i / kVecLen + 1)
   auto put = [&](T* p, int64_t i) {
-    if (!cert(p, i)) storev(p, vec(i));
+    if (rate.on) {
+      if (cert(p, i)) return;
+      rate.fail(i / kVecLen + 1);
+    }
+    storev(p, vec(i));
   };
   int64_t i = stream_blocks(y, len, stream, next, scalar, [&](T* buffer, int64_t at, int64_t n) {
     for (int64_t j = 0; j < n; j += kVecLen) put(buffer + j, at + j);
