@@ -17,8 +17,14 @@ with streaming stores, measured in the same run at the same thread count) beside
   thread's.  Every value is computed in double and rounded once: two to three conversions a value
   on this core, which make one thread's kernels compute-bound.
 
-Usage: ``python benchmarks/floors.py [--mib 98] [--samples 15]`` (uses bnkernel's private
-``_core`` kernels directly, without the argument checks, as the bench's timing does).
+When torch is importable, a second line per layout gives torch's kernels (the bench's peer:
+``native_batch_norm.out`` and its backward, on 4-D shapes of the same sizes, preallocated outputs
+where torch has them) the same way: their passes on x and, in brackets, the same kernel on the
+L2-resident data scaled to x's size (for torch that includes its per-call cost, 5-10 us, a large
+part of a call on 200 KB).
+
+Usage: ``python benchmarks/floors.py [--mib 98] [--samples 15] [--no-torch]`` (uses bnkernel's
+private ``_core`` kernels directly, without the argument checks, as the bench's timing does).
 """
 
 from __future__ import annotations
@@ -65,11 +71,36 @@ def kernels(x3: np.ndarray) -> dict[str, Callable[[], Any]]:
     }
 
 
+# floors' kernel names -> the bench's ops (torch has no statistics-only kernel)
+TORCH_OPS = {
+    "inference": "forward_infer",
+    "training forward": "forward_train",
+    "training backward": "backward_train",
+}
+
+
+def torch_kernels(torch: Any, shape: tuple[int, ...], layout: str) -> dict[str, Callable[[], Any]]:
+    """torch's kernels as the bench times them (preallocated outputs), on seeded data of the
+    logical (N, C, H, W) ``shape`` stored in ``layout``."""
+    from bnkernel.bench.cases import make_case
+    from bnkernel.bench.peers import prepare
+
+    case = make_case(shape, layout, np.float32)
+    return {name: prepare(case, op, "torch", torch).call for name, op in TORCH_OPS.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=98, help="size of x in MiB (default 98)")
     parser.add_argument("--samples", type=int, default=15, help="timed calls per median")
+    parser.add_argument("--no-torch", action="store_true", help="leave torch's kernels out")
     args = parser.parse_args(argv)
+    torch: Any = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
     C = 256
     n = (args.mib << 20) // 4 // (C * 32) * (C * 32)
     if n == 0:
@@ -82,9 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         "channels-last": (x.reshape(-1, C, 1), small.reshape(-1, C, 1)),
     }
     arithmetic: dict[tuple[str, str], float] = {}  # seconds a value, one thread, in L2
+    hw = n // (32 * C)  # 3136 at the default size: 56 x 56
+    side = round(hw**0.5)
+    big4 = (32, C, side, hw // side) if side * (hw // side) == hw else (32, C, hw, 1)
+    torch_shapes = {  # logical 4-D (N, C, H, W) shapes of the same big and cached data, for torch
+        # (4-D: torch's channels-last memory format is 4-D only)
+        "NCHW": (big4, "NCHW", (1, 16, 56, 56), "NCHW"),
+        "channels-last": (big4, "NHWC", (1, C, 14, 14), "NHWC"),
+    }
     print(f"x: {n * 4 / 2**20:.0f} MiB float32, C = {C}; passes (memory floor, arithmetic floor)")
+    if torch is not None:
+        print(f"torch {torch.__version__}: passes [its arithmetic floor]")
     for threads in (1, 2):
         bk.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
         copy = median_time(lambda: _core.memory_pass("copy", x, copy_out), args.samples)
         read = median_time(lambda: _core.memory_pass("read", x, copy_out), args.samples)
         one_pass = copy / 2
@@ -109,6 +152,22 @@ def main(argv: list[str] | None = None) -> int:
                 floor = arithmetic[(layout, name)] / threads * n / one_pass
                 cells.append(f"{name} {passes:.2f} ({memory[name]:.2f}, {floor:.2f})")
             print(f"  {layout}: " + "; ".join(cells))
+            if torch is not None:
+                big_shape, big_layout, small_shape, small_layout = torch_shapes[layout]
+                t_big = torch_kernels(torch, big_shape, big_layout)
+                t_small = torch_kernels(torch, small_shape, small_layout)
+                small_size = int(np.prod(small_shape))
+                cells = []
+                for name, run in t_big.items():
+                    passes = median_time(run, args.samples) / one_pass
+                    if threads == 1:
+                        arithmetic[("torch " + layout, name)] = (
+                            median_time(t_small[name], 7 * args.samples) / small_size
+                        )
+                    floor = arithmetic[("torch " + layout, name)] / threads * n / one_pass
+                    cells.append(f"{name} {passes:.2f} [{floor:.2f}]")
+                print(f"  torch {layout}: " + "; ".join(cells))
+                del t_big, t_small
     return 0
 
 
