@@ -442,6 +442,5 @@ PYBIND11_MODULE(_core, m) {
   m.attr("isa") = bnkernel::isa_name();
   m.attr("version") = BNKERNEL_VERSION;
   m.attr("native_build") = static_cast<bool>(BNKERNEL_NATIVE_BUILD);
-  m.attr("cuda") = false;  // this version has CPU kernels only
   m.attr("sanitized") = static_cast<bool>(BNKERNEL_SANITIZED);
 }

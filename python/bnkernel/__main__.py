@@ -106,11 +106,35 @@ def info_lines() -> list[str]:
         f"threads: {_core.get_num_threads()} (at most {_core.max_threads})",
         f"SIMD kernels (chosen at run time): {_core.isa}",
         f"native build (-march=native): {'yes' if _core.native_build else 'no'}",
-        f"CUDA: {'yes' if _core.cuda else 'no (this version has CPU kernels only)'}",
+        cuda_line(),
         f"sanitizers (ASan + UBSan): {'yes' if _core.sanitized else 'no'}",
         "data dtypes: float32, float64, float16, bfloat16 "
         f"(ml_dtypes {_ml_dtypes_version() or 'not installed'})",
     ]
+
+
+def cuda_line() -> str:
+    """What ``info`` says of CUDA: whether this build has the CUDA module (``bnkernel._cuda``,
+    built with ``-Ccmake.define.BNKERNEL_CUDA=ON``), its runtime, the driver and the GPUs."""
+    try:
+        from . import _cuda  # type: ignore[attr-defined]
+    except ImportError:
+        return "CUDA: no (built without BNKERNEL_CUDA=ON; the CUDA kernels are not in this build)"
+    i = _cuda.info()
+
+    def version(v: int) -> str:
+        return f"{v // 1000}.{v % 1000 // 10}"
+
+    driver = version(i["driver_version"]) if i["driver_version"] else "none"
+    head = f"CUDA: module built (runtime {version(i['runtime_version'])}, driver {driver})"
+    if i["error"] is not None:
+        return f"{head}; no usable GPU: {i['error']}"
+    gpus = "; ".join(
+        f"{d['index']}: {d['name']} (sm_{d['compute_capability'][0]}{d['compute_capability'][1]}, "
+        f"{d['memory'] / 2**30:.0f} GiB)"
+        for d in i["devices"]
+    )
+    return f"{head}; GPUs {gpus}"
 
 
 def _ml_dtypes_version() -> str | None:

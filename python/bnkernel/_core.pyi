@@ -17,7 +17,6 @@ max_threads: int  # set_num_threads refuses more; larger OpenMP settings are cla
 isa: str
 version: str
 native_build: bool
-cuda: bool
 # the rules the fast path re-checks, by name (the keys of bnkernel._checks.FAST_PATH_RULES)
 fast_path_rules: tuple[str, ...]
 sanitized: bool

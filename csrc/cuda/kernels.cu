@@ -1,0 +1,194 @@
+// The CUDA kernels (see api.hpp): per-channel statistics and the normalize, on the (outer, C,
+// inner) view, float32 and float64, every value computed in double and rounded once.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "cuda/api.hpp"
+
+namespace bnkernel::cuda {
+namespace {
+
+constexpr int kStatsThreads = 256;  // a statistics block (the tree's width: fixed, for the bits)
+constexpr int64_t kPartValues = 1 << 16;  // values a part covers at least, past one part
+constexpr int64_t kMaxParts = 1024;
+constexpr int kElementwiseThreads = 256;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    throw Error(std::string(what) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+  }
+}
+
+cudaStream_t as_stream(uintptr_t s) {
+  return reinterpret_cast<cudaStream_t>(s);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// (count, mean, M2) of a set of values; merged with Chan's formula
+struct Moments {
+  double n;
+  double mean;
+  double m2;
+};
+
+__device__ inline void add(Moments& a, double x) {
+  a.n += 1.0;
+  const double d = x - a.mean;
+  a.mean += d / a.n;
+  a.m2 += d * (x - a.mean);
+}
+
+__device__ inline Moments merge(Moments a, Moments b) {
+  if (b.n == 0.0) return a;
+  if (a.n == 0.0) return b;
+  const double n = a.n + b.n;
+  const double d = b.mean - a.mean;
+  return Moments{n, a.mean + d * (b.n / n), a.m2 + b.m2 + d * d * (a.n * (b.n / n))};
+}
+
+// One block per (channel, part): the part's values [begin, end) of the channel's m, thread t
+// taking every kStatsThreads-th from begin + t, then the block's tree in shared memory.
+template <typename T>
+__global__ void part_moments(const T* __restrict__ x, int64_t C, int64_t inner, int64_t m,
+                             int64_t parts, double* __restrict__ out) {
+  __shared__ Moments tree[kStatsThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) / parts;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) % parts;
+  const int64_t len = (m + parts - 1) / parts;
+  const int64_t begin = p * len;
+  const int64_t end = min(m, begin + len);
+  Moments a{0.0, 0.0, 0.0};
+  for (int64_t j = begin + threadIdx.x; j < end; j += kStatsThreads) {
+    const int64_t o = j / inner;
+    const int64_t i = j - o * inner;
+    add(a, static_cast<double>(x[(o * C + c) * inner + i]));
+  }
+  tree[threadIdx.x] = a;
+  __syncthreads();
+  for (int stride = kStatsThreads / 2; stride > 0; stride /= 2) {
+    if (static_cast<int>(threadIdx.x) < stride) {
+      tree[threadIdx.x] = merge(tree[threadIdx.x], tree[threadIdx.x + stride]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double* o = out + 3 * (c * parts + p);
+    o[0] = tree[0].n;
+    o[1] = tree[0].mean;
+    o[2] = tree[0].m2;
+  }
+}
+
+// One thread per channel: its parts merged in order.
+__global__ void merge_parts(const double* __restrict__ partial, int64_t C, int64_t parts,
+                            double* __restrict__ mean, double* __restrict__ m2) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  Moments a{0.0, 0.0, 0.0};
+  for (int64_t p = 0; p < parts; ++p) {
+    const double* q = partial + 3 * (c * parts + p);
+    a = merge(a, Moments{q[0], q[1], q[2]});
+  }
+  mean[c] = a.mean;
+  m2[c] = a.m2;
+}
+
+template <typename T>
+__global__ void normalize_kernel(const T* __restrict__ x, int64_t total, int64_t C, int64_t inner,
+                                 const double* __restrict__ mean, const double* __restrict__ invstd,
+                                 const T* __restrict__ gamma, const T* __restrict__ beta,
+                                 T* __restrict__ y) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += step) {
+    const int64_t c = (e / inner) % C;
+    const double g = gamma ? static_cast<double>(gamma[c]) : 1.0;
+    const double b = beta ? static_cast<double>(beta[c]) : 0.0;
+    y[e] = static_cast<T>(fma(static_cast<double>(x[e]) - mean[c], g * invstd[c], b));
+  }
+}
+
+template <typename T>
+void stats_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2, uintptr_t workspace,
+                uintptr_t stream) {
+  const int64_t C = s.channels;
+  const int64_t m = s.outer * s.inner;
+  if (C == 0) return;
+  const int64_t parts = stats_parts(s);
+  const int64_t blocks = C * parts;
+  if (blocks > INT32_MAX) throw Error("channel_stats: too many channels for one launch");
+  auto* partial = reinterpret_cast<double*>(workspace);
+  part_moments<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(stream)>>>(
+      reinterpret_cast<const T*>(x), C, std::max<int64_t>(s.inner, 1), m, parts, partial);
+  check(cudaGetLastError(), "channel_stats");
+  merge_parts<<<static_cast<unsigned>(ceil_div(C, 256)), 256, 0, as_stream(stream)>>>(
+      partial, C, parts, reinterpret_cast<double*>(mean), reinterpret_cast<double*>(m2));
+  check(cudaGetLastError(), "channel_stats");
+}
+
+template <typename T>
+void normalize_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
+                    uintptr_t beta, uintptr_t y, uintptr_t stream) {
+  const int64_t total = s.outer * s.channels * s.inner;
+  if (total == 0) return;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, kElementwiseThreads), int64_t{1} << 20);
+  normalize_kernel<T><<<static_cast<unsigned>(blocks), kElementwiseThreads, 0, as_stream(stream)>>>(
+      reinterpret_cast<const T*>(x), total, s.channels, std::max<int64_t>(s.inner, 1),
+      reinterpret_cast<const double*>(mean), reinterpret_cast<const double*>(invstd),
+      reinterpret_cast<const T*>(gamma), reinterpret_cast<const T*>(beta), reinterpret_cast<T*>(y));
+  check(cudaGetLastError(), "normalize");
+}
+
+}  // namespace
+
+Info info() {
+  Info r;
+  cudaRuntimeGetVersion(&r.runtime_version);
+  if (cudaDriverGetVersion(&r.driver_version) != cudaSuccess) r.driver_version = 0;
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    r.error = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+    cudaGetLastError();  // (clears it)
+    return r;
+  }
+  for (int d = 0; d < count; ++d) {
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, d) != cudaSuccess) continue;
+    r.devices.push_back(Device{d, p.name, p.major, p.minor, static_cast<int64_t>(p.totalGlobalMem),
+                               p.multiProcessorCount});
+  }
+  if (count == 0) r.error = "no CUDA device";
+  return r;
+}
+
+int64_t stats_parts(Shape s) {
+  const int64_t m = s.outer * s.inner;
+  return std::clamp<int64_t>(ceil_div(m, kPartValues), 1, kMaxParts);
+}
+
+void channel_stats(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2,
+                   uintptr_t workspace, uintptr_t stream) {
+  if (dt == DType::kFloat32) {
+    stats_impl<float>(x, s, mean, m2, workspace, stream);
+  } else {
+    stats_impl<double>(x, s, mean, m2, workspace, stream);
+  }
+}
+
+void normalize(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
+               uintptr_t beta, uintptr_t y, uintptr_t stream) {
+  if (dt == DType::kFloat32) {
+    normalize_impl<float>(x, s, mean, invstd, gamma, beta, y, stream);
+  } else {
+    normalize_impl<double>(x, s, mean, invstd, gamma, beta, y, stream);
+  }
+}
+
+}  // namespace bnkernel::cuda

@@ -1,0 +1,188 @@
+"""The CUDA module (bnkernel._cuda, built with -Ccmake.define.BNKERNEL_CUDA=ON).
+
+Host-side tests run wherever the module is built (CI builds it with nvcc from the package index,
+on a machine without a GPU): it imports, reports its runtime and why no GPU is usable, and checks
+its arguments.  The GPU tests need CuPy and a device; they compare the kernels with the float64
+NumPy reference and check that the statistics are bit-identical run to run.  Without the module
+or a GPU they skip, saying why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+_cuda = pytest.importorskip(
+    "bnkernel._cuda", reason="built without BNKERNEL_CUDA=ON (no CUDA module in this build)"
+)
+
+
+def _gpu_reason() -> str | None:
+    """Why the GPU tests cannot run here, or None."""
+    info = _cuda.info()
+    if info["error"] is not None:
+        return f"no usable GPU: {info['error']}"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "the GPU tests need CuPy (pip install cupy-cuda13x)"
+    return None
+
+
+GPU_REASON = _gpu_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
+
+
+# ---- host side --------------------------------------------------------------------------------
+
+
+def test_info_reports_runtime_driver_and_devices():
+    info = _cuda.info()
+    assert set(info) == {"runtime_version", "driver_version", "error", "devices"}
+    assert info["runtime_version"] >= 12000  # CUDA 12 or newer, linked in statically
+    if info["error"] is None:
+        assert info["devices"], "no error, so at least one device"
+        for d in info["devices"]:
+            assert d["memory"] > 0 and len(d["compute_capability"]) == 2 and d["name"]
+    else:
+        assert info["devices"] == []
+        assert isinstance(info["error"], str) and info["error"]
+
+
+def test_info_command_names_the_cuda_build(capsys):
+    from bnkernel.__main__ import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("CUDA: "))
+    assert line.startswith("CUDA: module built (runtime ")
+    if _cuda.info()["error"] is not None:
+        assert "no usable GPU: " in line
+
+
+def test_module_links_the_runtime_statically():
+    """The module needs the driver alone: no libcudart among its shared-library dependencies."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("ldd: Linux only")
+    out = subprocess.run(["ldd", _cuda.__file__], capture_output=True, text=True, check=False)
+    assert "libcudart" not in out.stdout
+
+
+def test_stats_parts_depend_on_the_shape_alone():
+    assert _cuda.stats_parts(1, 3, 10) == 1
+    assert _cuda.stats_parts(1, 1, 1 << 16) == 1
+    assert _cuda.stats_parts(1, 1, (1 << 16) + 1) == 2
+    assert _cuda.stats_parts(4096, 7, 1 << 20) == 1024  # capped
+    assert _cuda.stats_parts(0, 5, 0) == 1
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="dtype: expected 'float32' or 'float64'"):
+        _cuda.normalize("float16", 0, 1, 1, 1, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="shape: expected non-negative"):
+        _cuda.stats_parts(-1, 3, 4)
+    with pytest.raises(ValueError, match="shape: expected non-negative"):
+        _cuda.channel_stats("float32", 0, 1, -3, 1, 0, 0, 0)
+
+
+def test_empty_launches_do_nothing():
+    """Empty arrays launch no kernel (so no device is touched, none needed)."""
+    _cuda.normalize("float32", 0, 0, 3, 5, 0, 0, 0, 0, 0)
+    _cuda.channel_stats("float64", 0, 4, 0, 1, 0, 0, 0)
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------
+
+SHAPES = [  # (outer, C, inner): NCHW-like, channels-last (inner 1), C = 1, tiny, awkward
+    (8, 3, 25),
+    (5, 17, 1),
+    (3, 1, 1000),
+    (2, 1, 1),
+    (7, 513, 3),
+    (33, 64, 49),
+    (1, 5, 200_000),  # several parts per channel
+]
+
+
+def _ptr(a) -> int:
+    return int(a.data.ptr)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channel_stats_against_the_reference(shape, dtype):
+    import cupy as cp
+
+    outer, C, inner = shape
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 2, (1, C, 1)) + 3).astype(dtype)
+    dx = cp.asarray(x)
+    mean, m2 = cp.empty(C), cp.empty(C)
+    parts = _cuda.stats_parts(outer, C, inner)
+    work = cp.empty(3 * C * parts)
+    name = np.dtype(dtype).name
+    stream = cp.cuda.get_current_stream().ptr
+    _cuda.channel_stats(name, _ptr(dx), outer, C, inner, _ptr(mean), _ptr(m2), _ptr(work), stream)
+    want_mean = x.astype(np.float64).mean(axis=(0, 2))
+    want_m2 = ((x.astype(np.float64) - want_mean[None, :, None]) ** 2).sum(axis=(0, 2))
+    np.testing.assert_allclose(cp.asnumpy(mean), want_mean, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(cp.asnumpy(m2), want_m2, rtol=1e-12, atol=1e-12)
+    # deterministic: the same bits again
+    mean2, m22 = cp.empty(C), cp.empty(C)
+    _cuda.channel_stats(name, _ptr(dx), outer, C, inner, _ptr(mean2), _ptr(m22), _ptr(work), stream)
+    assert cp.asnumpy(mean2).tobytes() == cp.asnumpy(mean).tobytes()
+    assert cp.asnumpy(m22).tobytes() == cp.asnumpy(m2).tobytes()
+
+
+@needs_gpu
+def test_channel_stats_are_stable_far_from_zero():
+    """1e4 + 1e-2 randn in float32: the variance to the float32 rounding floor (a one-pass
+    E[x^2] - E[x]^2 would lose it entirely)."""
+    import cupy as cp
+
+    x = (1e4 + 1e-2 * np.random.default_rng(1).standard_normal((64, 2, 4096))).astype(np.float32)
+    dx = cp.asarray(x)
+    mean, m2 = cp.empty(2), cp.empty(2)
+    work = cp.empty(3 * 2 * _cuda.stats_parts(64, 2, 4096))
+    stream = cp.cuda.get_current_stream()
+    _cuda.channel_stats(
+        "float32", _ptr(dx), 64, 2, 4096, _ptr(mean), _ptr(m2), _ptr(work), stream.ptr
+    )
+    stream.synchronize()
+    want = x.astype(np.float64).var(axis=(0, 2)) * 64 * 4096
+    np.testing.assert_allclose(cp.asnumpy(m2), want, rtol=1e-12)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_normalize_against_the_reference(shape, dtype):
+    import cupy as cp
+
+    outer, C, inner = shape
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(shape) + rng.uniform(-3, 3, (1, C, 1))).astype(dtype)
+    mean = rng.uniform(-3, 3, C)
+    invstd = rng.uniform(0.5, 2, C)
+    gamma = rng.uniform(0.5, 1.5, C).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    dx, dy = cp.asarray(x), cp.empty(shape, dtype)
+    dm, di, dg, db = (cp.asarray(a) for a in (mean, invstd, gamma, beta))
+    _cuda.normalize(
+        np.dtype(dtype).name, _ptr(dx), outer, C, inner, _ptr(dm), _ptr(di), _ptr(dg), _ptr(db),
+        _ptr(dy), cp.cuda.get_current_stream().ptr,
+    )  # fmt: skip
+    d = x.astype(np.float64) - mean[None, :, None]
+    scale = (gamma.astype(np.float64) * invstd)[None, :, None]
+    shift = beta.astype(np.float64)[None, :, None]
+    want = d * scale + shift
+    got = cp.asnumpy(dy).astype(np.float64)
+    # computed in double (error at most a few units of 2^-53 of its terms), rounded once to the
+    # output dtype (half an ulp of it): float32 outputs are the double result correctly rounded
+    terms = np.abs(d * scale) + np.abs(shift)
+    ulp = np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 0.5 * ulp + 2.0**-49 * terms)
