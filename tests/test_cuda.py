@@ -92,6 +92,8 @@ def test_empty_launches_do_nothing():
     """Empty arrays launch no kernel (so no device is touched, none needed)."""
     _cuda.normalize("float32", 0, 0, 3, 5, 0, 0, 0, 0, 0)
     _cuda.channel_stats("float64", 0, 4, 0, 1, 0, 0, 0)
+    _cuda.channel_sums("float32", 0, 0, 4, 0, 1, 0, 0, 0, 0)
+    _cuda.backward_dx("float64", True, 0, 0, 0, 3, 2, 0, 0, 0, 0, 0, 0)
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------
@@ -186,3 +188,66 @@ def test_normalize_against_the_reference(shape, dtype):
     terms = np.abs(d * scale) + np.abs(shift)
     ulp = np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
     assert np.all(np.abs(got - want) <= 0.5 * ulp + 2.0**-49 * terms)
+
+
+@needs_gpu
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_against_the_reference(shape, dtype, training):
+    """The sums against float64 NumPy, bit-identical on a rerun; dx against the float64 formula
+    (training: g invstd (dy - mean(dy) - xhat mean(dy xhat)); frozen: g invstd dy)."""
+    import cupy as cp
+
+    outer, C, inner = shape
+    m = outer * inner
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 2 + rng.uniform(-3, 3, (1, C, 1))).astype(dtype)
+    dy = (rng.standard_normal(shape) + rng.uniform(-1, 1, (1, C, 1))).astype(dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(axis=(0, 2))
+    invstd = 1.0 / np.sqrt(x64.var(axis=(0, 2)) + 1e-5)
+    gamma = rng.uniform(0.5, 1.5, C).astype(dtype)
+    dx_, dy_ = cp.asarray(x), cp.asarray(dy)
+    dm, di, dg = cp.asarray(mean), cp.asarray(invstd), cp.asarray(gamma)
+    s_dy, s_xmu = cp.empty(C), cp.empty(C)
+    work = cp.empty(2 * C * _cuda.stats_parts(outer, C, inner))
+    stream = cp.cuda.get_current_stream().ptr
+    name = np.dtype(dtype).name
+    _cuda.channel_sums(
+        name, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(s_dy), _ptr(s_xmu),
+        _ptr(work), stream,
+    )  # fmt: skip
+    d = x64 - mean[None, :, None]
+    want_dy = dy64.sum(axis=(0, 2))
+    want_xmu = (dy64 * d).sum(axis=(0, 2))
+    scale = np.abs(dy64).sum(axis=(0, 2)) * (1 + np.abs(d).max())
+    np.testing.assert_allclose(cp.asnumpy(s_dy), want_dy, rtol=0, atol=1e-12 * scale.max())
+    np.testing.assert_allclose(cp.asnumpy(s_xmu), want_xmu, rtol=0, atol=1e-12 * scale.max())
+    again_dy, again_xmu = cp.empty(C), cp.empty(C)
+    _cuda.channel_sums(
+        name, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(again_dy), _ptr(again_xmu),
+        _ptr(work), stream,
+    )  # fmt: skip
+    assert cp.asnumpy(again_dy).tobytes() == cp.asnumpy(s_dy).tobytes()
+    assert cp.asnumpy(again_xmu).tobytes() == cp.asnumpy(s_xmu).tobytes()
+
+    out = cp.empty(shape, dtype)
+    _cuda.backward_dx(
+        name, training, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(di), _ptr(dg),
+        _ptr(s_dy), _ptr(s_xmu), _ptr(out), stream,
+    )  # fmt: skip
+    k = (gamma.astype(np.float64) * invstd)[None, :, None]
+    if training:
+        xhat = d * invstd[None, :, None]
+        want = k * (dy64 - (want_dy / m)[None, :, None]
+                    - xhat * (invstd * want_xmu / m)[None, :, None])  # fmt: skip
+        terms = np.abs(k) * (np.abs(dy64) + np.abs(want_dy / m)[None, :, None]
+                             + np.abs(xhat * (invstd * want_xmu / m)[None, :, None]))  # fmt: skip
+    else:
+        want = k * dy64
+        terms = np.abs(want)
+    got = cp.asnumpy(out).astype(np.float64)
+    ulp = np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+    # computed in double from sums within a few 2^-53 of their terms, rounded once
+    assert np.all(np.abs(got - want) <= 0.5 * ulp + 2.0**-44 * terms)

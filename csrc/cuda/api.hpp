@@ -56,6 +56,19 @@ int64_t stats_parts(Shape s);
 void channel_stats(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2,
                    uintptr_t workspace, uintptr_t stream);
 
+// The backward's per-channel sums, float64 device arrays of C: sum_dy = sum(dy) and
+// sum_dy_xmu = sum(dy * (x - mean)), deterministic as channel_stats (the same parts; `workspace`
+// holds 2 * channels * stats_parts(shape) doubles).
+void channel_sums(DType dt, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t sum_dy,
+                  uintptr_t sum_dy_xmu, uintptr_t workspace, uintptr_t stream);
+
+// dx, in double and rounded once, with m = outer * inner values a channel and g = gamma or 1:
+//   training: dx = g invstd (dy - sum_dy / m - (x - mean) invstd^2 sum_dy_xmu / m)
+//   frozen:   dx = g invstd dy            (x, mean, sum_dy and sum_dy_xmu unused, may be 0)
+void backward_dx(DType dt, bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean,
+                 uintptr_t invstd, uintptr_t gamma, uintptr_t sum_dy, uintptr_t sum_dy_xmu,
+                 uintptr_t dx, uintptr_t stream);
+
 // y = (x - mean[c]) * (gamma[c] * invstd[c]) + beta[c], computed in double and rounded once;
 // mean and invstd float64 device arrays, gamma and beta of the data's dtype or 0 (1 and 0).
 void normalize(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,

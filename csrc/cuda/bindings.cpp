@@ -74,6 +74,33 @@ PYBIND11_MODULE(_cuda, m) {
       "Per-channel mean and M2 (float64 device arrays of C), deterministic.");
 
   m.def(
+      "channel_sums",
+      [](const std::string& dtype, uintptr_t dy, uintptr_t x, int64_t outer, int64_t channels,
+         int64_t inner, uintptr_t mean, uintptr_t sum_dy, uintptr_t sum_dy_xmu, uintptr_t workspace,
+         uintptr_t stream) {
+        bc::channel_sums(dtype_of(dtype), dy, x, shape_of(outer, channels, inner), mean, sum_dy,
+                         sum_dy_xmu, workspace, stream);
+      },
+      py::arg("dtype"), py::arg("dy"), py::arg("x"), py::arg("outer"), py::arg("channels"),
+      py::arg("inner"), py::arg("mean"), py::arg("sum_dy"), py::arg("sum_dy_xmu"),
+      py::arg("workspace"), py::arg("stream") = 0,
+      "Per-channel sum(dy) and sum(dy * (x - mean)), float64, deterministic "
+      "(workspace: 2 * channels * stats_parts float64).");
+
+  m.def(
+      "backward_dx",
+      [](const std::string& dtype, bool training, uintptr_t dy, uintptr_t x, int64_t outer,
+         int64_t channels, int64_t inner, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
+         uintptr_t sum_dy, uintptr_t sum_dy_xmu, uintptr_t dx, uintptr_t stream) {
+        bc::backward_dx(dtype_of(dtype), training, dy, x, shape_of(outer, channels, inner), mean,
+                        invstd, gamma, sum_dy, sum_dy_xmu, dx, stream);
+      },
+      py::arg("dtype"), py::arg("training"), py::arg("dy"), py::arg("x"), py::arg("outer"),
+      py::arg("channels"), py::arg("inner"), py::arg("mean"), py::arg("invstd"), py::arg("gamma"),
+      py::arg("sum_dy"), py::arg("sum_dy_xmu"), py::arg("dx"), py::arg("stream") = 0,
+      "dx of the training or the frozen backward, in double, rounded once.");
+
+  m.def(
       "normalize",
       [](const std::string& dtype, uintptr_t x, int64_t outer, int64_t channels, int64_t inner,
          uintptr_t mean, uintptr_t invstd, uintptr_t gamma, uintptr_t beta, uintptr_t y,

@@ -99,6 +99,79 @@ __global__ void merge_parts(const double* __restrict__ partial, int64_t C, int64
   m2[c] = a.m2;
 }
 
+// The backward's sums, as part_moments: one block per (channel, part), a fixed tree.
+template <typename T>
+__global__ void part_sums(const T* __restrict__ dy, const T* __restrict__ x,
+                          const double* __restrict__ mean, int64_t C, int64_t inner, int64_t m,
+                          int64_t parts, double* __restrict__ out) {
+  __shared__ double tree_dy[kStatsThreads];
+  __shared__ double tree_xmu[kStatsThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) / parts;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) % parts;
+  const int64_t len = (m + parts - 1) / parts;
+  const int64_t begin = p * len;
+  const int64_t end = min(m, begin + len);
+  const double mu = mean[c];
+  double s_dy = 0.0, s_xmu = 0.0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kStatsThreads) {
+    const int64_t o = j / inner;
+    const int64_t e = (o * C + c) * inner + (j - o * inner);
+    const double g = static_cast<double>(dy[e]);
+    s_dy += g;
+    s_xmu += g * (static_cast<double>(x[e]) - mu);
+  }
+  tree_dy[threadIdx.x] = s_dy;
+  tree_xmu[threadIdx.x] = s_xmu;
+  __syncthreads();
+  for (int stride = kStatsThreads / 2; stride > 0; stride /= 2) {
+    if (static_cast<int>(threadIdx.x) < stride) {
+      tree_dy[threadIdx.x] += tree_dy[threadIdx.x + stride];
+      tree_xmu[threadIdx.x] += tree_xmu[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    out[2 * (c * parts + p)] = tree_dy[0];
+    out[2 * (c * parts + p) + 1] = tree_xmu[0];
+  }
+}
+
+__global__ void merge_sums(const double* __restrict__ partial, int64_t C, int64_t parts,
+                           double* __restrict__ sum_dy, double* __restrict__ sum_dy_xmu) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double a = 0.0, b = 0.0;
+  for (int64_t p = 0; p < parts; ++p) {
+    a += partial[2 * (c * parts + p)];
+    b += partial[2 * (c * parts + p) + 1];
+  }
+  sum_dy[c] = a;
+  sum_dy_xmu[c] = b;
+}
+
+template <typename T, bool Training>
+__global__ void dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t total,
+                          int64_t C, int64_t inner, double m, const double* __restrict__ mean,
+                          const double* __restrict__ invstd, const T* __restrict__ gamma,
+                          const double* __restrict__ sum_dy, const double* __restrict__ sum_dy_xmu,
+                          T* __restrict__ dx) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += step) {
+    const int64_t c = (e / inner) % C;
+    const double k_scale = (gamma ? static_cast<double>(gamma[c]) : 1.0) * invstd[c];
+    const double g = static_cast<double>(dy[e]);
+    if constexpr (Training) {
+      const double k_dy = sum_dy[c] / m;
+      const double k_x = invstd[c] * (invstd[c] * sum_dy_xmu[c]) / m;
+      const double d = static_cast<double>(x[e]) - mean[c];
+      dx[e] = static_cast<T>(k_scale * fma(-d, k_x, g - k_dy));
+    } else {
+      dx[e] = static_cast<T>(g * k_scale);
+    }
+  }
+}
+
 template <typename T>
 __global__ void normalize_kernel(const T* __restrict__ x, int64_t total, int64_t C, int64_t inner,
                                  const double* __restrict__ mean, const double* __restrict__ invstd,
@@ -145,6 +218,49 @@ void normalize_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uint
   check(cudaGetLastError(), "normalize");
 }
 
+template <typename T>
+void sums_impl(uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t sum_dy,
+               uintptr_t sum_dy_xmu, uintptr_t workspace, uintptr_t stream) {
+  const int64_t C = s.channels;
+  if (C == 0) return;
+  const int64_t parts = stats_parts(s);
+  const int64_t blocks = C * parts;
+  if (blocks > INT32_MAX) throw Error("channel_sums: too many channels for one launch");
+  auto* partial = reinterpret_cast<double*>(workspace);
+  part_sums<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(stream)>>>(
+      reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(x),
+      reinterpret_cast<const double*>(mean), C, std::max<int64_t>(s.inner, 1), s.outer * s.inner,
+      parts, partial);
+  check(cudaGetLastError(), "channel_sums");
+  merge_sums<<<static_cast<unsigned>(ceil_div(C, 256)), 256, 0, as_stream(stream)>>>(
+      partial, C, parts, reinterpret_cast<double*>(sum_dy), reinterpret_cast<double*>(sum_dy_xmu));
+  check(cudaGetLastError(), "channel_sums");
+}
+
+template <typename T>
+void dx_impl(bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd,
+             uintptr_t gamma, uintptr_t sum_dy, uintptr_t sum_dy_xmu, uintptr_t dx,
+             uintptr_t stream) {
+  const int64_t total = s.outer * s.channels * s.inner;
+  if (total == 0) return;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, kElementwiseThreads), int64_t{1} << 20);
+  const auto m = static_cast<double>(s.outer * s.inner);
+  auto launch = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(blocks), kElementwiseThreads, 0, as_stream(stream)>>>(
+        reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(x), total, s.channels,
+        std::max<int64_t>(s.inner, 1), m, reinterpret_cast<const double*>(mean),
+        reinterpret_cast<const double*>(invstd), reinterpret_cast<const T*>(gamma),
+        reinterpret_cast<const double*>(sum_dy), reinterpret_cast<const double*>(sum_dy_xmu),
+        reinterpret_cast<T*>(dx));
+  };
+  if (training) {
+    launch(dx_kernel<T, true>);
+  } else {
+    launch(dx_kernel<T, false>);
+  }
+  check(cudaGetLastError(), "backward_dx");
+}
+
 }  // namespace
 
 Info info() {
@@ -188,6 +304,25 @@ void normalize(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd,
     normalize_impl<float>(x, s, mean, invstd, gamma, beta, y, stream);
   } else {
     normalize_impl<double>(x, s, mean, invstd, gamma, beta, y, stream);
+  }
+}
+
+void channel_sums(DType dt, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t sum_dy,
+                  uintptr_t sum_dy_xmu, uintptr_t workspace, uintptr_t stream) {
+  if (dt == DType::kFloat32) {
+    sums_impl<float>(dy, x, s, mean, sum_dy, sum_dy_xmu, workspace, stream);
+  } else {
+    sums_impl<double>(dy, x, s, mean, sum_dy, sum_dy_xmu, workspace, stream);
+  }
+}
+
+void backward_dx(DType dt, bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean,
+                 uintptr_t invstd, uintptr_t gamma, uintptr_t sum_dy, uintptr_t sum_dy_xmu,
+                 uintptr_t dx, uintptr_t stream) {
+  if (dt == DType::kFloat32) {
+    dx_impl<float>(training, dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx, stream);
+  } else {
+    dx_impl<double>(training, dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx, stream);
   }
 }
 
