@@ -9,6 +9,8 @@ or a GPU they skip, saying why.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,9 @@ def _gpu_reason() -> str | None:
 
 
 GPU_REASON = _gpu_reason()
+if GPU_REASON is not None and os.environ.get("BNKERNEL_REQUIRE_GPU") == "1":
+    # (.ci/gpu: on the GPU machine a skipped GPU test is a failure)
+    raise RuntimeError(f"BNKERNEL_REQUIRE_GPU=1, but {GPU_REASON}")
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
 
 
