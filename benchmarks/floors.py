@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         bk.set_num_threads(threads)
         if torch is not None:
             torch.set_num_threads(threads)
-        copy = median_time(lambda: _core.memory_pass("copy", x, copy_out), args.samples)
-        read = median_time(lambda: _core.memory_pass("read", x, copy_out), args.samples)
+        # (at least 5 samples: the pass every row is measured against must not be one slow
+        # sample's, as a median of 2 can be on a busy machine)
+        copy = median_time(lambda: _core.memory_pass("copy", x, copy_out), max(5, args.samples))
+        read = median_time(lambda: _core.memory_pass("read", x, copy_out), max(5, args.samples))
         one_pass = copy / 2
         r = read / one_pass
         print(f"{threads} thread(s): a copy {copy * 1e3:.2f} ms = 2 passes, a read {r:.2f} passes")
