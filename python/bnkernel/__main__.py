@@ -117,7 +117,7 @@ def cuda_line() -> str:
     """What ``info`` says of CUDA: whether this build has the CUDA module (``bnkernel._cuda``,
     built with ``-Ccmake.define.BNKERNEL_CUDA=ON``), its runtime, the driver and the GPUs."""
     try:
-        from . import _cuda  # type: ignore[attr-defined]
+        from . import _cuda
     except ImportError:
         return "CUDA: no (built without BNKERNEL_CUDA=ON; the CUDA kernels are not in this build)"
     i = _cuda.info()
