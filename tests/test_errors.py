@@ -712,3 +712,71 @@ def test_allocation_failure_in_a_parallel_region_is_a_memory_error(op):
         assert proc.returncode == 0, f"n={n}: {proc.stderr[-2000:]}"
         outcomes.append(proc.stdout.strip())
     assert "MemoryError" in outcomes, outcomes  # the injection reached this op's allocations
+
+
+# ---- arrays in GPU memory ------------------------------------------------------------------------
+
+
+class _CudaArray:
+    """What CuPy, torch CUDA tensors and Numba device arrays expose (the data pointer is never
+    read here)."""
+
+    def __init__(self, shape, typestr="<f4"):
+        self.__cuda_array_interface__ = {
+            "shape": shape, "typestr": typestr, "data": (0, False), "version": 3,
+        }  # fmt: skip
+
+    def __array__(self, *args, **kwargs):  # CuPy refuses an implicit copy to the host like this
+        raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+
+class _DLPackArray:
+    """A DLPack exporter on the given device type (2: CUDA, 1: CPU)."""
+
+    def __init__(self, a, device_type):
+        self._a, self._device = a, device_type
+
+    def __dlpack_device__(self):
+        return (self._device, 0)
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __array__(self, dtype=None, copy=None):
+        if self._device != 1:
+            raise TypeError("not in host memory")
+        return self._a
+
+
+@pytest.mark.parametrize("where", ["x", "gamma", "running_mean", "out"])
+def test_cuda_arrays_are_refused_by_name(where):
+    """A GPU array gets a TypeError naming the argument and saying what is taken (not NumPy's
+    object-dtype message, nor CuPy's implicit-conversion one)."""
+    x = np.ones((4, 3), np.float32)
+    args = {"x": x, "gamma": np.ones(3, np.float32), "running_mean": np.zeros(3, np.float32),
+            "running_var": np.ones(3, np.float32), "out": None}  # fmt: skip
+    args[where] = _CudaArray((4, 3) if where in ("x", "out") else (3,))
+    with pytest.raises(TypeError, match=rf"^{where}: a CUDA device array \(.*_CudaArray\) is not "
+                       r"taken: .*host memory.*cupy\.asnumpy"):  # fmt: skip
+        bk.batch_norm_forward(
+            args["x"], args["gamma"], running_mean=args["running_mean"],
+            running_var=args["running_var"], out=args["out"],
+        )  # fmt: skip
+
+
+def test_cuda_arrays_are_refused_by_the_backward_and_the_layer():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    _, mean, invstd = bk.batch_norm_forward(x)
+    with pytest.raises(TypeError, match=r"^dy: a CUDA device array"):
+        bk.batch_norm_backward(_CudaArray((4, 3)), x, mean, invstd)
+    with pytest.raises(TypeError, match=r"^x: a CUDA device array"):
+        bk.BatchNorm(3).forward(_CudaArray((4, 3)))
+
+
+def test_dlpack_arrays_on_a_gpu_are_refused_and_on_the_cpu_taken():
+    x = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)
+    with pytest.raises(TypeError, match=r"^x: an array on a DLPack device \(type 2\)"):
+        bk.batch_norm_forward(_DLPackArray(x, 2))
+    y, _, _ = bk.batch_norm_forward(_DLPackArray(x, 1))
+    want, _, _ = bk.batch_norm_forward(x)
+    assert np.array_equal(y, want)

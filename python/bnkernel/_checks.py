@@ -238,8 +238,36 @@ def one_value_check(x: NDArray[Any], axis: int) -> int:
 # ---- arrays -------------------------------------------------------------------------------------
 
 
+def _device_kind(v: Any) -> str | None:
+    """What v is when it lives in GPU memory (CuPy, torch CUDA tensors, Numba, JAX on a GPU: any
+    __cuda_array_interface__, or a DLPack device other than the CPU or pinned host memory)."""
+    if hasattr(v, "__cuda_array_interface__"):
+        return "a CUDA device array"
+    device = getattr(v, "__dlpack_device__", None)
+    if callable(device):
+        try:
+            kind = int(device()[0])
+        except Exception:  # not a DLPack exporter after all: np.asarray decides
+            return None
+        if kind not in (1, 3):  # kDLCPU, kDLCUDAHost
+            return f"an array on a DLPack device (type {kind})"
+    return None
+
+
 def _not_masked(v: Any, name: str) -> None:
-    if type(v) is not np.ndarray and isinstance(v, MaskedArray):
+    """Refuses, naming the argument, what np.asarray would take wrongly or not at all: a masked
+    array (its mask dropped) and an array in GPU memory."""
+    if type(v) is np.ndarray:
+        return
+    kind = _device_kind(v)
+    if kind is not None:
+        raise TypeError(
+            f"{name}: {kind} ({type(v).__module__}.{type(v).__qualname__}) is not taken: the "
+            "functions and the layer work on NumPy arrays in host memory (the CUDA kernels are "
+            'in progress, raw in bnkernel._cuda: README, "CUDA"); copy it to the host first, '
+            "e.g. cupy.asnumpy(a) or tensor.cpu().numpy()"
+        )
+    if isinstance(v, MaskedArray):
         raise TypeError(
             f"{name}: a numpy.ma.MaskedArray is not taken (its mask would be ignored); pass the "
             "data (x.data) and the valid positions as mask= (bool, x's shape without the "
