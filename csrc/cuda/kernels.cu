@@ -52,22 +52,33 @@ __device__ inline Moments merge(Moments a, Moments b) {
   return Moments{n, a.mean + d * (b.n / n), a.m2 + b.m2 + d * d * (a.n * (b.n / n))};
 }
 
-// One block per (channel, part): the part's values [begin, end) of the channel's m, thread t
-// taking every kStatsThreads-th from begin + t, then the block's tree in shared memory.
+// The part of a channel's m values that block blockIdx.x reduces (the statistics' and the sums'
+// launch: one block per (channel, part)): values [begin, end) of channel c, part p.
+struct Part {
+  int64_t c, p, begin, end;
+};
+__device__ inline Part block_part(int64_t m, int64_t parts) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) / parts;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) % parts;
+  const int64_t len = (m + parts - 1) / parts;
+  return Part{c, p, p * len, min(m, (p + 1) * len)};
+}
+// the address of channel c's j-th value (j = o * inner + i) in the (outer, C, inner) view
+__device__ inline int64_t value_at(int64_t j, int64_t c, int64_t C, int64_t inner) {
+  const int64_t o = j / inner;
+  return (o * C + c) * inner + (j - o * inner);
+}
+
+// One block per (channel, part): thread t takes every kStatsThreads-th value from begin + t, then
+// the block's tree in shared memory.
 template <typename T>
 __global__ void part_moments(const T* __restrict__ x, int64_t C, int64_t inner, int64_t m,
                              int64_t parts, double* __restrict__ out) {
   __shared__ Moments tree[kStatsThreads];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) / parts;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) % parts;
-  const int64_t len = (m + parts - 1) / parts;
-  const int64_t begin = p * len;
-  const int64_t end = min(m, begin + len);
+  const Part q = block_part(m, parts);
   Moments a{0.0, 0.0, 0.0};
-  for (int64_t j = begin + threadIdx.x; j < end; j += kStatsThreads) {
-    const int64_t o = j / inner;
-    const int64_t i = j - o * inner;
-    add(a, static_cast<double>(x[(o * C + c) * inner + i]));
+  for (int64_t j = q.begin + threadIdx.x; j < q.end; j += kStatsThreads) {
+    add(a, static_cast<double>(x[value_at(j, q.c, C, inner)]));
   }
   tree[threadIdx.x] = a;
   __syncthreads();
@@ -78,7 +89,7 @@ __global__ void part_moments(const T* __restrict__ x, int64_t C, int64_t inner, 
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    double* o = out + 3 * (c * parts + p);
+    double* o = out + 3 * (q.c * parts + q.p);
     o[0] = tree[0].n;
     o[1] = tree[0].mean;
     o[2] = tree[0].m2;
@@ -106,16 +117,11 @@ __global__ void part_sums(const T* __restrict__ dy, const T* __restrict__ x,
                           int64_t parts, double* __restrict__ out) {
   __shared__ double tree_dy[kStatsThreads];
   __shared__ double tree_xmu[kStatsThreads];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) / parts;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) % parts;
-  const int64_t len = (m + parts - 1) / parts;
-  const int64_t begin = p * len;
-  const int64_t end = min(m, begin + len);
-  const double mu = mean[c];
+  const Part q = block_part(m, parts);
+  const double mu = mean[q.c];
   double s_dy = 0.0, s_xmu = 0.0;
-  for (int64_t j = begin + threadIdx.x; j < end; j += kStatsThreads) {
-    const int64_t o = j / inner;
-    const int64_t e = (o * C + c) * inner + (j - o * inner);
+  for (int64_t j = q.begin + threadIdx.x; j < q.end; j += kStatsThreads) {
+    const int64_t e = value_at(j, q.c, C, inner);
     const double g = static_cast<double>(dy[e]);
     s_dy += g;
     s_xmu += g * (static_cast<double>(x[e]) - mu);
@@ -131,8 +137,8 @@ __global__ void part_sums(const T* __restrict__ dy, const T* __restrict__ x,
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    out[2 * (c * parts + p)] = tree_dy[0];
-    out[2 * (c * parts + p) + 1] = tree_xmu[0];
+    out[2 * (q.c * parts + q.p)] = tree_dy[0];
+    out[2 * (q.c * parts + q.p) + 1] = tree_xmu[0];
   }
 }
 
@@ -187,6 +193,29 @@ __global__ void normalize_kernel(const T* __restrict__ x, int64_t total, int64_t
   }
 }
 
+// The blocks of a (channel, part) launch, refused past one launch's grid
+int64_t part_blocks(Shape s, int64_t parts, const char* what) {
+  const int64_t blocks = s.channels * parts;
+  if (blocks > INT32_MAX) throw Error(std::string(what) + ": too many channels for one launch");
+  return blocks;
+}
+
+// The blocks of a grid-stride elementwise launch over total values
+unsigned elementwise_blocks(int64_t total) {
+  return static_cast<unsigned>(
+      std::min<int64_t>(ceil_div(total, kElementwiseThreads), int64_t{1} << 20));
+}
+
+// f(T{}) for the data dtype dt
+template <class F>
+void with_dtype(DType dt, F&& f) {
+  if (dt == DType::kFloat32) {
+    f(float{});
+  } else {
+    f(double{});
+  }
+}
+
 template <typename T>
 void stats_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2, uintptr_t workspace,
                 uintptr_t stream) {
@@ -194,8 +223,7 @@ void stats_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2, uintptr_t wo
   const int64_t m = s.outer * s.inner;
   if (C == 0) return;
   const int64_t parts = stats_parts(s);
-  const int64_t blocks = C * parts;
-  if (blocks > INT32_MAX) throw Error("channel_stats: too many channels for one launch");
+  const int64_t blocks = part_blocks(s, parts, "channel_stats");
   auto* partial = reinterpret_cast<double*>(workspace);
   part_moments<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const T*>(x), C, std::max<int64_t>(s.inner, 1), m, parts, partial);
@@ -210,8 +238,8 @@ void normalize_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uint
                     uintptr_t beta, uintptr_t y, uintptr_t stream) {
   const int64_t total = s.outer * s.channels * s.inner;
   if (total == 0) return;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kElementwiseThreads), int64_t{1} << 20);
-  normalize_kernel<T><<<static_cast<unsigned>(blocks), kElementwiseThreads, 0, as_stream(stream)>>>(
+  const unsigned blocks = elementwise_blocks(total);
+  normalize_kernel<T><<<blocks, kElementwiseThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const T*>(x), total, s.channels, std::max<int64_t>(s.inner, 1),
       reinterpret_cast<const double*>(mean), reinterpret_cast<const double*>(invstd),
       reinterpret_cast<const T*>(gamma), reinterpret_cast<const T*>(beta), reinterpret_cast<T*>(y));
@@ -224,8 +252,7 @@ void sums_impl(uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t sum
   const int64_t C = s.channels;
   if (C == 0) return;
   const int64_t parts = stats_parts(s);
-  const int64_t blocks = C * parts;
-  if (blocks > INT32_MAX) throw Error("channel_sums: too many channels for one launch");
+  const int64_t blocks = part_blocks(s, parts, "channel_sums");
   auto* partial = reinterpret_cast<double*>(workspace);
   part_sums<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(x),
@@ -243,10 +270,10 @@ void dx_impl(bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, 
              uintptr_t stream) {
   const int64_t total = s.outer * s.channels * s.inner;
   if (total == 0) return;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kElementwiseThreads), int64_t{1} << 20);
+  const unsigned blocks = elementwise_blocks(total);
   const auto m = static_cast<double>(s.outer * s.inner);
   auto launch = [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(blocks), kElementwiseThreads, 0, as_stream(stream)>>>(
+    kernel<<<blocks, kElementwiseThreads, 0, as_stream(stream)>>>(
         reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(x), total, s.channels,
         std::max<int64_t>(s.inner, 1), m, reinterpret_cast<const double*>(mean),
         reinterpret_cast<const double*>(invstd), reinterpret_cast<const T*>(gamma),
@@ -291,39 +318,28 @@ int64_t stats_parts(Shape s) {
 
 void channel_stats(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2,
                    uintptr_t workspace, uintptr_t stream) {
-  if (dt == DType::kFloat32) {
-    stats_impl<float>(x, s, mean, m2, workspace, stream);
-  } else {
-    stats_impl<double>(x, s, mean, m2, workspace, stream);
-  }
+  with_dtype(dt, [&](auto t) { stats_impl<decltype(t)>(x, s, mean, m2, workspace, stream); });
 }
 
 void normalize(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
                uintptr_t beta, uintptr_t y, uintptr_t stream) {
-  if (dt == DType::kFloat32) {
-    normalize_impl<float>(x, s, mean, invstd, gamma, beta, y, stream);
-  } else {
-    normalize_impl<double>(x, s, mean, invstd, gamma, beta, y, stream);
-  }
+  with_dtype(
+      dt, [&](auto t) { normalize_impl<decltype(t)>(x, s, mean, invstd, gamma, beta, y, stream); });
 }
 
 void channel_sums(DType dt, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t sum_dy,
                   uintptr_t sum_dy_xmu, uintptr_t workspace, uintptr_t stream) {
-  if (dt == DType::kFloat32) {
-    sums_impl<float>(dy, x, s, mean, sum_dy, sum_dy_xmu, workspace, stream);
-  } else {
-    sums_impl<double>(dy, x, s, mean, sum_dy, sum_dy_xmu, workspace, stream);
-  }
+  with_dtype(dt, [&](auto t) {
+    sums_impl<decltype(t)>(dy, x, s, mean, sum_dy, sum_dy_xmu, workspace, stream);
+  });
 }
 
 void backward_dx(DType dt, bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean,
                  uintptr_t invstd, uintptr_t gamma, uintptr_t sum_dy, uintptr_t sum_dy_xmu,
                  uintptr_t dx, uintptr_t stream) {
-  if (dt == DType::kFloat32) {
-    dx_impl<float>(training, dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx, stream);
-  } else {
-    dx_impl<double>(training, dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx, stream);
-  }
+  with_dtype(dt, [&](auto t) {
+    dx_impl<decltype(t)>(training, dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx, stream);
+  });
 }
 
 }  // namespace bnkernel::cuda
