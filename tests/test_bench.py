@@ -286,11 +286,12 @@ def test_time_calls_interleaves_rounds():
 
         return call
 
-    timings = _bench.time_calls({"a": fn("a", 0.002), "b": fn("b", 0.01)}, repeat=4, min_time=0.02)
+    # (b, 30x longer, is done after its 4 samples; a needs about 60: a margin no load overturns)
+    timings = _bench.time_calls({"a": fn("a", 0.001), "b": fn("b", 0.03)}, repeat=4, min_time=0.06)
     a, b = timings["a"], timings["b"]
     assert a.number == b.number == 1  # both long enough to time one call at a time
     assert len(a.times) >= 4 and len(b.times) >= 4
-    assert sum(b.times) >= 0.02 and sum(a.times) >= 0.02
+    assert sum(b.times) >= 0.06 and sum(a.times) >= 0.06
     assert len(a.times) > len(b.times)  # b reached min_time in fewer samples
     timed = order[2:]  # after each one's warm-up call
     rounds = [timed[2 * k : 2 * k + 2] for k in range(4)]
