@@ -528,7 +528,55 @@ def sums() -> dict:
     return {"checked": 1}
 
 
+def device() -> dict:
+    """SyncBatchNorm and the synchronized functions on device arrays (tests/fake_cuda.py's
+    stand-ins for CuPy and the CUDA kernels on every rank): the same results as on the host,
+    messages staged through host memory, outputs on the device."""
+    from fake_cuda import FakeCupy, FakeKernels
+
+    cp = sys.modules["cupy"] = FakeCupy()
+    sys.modules["bnkernel._cuda"] = FakeKernels()
+    rng = np.random.default_rng(11)
+    ref = bk.BatchNorm(3, axis=-1)
+    sync = dist.SyncBatchNorm(3, axis=-1, device="cuda")
+    for step in range(3):
+        n = 6 + step
+        x = (rng.standard_normal((n, 2, 3)) * 3 + step).astype(np.float32)
+        dy = rng.standard_normal((n, 2, 3)).astype(np.float32)
+        counts = splits(n)["uneven" if step % 2 else "empty"]
+        y0, dx0 = ref.forward(x), ref.backward(dy)
+        y = sync.forward(cp.asarray(part(x, 0, counts)))
+        dx = sync.backward(cp.asarray(part(dy, 0, counts)))
+        assert isinstance(y, cp.ndarray) and isinstance(dx, cp.ndarray)
+        close(y.get(), part(y0, 0, counts), 1e-6, scale=float(np.abs(y0).max()), what="y")
+        close(dx.get(), part(dx0, 0, counts), 1e-6, scale=10.0, what="dx")
+        close(sync.grads["gamma"].get(), ref.grads["gamma"], 1e-6, scale=100.0, what="dgamma")
+        close(sync.running_var.get(), ref.running_var, 1e-6, what="running_var")
+        identical_everywhere(sync.running_var.get(), "running_var")
+    # masked, fused, through the functions
+    shape = (10, 6, 4)
+    x, dy, res = (rng.standard_normal(shape) for _ in range(3))
+    mask = rng.random(shape[:2]) < 0.6
+    mask[0, :2] = True
+    y0, mean0, invstd0 = bk.batch_norm_forward(x, axis=-1, activation="relu", residual=res,
+                                               mask=mask)  # fmt: skip
+    dx0 = bk.batch_norm_backward(dy, x, mean0, invstd0, axis=-1, activation="relu", y=y0,
+                                 mask=mask)[0]  # fmt: skip
+    counts = splits(10)["uneven"]
+    p = [cp.asarray(part(a, 0, counts)) for a in (x, dy, res)]
+    pm = cp.asarray(part(mask, 0, counts))
+    y, mean, invstd, count = dist.sync_batch_norm_forward(p[0], axis=-1, activation="relu",
+                                                          residual=p[2], mask=pm)  # fmt: skip
+    assert count == int(mask.sum()) and isinstance(mean, cp.ndarray)
+    close(y.get(), part(y0, 0, counts), 1e-12, scale=float(np.abs(y0).max()) + 3, what="y")
+    dx = dist.sync_batch_norm_backward(p[1], p[0], mean, invstd, count, axis=-1,
+                                       activation="relu", y=y, mask=pm)[0]  # fmt: skip
+    close(dx.get(), part(dx0, 0, counts), 1e-12, scale=10.0, what="dx")
+    return {"checked": 4}
+
+
 SCENARIOS = {
+    "device": device,
     "consistency": consistency,
     "fused_and_masked": fused_and_masked,
     "layer": layer,

@@ -85,8 +85,14 @@ def test_stats_parts_depend_on_the_shape_alone():
 
 
 def test_arguments_are_checked():
-    with pytest.raises(ValueError, match="dtype: expected 'float32' or 'float64'"):
-        _cuda.normalize("float16", 0, 1, 1, 1, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="dtype: expected 'float32', 'float64', 'float16' or "):
+        _cuda.normalize("int8", 0, 1, 1, 1, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="param_dtype: expected 'float32' or 'float64'"):
+        _cuda.finish_stats("float16", 3, 2, 0, 0, 1e-5, 0)
+    with pytest.raises(ValueError, match="count: expected a count >= 1"):
+        _cuda.finish_stats("float32", 3, 0, 0, 0, 1e-5, 0)
+    with pytest.raises(ValueError, match="device: expected an index >= 0"):
+        _cuda.normalize("float32", 0, 1, 1, 1, 0, 0, 0, 0, 0, device=-2)
     with pytest.raises(ValueError, match="shape: expected non-negative"):
         _cuda.stats_parts(-1, 3, 4)
     with pytest.raises(ValueError, match="shape: expected non-negative"):
@@ -96,9 +102,13 @@ def test_arguments_are_checked():
 def test_empty_launches_do_nothing():
     """Empty arrays launch no kernel (so no device is touched, none needed)."""
     _cuda.normalize("float32", 0, 0, 3, 5, 0, 0, 0, 0, 0)
+    _cuda.normalize("bfloat16", 0, 0, 3, 5, 0, 0, 0, 0, 0, relu=True, device=0)
     _cuda.channel_stats("float64", 0, 4, 0, 1, 0, 0, 0)
-    _cuda.channel_sums("float32", 0, 0, 4, 0, 1, 0, 0, 0, 0)
-    _cuda.backward_dx("float64", True, 0, 0, 0, 3, 2, 0, 0, 0, 0, 0, 0)
+    _cuda.channel_stats("float16", 0, 4, 0, 1, 0, 0, 0, mask=0, device=0)
+    _cuda.channel_sums("float32", 0, 0, 4, 0, 1, 0, 0, 0, 0, 0)
+    _cuda.backward_dx("float64", True, 0, 0, 0, 3, 2, 6, 0, 0, 0, 0, 0, 0)
+    _cuda.finish_stats("float32", 0, 5, 0, 0, 1e-5, 0)
+    _cuda.running_coefficients("float64", 0, 0, 0, 1e-5, 0, 0)
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------
@@ -133,14 +143,18 @@ def test_channel_stats_against_the_reference(shape, dtype):
     work = cp.empty(3 * C * parts)
     name = np.dtype(dtype).name
     stream = cp.cuda.get_current_stream().ptr
-    _cuda.channel_stats(name, _ptr(dx), outer, C, inner, _ptr(mean), _ptr(m2), _ptr(work), stream)
+    _cuda.channel_stats(
+        name, _ptr(dx), outer, C, inner, _ptr(mean), _ptr(m2), _ptr(work), stream=stream
+    )
     want_mean = x.astype(np.float64).mean(axis=(0, 2))
     want_m2 = ((x.astype(np.float64) - want_mean[None, :, None]) ** 2).sum(axis=(0, 2))
     np.testing.assert_allclose(cp.asnumpy(mean), want_mean, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(cp.asnumpy(m2), want_m2, rtol=1e-12, atol=1e-12)
     # deterministic: the same bits again
     mean2, m22 = cp.empty(C), cp.empty(C)
-    _cuda.channel_stats(name, _ptr(dx), outer, C, inner, _ptr(mean2), _ptr(m22), _ptr(work), stream)
+    _cuda.channel_stats(
+        name, _ptr(dx), outer, C, inner, _ptr(mean2), _ptr(m22), _ptr(work), stream=stream
+    )
     assert cp.asnumpy(mean2).tobytes() == cp.asnumpy(mean).tobytes()
     assert cp.asnumpy(m22).tobytes() == cp.asnumpy(m2).tobytes()
 
@@ -157,7 +171,7 @@ def test_channel_stats_are_stable_far_from_zero():
     work = cp.empty(3 * 2 * _cuda.stats_parts(64, 2, 4096))
     stream = cp.cuda.get_current_stream()
     _cuda.channel_stats(
-        "float32", _ptr(dx), 64, 2, 4096, _ptr(mean), _ptr(m2), _ptr(work), stream.ptr
+        "float32", _ptr(dx), 64, 2, 4096, _ptr(mean), _ptr(m2), _ptr(work), stream=stream.ptr
     )
     stream.synchronize()
     want = x.astype(np.float64).var(axis=(0, 2)) * 64 * 4096
@@ -181,7 +195,7 @@ def test_normalize_against_the_reference(shape, dtype):
     dm, di, dg, db = (cp.asarray(a) for a in (mean, invstd, gamma, beta))
     _cuda.normalize(
         np.dtype(dtype).name, _ptr(dx), outer, C, inner, _ptr(dm), _ptr(di), _ptr(dg), _ptr(db),
-        _ptr(dy), cp.cuda.get_current_stream().ptr,
+        _ptr(dy), stream=cp.cuda.get_current_stream().ptr,
     )  # fmt: skip
     d = x.astype(np.float64) - mean[None, :, None]
     scale = (gamma.astype(np.float64) * invstd)[None, :, None]
@@ -220,35 +234,35 @@ def test_backward_against_the_reference(shape, dtype, training):
     stream = cp.cuda.get_current_stream().ptr
     name = np.dtype(dtype).name
     _cuda.channel_sums(
-        name, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(s_dy), _ptr(s_xmu),
-        _ptr(work), stream,
+        name, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(di), _ptr(s_dy), _ptr(s_xmu),
+        _ptr(work), stream=stream,
     )  # fmt: skip
     d = x64 - mean[None, :, None]
     want_dy = dy64.sum(axis=(0, 2))
-    want_xmu = (dy64 * d).sum(axis=(0, 2))
-    scale = np.abs(dy64).sum(axis=(0, 2)) * (1 + np.abs(d).max())
+    want_xmu = (dy64 * d).sum(axis=(0, 2)) * invstd  # (sum(dy * xhat))
+    scale = np.abs(dy64).sum(axis=(0, 2)) * (1 + np.abs(d).max()) * invstd.max()
     np.testing.assert_allclose(cp.asnumpy(s_dy), want_dy, rtol=0, atol=1e-12 * scale.max())
     np.testing.assert_allclose(cp.asnumpy(s_xmu), want_xmu, rtol=0, atol=1e-12 * scale.max())
     again_dy, again_xmu = cp.empty(C), cp.empty(C)
     _cuda.channel_sums(
-        name, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(again_dy), _ptr(again_xmu),
-        _ptr(work), stream,
+        name, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(di), _ptr(again_dy),
+        _ptr(again_xmu), _ptr(work), stream=stream,
     )  # fmt: skip
     assert cp.asnumpy(again_dy).tobytes() == cp.asnumpy(s_dy).tobytes()
     assert cp.asnumpy(again_xmu).tobytes() == cp.asnumpy(s_xmu).tobytes()
 
     out = cp.empty(shape, dtype)
     _cuda.backward_dx(
-        name, training, _ptr(dy_), _ptr(dx_), outer, C, inner, _ptr(dm), _ptr(di), _ptr(dg),
-        _ptr(s_dy), _ptr(s_xmu), _ptr(out), stream,
+        name, training, _ptr(dy_), _ptr(dx_), outer, C, inner, m, _ptr(dm), _ptr(di), _ptr(dg),
+        _ptr(s_dy), _ptr(s_xmu), _ptr(out), stream=stream,
     )  # fmt: skip
     k = (gamma.astype(np.float64) * invstd)[None, :, None]
     if training:
         xhat = d * invstd[None, :, None]
         want = k * (dy64 - (want_dy / m)[None, :, None]
-                    - xhat * (invstd * want_xmu / m)[None, :, None])  # fmt: skip
+                    - xhat * (want_xmu / m)[None, :, None])  # fmt: skip
         terms = np.abs(k) * (np.abs(dy64) + np.abs(want_dy / m)[None, :, None]
-                             + np.abs(xhat * (invstd * want_xmu / m)[None, :, None]))  # fmt: skip
+                             + np.abs(xhat * (want_xmu / m)[None, :, None]))  # fmt: skip
     else:
         want = k * dy64
         terms = np.abs(want)

@@ -56,7 +56,7 @@ def run(n: int, scenario: str, timeout: float = TIMEOUT) -> subprocess.Completed
 
 SCENARIOS = [
     "consistency", "fused_and_masked", "layer", "four_collectives", "total_of_one",
-    "bad_argument", "sums", "masked_nan_padding",
+    "bad_argument", "sums", "masked_nan_padding", "device",
 ]  # fmt: skip
 
 # One rank's arguments are wrong or disagree with the others': every rank must raise the same

@@ -1,5 +1,8 @@
-// The CUDA kernels (see api.hpp): per-channel statistics and the normalize, on the (outer, C,
-// inner) view, float32 and float64, every value computed in double and rounded once.
+// The CUDA kernels (see api.hpp): per-channel statistics, the backward's sums, the normalize and
+// dx, on the (outer, C, inner) view; float32, float64, float16 and bfloat16 data, every value
+// computed in double and rounded once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,6 +18,7 @@ constexpr int kStatsThreads = 256;  // a statistics block (the tree's width: fix
 constexpr int64_t kPartValues = 1 << 16;  // values a part covers at least, past one part
 constexpr int64_t kMaxParts = 1024;
 constexpr int kElementwiseThreads = 256;
+constexpr int kChannelThreads = 256;  // the per-channel kernels (merges, finishes)
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
@@ -26,9 +30,83 @@ cudaStream_t as_stream(uintptr_t s) {
   return reinterpret_cast<cudaStream_t>(s);
 }
 
+// Makes l.device current (as the caller's array library has it when l.device is -1).
+void enter(const Launch& l, const char* what) {
+  if (l.device < 0) return;
+  int current = -1;
+  check(cudaGetDevice(&current), what);
+  if (current != l.device) check(cudaSetDevice(l.device), what);
+}
+
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
+
+template <typename T>
+const T* in(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <typename T>
+T* out(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// ---- values: loaded as double, stored rounded once -------------------------------------------
+
+__device__ inline double load(float v) {
+  return static_cast<double>(v);
+}
+__device__ inline double load(double v) {
+  return v;
+}
+__device__ inline double load(__half v) {
+  return static_cast<double>(__half2float(v));
+}
+__device__ inline double load(__nv_bfloat16 v) {
+  return static_cast<double>(__bfloat162float(v));
+}
+
+template <typename T>
+__device__ inline T round_to(double v);
+template <>
+__device__ inline float round_to<float>(double v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ inline double round_to<double>(double v) {
+  return v;
+}
+template <>
+__device__ inline __half round_to<__half>(double v) {
+  return __double2half(v);  // to nearest, ties to even, from double directly
+}
+template <>
+__device__ inline __nv_bfloat16 round_to<__nv_bfloat16>(double v) {
+  return __double2bfloat16(v);
+}
+
+// The parameters' type for data of type T: T, float for the 16-bit types.
+template <typename T>
+struct ParamOf {
+  using type = T;
+};
+template <>
+struct ParamOf<__half> {
+  using type = float;
+};
+template <>
+struct ParamOf<__nv_bfloat16> {
+  using type = float;
+};
+template <typename T>
+using Param = typename ParamOf<T>::type;
+
+// max(v, 0) keeping a NaN (the CPU kernels' relu_value: -0 gives +0)
+__device__ inline double relu(double v) {
+  return (v > 0.0 || isnan(v)) ? v : 0.0;
+}
+
+// ---- the reductions --------------------------------------------------------------------------
 
 // (count, mean, M2) of a set of values; merged with Chan's formula
 struct Moments {
@@ -63,7 +141,8 @@ __device__ inline Part block_part(int64_t m, int64_t parts) {
   const int64_t len = (m + parts - 1) / parts;
   return Part{c, p, p * len, min(m, (p + 1) * len)};
 }
-// the address of channel c's j-th value (j = o * inner + i) in the (outer, C, inner) view
+// the address of channel c's j-th value (j = o * inner + i, also the mask's index) in the
+// (outer, C, inner) view
 __device__ inline int64_t value_at(int64_t j, int64_t c, int64_t C, int64_t inner) {
   const int64_t o = j / inner;
   return (o * C + c) * inner + (j - o * inner);
@@ -72,13 +151,15 @@ __device__ inline int64_t value_at(int64_t j, int64_t c, int64_t C, int64_t inne
 // One block per (channel, part): thread t takes every kStatsThreads-th value from begin + t, then
 // the block's tree in shared memory.
 template <typename T>
-__global__ void part_moments(const T* __restrict__ x, int64_t C, int64_t inner, int64_t m,
-                             int64_t parts, double* __restrict__ out) {
+__global__ void part_moments(const T* __restrict__ x, const uint8_t* __restrict__ mask, int64_t C,
+                             int64_t inner, int64_t m, int64_t parts,
+                             double* __restrict__ partial) {
   __shared__ Moments tree[kStatsThreads];
   const Part q = block_part(m, parts);
   Moments a{0.0, 0.0, 0.0};
   for (int64_t j = q.begin + threadIdx.x; j < q.end; j += kStatsThreads) {
-    add(a, static_cast<double>(x[value_at(j, q.c, C, inner)]));
+    if (mask != nullptr && mask[j] == 0) continue;
+    add(a, load(x[value_at(j, q.c, C, inner)]));
   }
   tree[threadIdx.x] = a;
   __syncthreads();
@@ -89,7 +170,7 @@ __global__ void part_moments(const T* __restrict__ x, int64_t C, int64_t inner, 
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    double* o = out + 3 * (q.c * parts + q.p);
+    double* o = partial + 3 * (q.c * parts + q.p);
     o[0] = tree[0].n;
     o[1] = tree[0].mean;
     o[2] = tree[0].m2;
@@ -113,8 +194,9 @@ __global__ void merge_parts(const double* __restrict__ partial, int64_t C, int64
 // The backward's sums, as part_moments: one block per (channel, part), a fixed tree.
 template <typename T>
 __global__ void part_sums(const T* __restrict__ dy, const T* __restrict__ x,
+                          const T* __restrict__ y, const uint8_t* __restrict__ mask,
                           const double* __restrict__ mean, int64_t C, int64_t inner, int64_t m,
-                          int64_t parts, double* __restrict__ out) {
+                          int64_t parts, T* __restrict__ dresidual, double* __restrict__ partial) {
   __shared__ double tree_dy[kStatsThreads];
   __shared__ double tree_xmu[kStatsThreads];
   const Part q = block_part(m, parts);
@@ -122,9 +204,16 @@ __global__ void part_sums(const T* __restrict__ dy, const T* __restrict__ x,
   double s_dy = 0.0, s_xmu = 0.0;
   for (int64_t j = q.begin + threadIdx.x; j < q.end; j += kStatsThreads) {
     const int64_t e = value_at(j, q.c, C, inner);
-    const double g = static_cast<double>(dy[e]);
+    double g = load(dy[e]);
+    const double v = load(x[e]);
+    if (y != nullptr) {
+      if (!(load(y[e]) > 0.0)) g = 0.0;
+      if (dresidual != nullptr) dresidual[e] = round_to<T>(g);
+    }
+    // padding that is not finite (NaN or inf) enters no sum
+    if (mask != nullptr && mask[j] == 0 && !(isfinite(v) && isfinite(load(dy[e])))) continue;
     s_dy += g;
-    s_xmu += g * (static_cast<double>(x[e]) - mu);
+    s_xmu += g * (v - mu);
   }
   tree_dy[threadIdx.x] = s_dy;
   tree_xmu[threadIdx.x] = s_xmu;
@@ -137,13 +226,16 @@ __global__ void part_sums(const T* __restrict__ dy, const T* __restrict__ x,
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    out[2 * (q.c * parts + q.p)] = tree_dy[0];
-    out[2 * (q.c * parts + q.p) + 1] = tree_xmu[0];
+    partial[2 * (q.c * parts + q.p)] = tree_dy[0];
+    partial[2 * (q.c * parts + q.p) + 1] = tree_xmu[0];
   }
 }
 
+template <typename P>
 __global__ void merge_sums(const double* __restrict__ partial, int64_t C, int64_t parts,
-                           double* __restrict__ sum_dy, double* __restrict__ sum_dy_xmu) {
+                           const double* __restrict__ invstd, double* __restrict__ sum_dy,
+                           double* __restrict__ sum_dy_xhat, P* __restrict__ dgamma,
+                           P* __restrict__ dbeta) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double a = 0.0, b = 0.0;
@@ -151,47 +243,88 @@ __global__ void merge_sums(const double* __restrict__ partial, int64_t C, int64_
     a += partial[2 * (c * parts + p)];
     b += partial[2 * (c * parts + p) + 1];
   }
+  b *= invstd[c];
   sum_dy[c] = a;
-  sum_dy_xmu[c] = b;
+  sum_dy_xhat[c] = b;
+  if (dgamma != nullptr) dgamma[c] = round_to<P>(b);
+  if (dbeta != nullptr) dbeta[c] = round_to<P>(a);
 }
 
+// ---- the per-channel finishes ----------------------------------------------------------------
+
+template <typename P>
+__global__ void finish_kernel(int64_t C, double count, const double* __restrict__ mean,
+                              const double* __restrict__ m2, double eps,
+                              double* __restrict__ invstd, P* __restrict__ rm, P* __restrict__ rv,
+                              double momentum, double denom) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  if (invstd != nullptr) invstd[c] = 1.0 / sqrt(m2[c] / count + eps);
+  const double keep = 1.0 - momentum;
+  if (rm != nullptr) rm[c] = round_to<P>(keep * load(rm[c]) + momentum * mean[c]);
+  if (rv != nullptr) rv[c] = round_to<P>(keep * load(rv[c]) + momentum * (m2[c] / denom));
+}
+
+template <typename P>
+__global__ void running_kernel(int64_t C, const P* __restrict__ rm, const P* __restrict__ rv,
+                               double eps, double* __restrict__ mean, double* __restrict__ invstd) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  mean[c] = load(rm[c]);
+  invstd[c] = 1.0 / sqrt(load(rv[c]) + eps);
+}
+
+// ---- the elementwise passes ------------------------------------------------------------------
+
 template <typename T, bool Training>
-__global__ void dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t total,
-                          int64_t C, int64_t inner, double m, const double* __restrict__ mean,
-                          const double* __restrict__ invstd, const T* __restrict__ gamma,
-                          const double* __restrict__ sum_dy, const double* __restrict__ sum_dy_xmu,
+__global__ void dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                          const T* __restrict__ y, const uint8_t* __restrict__ mask, int64_t total,
+                          int64_t C, int64_t inner, double count, const double* __restrict__ mean,
+                          const double* __restrict__ invstd, const Param<T>* __restrict__ gamma,
+                          const double* __restrict__ sum_dy, const double* __restrict__ sum_dy_xhat,
                           T* __restrict__ dx) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += step) {
     const int64_t c = (e / inner) % C;
-    const double k_scale = (gamma ? static_cast<double>(gamma[c]) : 1.0) * invstd[c];
-    const double g = static_cast<double>(dy[e]);
+    const double k_scale = (gamma ? load(gamma[c]) : 1.0) * invstd[c];
+    double g = load(dy[e]);
+    if (y != nullptr && !(load(y[e]) > 0.0)) g = 0.0;
     if constexpr (Training) {
-      const double k_dy = sum_dy[c] / m;
-      const double k_x = invstd[c] * (invstd[c] * sum_dy_xmu[c]) / m;
-      const double d = static_cast<double>(x[e]) - mean[c];
-      dx[e] = static_cast<T>(k_scale * fma(-d, k_x, g - k_dy));
-    } else {
-      dx[e] = static_cast<T>(g * k_scale);
+      const int64_t o = e / (inner * C);
+      const bool valid = mask == nullptr || mask[o * inner + e % inner] != 0;
+      if (valid) {
+        const double k_dy = sum_dy[c] / count;
+        const double k_x = invstd[c] * sum_dy_xhat[c] / count;
+        const double d = load(x[e]) - mean[c];
+        g = fma(-d, k_x, g - k_dy);
+      }
     }
+    dx[e] = round_to<T>(k_scale * g);
   }
 }
 
+// (x and y may be the same array, and the residual x too: no __restrict__ on them)
 template <typename T>
-__global__ void normalize_kernel(const T* __restrict__ x, int64_t total, int64_t C, int64_t inner,
+__global__ void normalize_kernel(const T* x, int64_t total, int64_t C, int64_t inner,
                                  const double* __restrict__ mean, const double* __restrict__ invstd,
-                                 const T* __restrict__ gamma, const T* __restrict__ beta,
-                                 T* __restrict__ y) {
+                                 const Param<T>* __restrict__ gamma,
+                                 const Param<T>* __restrict__ beta, const T* residual, bool relu_on,
+                                 T* y) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += step) {
     const int64_t c = (e / inner) % C;
-    const double g = gamma ? static_cast<double>(gamma[c]) : 1.0;
-    const double b = beta ? static_cast<double>(beta[c]) : 0.0;
-    y[e] = static_cast<T>(fma(static_cast<double>(x[e]) - mean[c], g * invstd[c], b));
+    const double g = gamma ? load(gamma[c]) : 1.0;
+    const double b = beta ? load(beta[c]) : 0.0;
+    double v = fma(load(x[e]) - mean[c], g * invstd[c], b);
+    if (residual != nullptr) v += load(residual[e]);
+    if (relu_on) v = relu(v);
+    y[e] = round_to<T>(v);
   }
 }
+
+// ---- launches --------------------------------------------------------------------------------
 
 // The blocks of a (channel, part) launch, refused past one launch's grid
 int64_t part_blocks(Shape s, int64_t parts, const char* what) {
@@ -206,79 +339,86 @@ unsigned elementwise_blocks(int64_t total) {
       std::min<int64_t>(ceil_div(total, kElementwiseThreads), int64_t{1} << 20));
 }
 
+unsigned channel_blocks(int64_t C) {
+  return static_cast<unsigned>(ceil_div(C, kChannelThreads));
+}
+
 // f(T{}) for the data dtype dt
 template <class F>
 void with_dtype(DType dt, F&& f) {
-  if (dt == DType::kFloat32) {
+  switch (dt) {
+    case DType::kFloat32:
+      f(float{});
+      break;
+    case DType::kFloat64:
+      f(double{});
+      break;
+    case DType::kFloat16:
+      f(__half{});
+      break;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+  }
+}
+
+// f(P{}) for the parameter dtype pt (float32 or float64)
+template <class F>
+void with_param_dtype(DType pt, F&& f) {
+  if (pt == DType::kFloat64) {
+    f(double{});
+  } else if (pt == DType::kFloat32) {
     f(float{});
   } else {
-    f(double{});
+    throw Error("parameters are float32 or float64");
   }
 }
 
 template <typename T>
-void stats_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2, uintptr_t workspace,
-                uintptr_t stream) {
+void stats_impl(uintptr_t x, Shape s, uintptr_t mask, uintptr_t mean, uintptr_t m2,
+                uintptr_t workspace, const Launch& l) {
   const int64_t C = s.channels;
-  const int64_t m = s.outer * s.inner;
-  if (C == 0) return;
   const int64_t parts = stats_parts(s);
   const int64_t blocks = part_blocks(s, parts, "channel_stats");
-  auto* partial = reinterpret_cast<double*>(workspace);
-  part_moments<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(stream)>>>(
-      reinterpret_cast<const T*>(x), C, std::max<int64_t>(s.inner, 1), m, parts, partial);
+  auto* partial = out<double>(workspace);
+  part_moments<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(l.stream)>>>(
+      in<T>(x), in<uint8_t>(mask), C, std::max<int64_t>(s.inner, 1), s.outer * s.inner, parts,
+      partial);
   check(cudaGetLastError(), "channel_stats");
-  merge_parts<<<static_cast<unsigned>(ceil_div(C, 256)), 256, 0, as_stream(stream)>>>(
-      partial, C, parts, reinterpret_cast<double*>(mean), reinterpret_cast<double*>(m2));
+  merge_parts<<<channel_blocks(C), kChannelThreads, 0, as_stream(l.stream)>>>(
+      partial, C, parts, out<double>(mean), out<double>(m2));
   check(cudaGetLastError(), "channel_stats");
 }
 
 template <typename T>
-void normalize_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
-                    uintptr_t beta, uintptr_t y, uintptr_t stream) {
-  const int64_t total = s.outer * s.channels * s.inner;
-  if (total == 0) return;
-  const unsigned blocks = elementwise_blocks(total);
-  normalize_kernel<T><<<blocks, kElementwiseThreads, 0, as_stream(stream)>>>(
-      reinterpret_cast<const T*>(x), total, s.channels, std::max<int64_t>(s.inner, 1),
-      reinterpret_cast<const double*>(mean), reinterpret_cast<const double*>(invstd),
-      reinterpret_cast<const T*>(gamma), reinterpret_cast<const T*>(beta), reinterpret_cast<T*>(y));
-  check(cudaGetLastError(), "normalize");
-}
-
-template <typename T>
-void sums_impl(uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t sum_dy,
-               uintptr_t sum_dy_xmu, uintptr_t workspace, uintptr_t stream) {
+void sums_impl(uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t y,
+               uintptr_t mask, uintptr_t sum_dy, uintptr_t sum_dy_xhat, uintptr_t dresidual,
+               uintptr_t dgamma, uintptr_t dbeta, uintptr_t workspace, const Launch& l) {
   const int64_t C = s.channels;
-  if (C == 0) return;
   const int64_t parts = stats_parts(s);
   const int64_t blocks = part_blocks(s, parts, "channel_sums");
-  auto* partial = reinterpret_cast<double*>(workspace);
-  part_sums<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(stream)>>>(
-      reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(x),
-      reinterpret_cast<const double*>(mean), C, std::max<int64_t>(s.inner, 1), s.outer * s.inner,
-      parts, partial);
+  auto* partial = out<double>(workspace);
+  part_sums<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(l.stream)>>>(
+      in<T>(dy), in<T>(x), in<T>(y), in<uint8_t>(mask), in<double>(mean), C,
+      std::max<int64_t>(s.inner, 1), s.outer * s.inner, parts, out<T>(dresidual), partial);
   check(cudaGetLastError(), "channel_sums");
-  merge_sums<<<static_cast<unsigned>(ceil_div(C, 256)), 256, 0, as_stream(stream)>>>(
-      partial, C, parts, reinterpret_cast<double*>(sum_dy), reinterpret_cast<double*>(sum_dy_xmu));
+  merge_sums<Param<T>><<<channel_blocks(C), kChannelThreads, 0, as_stream(l.stream)>>>(
+      partial, C, parts, in<double>(invstd), out<double>(sum_dy), out<double>(sum_dy_xhat),
+      out<Param<T>>(dgamma), out<Param<T>>(dbeta));
   check(cudaGetLastError(), "channel_sums");
 }
 
 template <typename T>
-void dx_impl(bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd,
-             uintptr_t gamma, uintptr_t sum_dy, uintptr_t sum_dy_xmu, uintptr_t dx,
-             uintptr_t stream) {
+void dx_impl(bool training, uintptr_t dy, uintptr_t x, Shape s, int64_t count, uintptr_t mean,
+             uintptr_t invstd, uintptr_t gamma, uintptr_t sum_dy, uintptr_t sum_dy_xhat,
+             uintptr_t y, uintptr_t mask, uintptr_t dx, const Launch& l) {
   const int64_t total = s.outer * s.channels * s.inner;
-  if (total == 0) return;
-  const unsigned blocks = elementwise_blocks(total);
-  const auto m = static_cast<double>(s.outer * s.inner);
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, kElementwiseThreads, 0, as_stream(stream)>>>(
-        reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(x), total, s.channels,
-        std::max<int64_t>(s.inner, 1), m, reinterpret_cast<const double*>(mean),
-        reinterpret_cast<const double*>(invstd), reinterpret_cast<const T*>(gamma),
-        reinterpret_cast<const double*>(sum_dy), reinterpret_cast<const double*>(sum_dy_xmu),
-        reinterpret_cast<T*>(dx));
+    kernel<<<elementwise_blocks(total), kElementwiseThreads, 0, as_stream(l.stream)>>>(
+        in<T>(dy), in<T>(x), in<T>(y), in<uint8_t>(mask), total, s.channels,
+        std::max<int64_t>(s.inner, 1), static_cast<double>(count), in<double>(mean),
+        in<double>(invstd), in<Param<T>>(gamma), in<double>(sum_dy), in<double>(sum_dy_xhat),
+        out<T>(dx));
   };
   if (training) {
     launch(dx_kernel<T, true>);
@@ -286,6 +426,18 @@ void dx_impl(bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, 
     launch(dx_kernel<T, false>);
   }
   check(cudaGetLastError(), "backward_dx");
+}
+
+template <typename T>
+void normalize_impl(uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
+                    uintptr_t beta, uintptr_t residual, bool relu_on, uintptr_t y,
+                    const Launch& l) {
+  const int64_t total = s.outer * s.channels * s.inner;
+  normalize_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, as_stream(l.stream)>>>(
+      in<T>(x), total, s.channels, std::max<int64_t>(s.inner, 1), in<double>(mean),
+      in<double>(invstd), in<Param<T>>(gamma), in<Param<T>>(beta), in<T>(residual), relu_on,
+      out<T>(y));
+  check(cudaGetLastError(), "normalize");
 }
 
 }  // namespace
@@ -316,29 +468,73 @@ int64_t stats_parts(Shape s) {
   return std::clamp<int64_t>(ceil_div(m, kPartValues), 1, kMaxParts);
 }
 
-void channel_stats(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t m2,
-                   uintptr_t workspace, uintptr_t stream) {
-  with_dtype(dt, [&](auto t) { stats_impl<decltype(t)>(x, s, mean, m2, workspace, stream); });
+// Every entry point returns before touching a device when there is nothing to do (no channels,
+// or no values for an elementwise pass), so that empty calls need no GPU.
+
+void channel_stats(DType dt, uintptr_t x, Shape s, uintptr_t mask, uintptr_t mean, uintptr_t m2,
+                   uintptr_t workspace, Launch l) {
+  if (s.channels == 0) return;
+  enter(l, "channel_stats");
+  with_dtype(dt, [&](auto t) { stats_impl<decltype(t)>(x, s, mask, mean, m2, workspace, l); });
 }
 
-void normalize(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
-               uintptr_t beta, uintptr_t y, uintptr_t stream) {
-  with_dtype(
-      dt, [&](auto t) { normalize_impl<decltype(t)>(x, s, mean, invstd, gamma, beta, y, stream); });
+void finish_stats(DType pt, int64_t channels, int64_t count, uintptr_t mean, uintptr_t m2,
+                  double eps, uintptr_t invstd, uintptr_t running_mean, uintptr_t running_var,
+                  double momentum, bool unbiased, Launch l) {
+  if (channels == 0) return;
+  enter(l, "finish_stats");
+  const auto denom = static_cast<double>(unbiased && count > 1 ? count - 1 : count);
+  with_param_dtype(pt, [&](auto t) {
+    using P = decltype(t);
+    finish_kernel<P><<<channel_blocks(channels), kChannelThreads, 0, as_stream(l.stream)>>>(
+        channels, static_cast<double>(count), in<double>(mean), in<double>(m2), eps,
+        out<double>(invstd), out<P>(running_mean), out<P>(running_var), momentum, denom);
+  });
+  check(cudaGetLastError(), "finish_stats");
 }
 
-void channel_sums(DType dt, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t sum_dy,
-                  uintptr_t sum_dy_xmu, uintptr_t workspace, uintptr_t stream) {
+void running_coefficients(DType pt, int64_t channels, uintptr_t running_mean, uintptr_t running_var,
+                          double eps, uintptr_t mean, uintptr_t invstd, Launch l) {
+  if (channels == 0) return;
+  enter(l, "running_coefficients");
+  with_param_dtype(pt, [&](auto t) {
+    using P = decltype(t);
+    running_kernel<P><<<channel_blocks(channels), kChannelThreads, 0, as_stream(l.stream)>>>(
+        channels, in<P>(running_mean), in<P>(running_var), eps, out<double>(mean),
+        out<double>(invstd));
+  });
+  check(cudaGetLastError(), "running_coefficients");
+}
+
+void channel_sums(DType dt, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd,
+                  uintptr_t y, uintptr_t mask, uintptr_t sum_dy, uintptr_t sum_dy_xhat,
+                  uintptr_t dresidual, uintptr_t dgamma, uintptr_t dbeta, uintptr_t workspace,
+                  Launch l) {
+  if (s.channels == 0) return;
+  enter(l, "channel_sums");
   with_dtype(dt, [&](auto t) {
-    sums_impl<decltype(t)>(dy, x, s, mean, sum_dy, sum_dy_xmu, workspace, stream);
+    sums_impl<decltype(t)>(dy, x, s, mean, invstd, y, mask, sum_dy, sum_dy_xhat, dresidual, dgamma,
+                           dbeta, workspace, l);
   });
 }
 
-void backward_dx(DType dt, bool training, uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean,
-                 uintptr_t invstd, uintptr_t gamma, uintptr_t sum_dy, uintptr_t sum_dy_xmu,
-                 uintptr_t dx, uintptr_t stream) {
+void backward_dx(DType dt, bool training, uintptr_t dy, uintptr_t x, Shape s, int64_t count,
+                 uintptr_t mean, uintptr_t invstd, uintptr_t gamma, uintptr_t sum_dy,
+                 uintptr_t sum_dy_xhat, uintptr_t y, uintptr_t mask, uintptr_t dx, Launch l) {
+  if (s.outer * s.channels * s.inner == 0) return;
+  enter(l, "backward_dx");
   with_dtype(dt, [&](auto t) {
-    dx_impl<decltype(t)>(training, dy, x, s, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx, stream);
+    dx_impl<decltype(t)>(training, dy, x, s, count, mean, invstd, gamma, sum_dy, sum_dy_xhat, y,
+                         mask, dx, l);
+  });
+}
+
+void normalize(DType dt, uintptr_t x, Shape s, uintptr_t mean, uintptr_t invstd, uintptr_t gamma,
+               uintptr_t beta, uintptr_t residual, bool relu_on, uintptr_t y, Launch l) {
+  if (s.outer * s.channels * s.inner == 0) return;
+  enter(l, "normalize");
+  with_dtype(dt, [&](auto t) {
+    normalize_impl<decltype(t)>(x, s, mean, invstd, gamma, beta, residual, relu_on, y, l);
   });
 }
 

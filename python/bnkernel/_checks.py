@@ -46,6 +46,8 @@ from numpy.exceptions import AxisError
 from numpy.ma import MaskedArray
 from numpy.typing import NDArray
 
+from . import _core, _device
+
 # The dtypes of statistics and running buffers (and of data, with the 16-bit ones below).
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 F64 = np.dtype(np.float64)
@@ -238,34 +240,25 @@ def one_value_check(x: NDArray[Any], axis: int) -> int:
 # ---- arrays -------------------------------------------------------------------------------------
 
 
-def _device_kind(v: Any) -> str | None:
-    """What v is when it lives in GPU memory (CuPy, torch CUDA tensors, Numba, JAX on a GPU: any
-    __cuda_array_interface__, or a DLPack device other than the CPU or pinned host memory)."""
-    if hasattr(v, "__cuda_array_interface__"):
-        return "a CUDA device array"
-    device = getattr(v, "__dlpack_device__", None)
-    if callable(device):
-        try:
-            kind = int(device()[0])
-        except Exception:  # not a DLPack exporter after all: np.asarray decides
-            return None
-        if kind not in (1, 3):  # kDLCPU, kDLCUDAHost
-            return f"an array on a DLPack device (type {kind})"
-    return None
-
-
-def _not_masked(v: Any, name: str) -> None:
-    """Refuses, naming the argument, what np.asarray would take wrongly or not at all: a masked
-    array (its mask dropped) and an array in GPU memory."""
+def as_array(v: Any, name: str) -> Any:
+    """v as an array, never a copy of one: a NumPy array as is; an array in CUDA memory (CuPy's, any
+    ``__cuda_array_interface__``, a DLPack exporter on a CUDA device) as a CuPy view of it
+    (:mod:`bnkernel._device`); anything else through np.asarray.  Refuses, naming the argument,
+    what would be taken wrongly: a masked array (its mask dropped), an array on another kind of
+    accelerator."""
     if type(v) is np.ndarray:
-        return
-    kind = _device_kind(v)
+        return v
+    kind = _device.kind(v)
+    if kind == "cuda":
+        try:
+            return _device.as_cupy(v)
+        except ImportError as e:
+            raise ImportError(f"{name}: {e}") from None
     if kind is not None:
         raise TypeError(
-            f"{name}: {kind} ({type(v).__module__}.{type(v).__qualname__}) is not taken: the "
-            "functions and the layer work on NumPy arrays in host memory (the CUDA kernels are "
-            'in progress, raw in bnkernel._cuda: README, "CUDA"); copy it to the host first, '
-            "e.g. cupy.asnumpy(a) or tensor.cpu().numpy()"
+            f"{name}: {kind.removeprefix('other: ')} ({_device.describe(v)}) is not taken: "
+            "bnkernel runs on NumPy arrays in host memory and on CUDA device arrays; copy it to "
+            "the host first"
         )
     if isinstance(v, MaskedArray):
         raise TypeError(
@@ -273,12 +266,25 @@ def _not_masked(v: Any, name: str) -> None:
             "data (x.data) and the valid positions as mask= (bool, x's shape without the "
             "channel axis, True where valid)"
         )
+    return np.asarray(v)
+
+
+def on_device(a: Any) -> bool:
+    """Whether an array from as_array lives on a CUDA device (is a CuPy array)."""
+    return type(a) is not np.ndarray and _device.is_device_array(a)
+
+
+def where(a: Any) -> str:
+    """Where an array lives, for messages."""
+    if on_device(a):
+        return f"on CUDA device {_device.device_of(a)}"
+    return "in host memory"
 
 
 def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
-    """x as an ndarray of a supported float dtype with ndim >= 2 (not copied unless it must be)."""
-    _not_masked(x, name)
-    arr = x if type(x) is np.ndarray else np.asarray(x)
+    """x as an array (NumPy's, or CuPy's for device memory) of a supported float dtype with
+    ndim >= 2 (not copied)."""
+    arr: NDArray[Any] = as_array(x, name)
     if arr.dtype not in SUPPORTED_DTYPES and not is_data_dtype(arr.dtype):
         raise TypeError(f"{name}: expected {DATA_DTYPES_TEXT}, got dtype {arr.dtype}")
     if arr.ndim < 2:
@@ -292,7 +298,10 @@ def as_input(x: Any, name: str, *, allow_empty: bool = False) -> NDArray[Any]:
 
 
 def kernel_view(a: NDArray[Any]) -> NDArray[Any]:
-    """a itself if the kernels can read it (C-contiguous and aligned), else one explicit copy."""
+    """a itself if the kernels can read it (C-contiguous and aligned), else one explicit copy (on
+    a's device for a device array)."""
+    if type(a) is not np.ndarray and on_device(a):
+        return _device.contiguous(a)  # type: ignore[no-any-return]
     if a.flags.c_contiguous and a.flags.aligned:
         return a
     return np.require(a, requirements=["C", "A"])
@@ -325,8 +334,7 @@ def channel_param(v: Any, name: str, channels: int, dtype: np.dtype[Any]) -> NDA
     data of `dtype` (see param_dtype)."""
     if v is None:
         return None
-    _not_masked(v, name)
-    arr = v if type(v) is np.ndarray else np.asarray(v)
+    arr = v if type(v) is np.ndarray else as_array(v, name)
     if arr.dtype != param_dtype(dtype):
         raise TypeError(f"{name}: expected dtype {param_dtype_text(dtype)}, got {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != channels:
@@ -342,11 +350,15 @@ def running_buffer(
     copy would silently drop the update."""
     if v is None:
         return None
-    _not_masked(v, name)
-    if not isinstance(v, np.ndarray):
+    if not isinstance(v, np.ndarray) and _device.kind(v) != "cuda":
+        as_array(v, name)  # (refuses a masked array or another accelerator's by name)
         raise TypeError(
-            f"{name}: expected a numpy array (it is updated in place), got {type(v).__name__}"
+            f"{name}: expected a numpy array or a CUDA device array (it is updated in place), "
+            f"got {type(v).__name__}"
         )
+    writeable = v.flags.writeable if isinstance(v, np.ndarray) else not _device.readonly(v)
+    v = as_array(v, name)
+    assert v is not None
     if dtype is None:
         if v.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {v.dtype}")
@@ -356,9 +368,10 @@ def running_buffer(
         raise ValueError(f"{name}: expected shape ({channels},), got {v.shape}")
     if not v.flags.c_contiguous:
         raise ValueError(f"{name}: must be contiguous (it is updated in place)")
-    if not v.flags.writeable:
+    if not writeable:
         raise ValueError(f"{name}: is read-only (it is updated in place)")
-    return v
+    arr: NDArray[Any] = v
+    return arr
 
 
 def saved_stat(v: Any, name: str, channels: int | tuple[int, ...]) -> NDArray[np.float64]:
@@ -366,14 +379,15 @@ def saved_stat(v: Any, name: str, channels: int | tuple[int, ...]) -> NDArray[np
     float64; passed to the kernels as float64."""
     if v is None:
         raise TypeError(f"{name}: required, got None")
-    _not_masked(v, name)
-    arr = np.asarray(v)
+    arr = v if type(v) is np.ndarray else as_array(v, name)
     if arr.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}")
     shape = (channels,) if isinstance(channels, int) else channels
     if arr.shape != shape:
         want = f"({channels},)" if isinstance(channels, int) else str(shape)
         raise ValueError(f"{name}: expected shape {want}, got {arr.shape}")
+    if type(arr) is not np.ndarray and on_device(arr):
+        return _device.contiguous(arr, F64)  # type: ignore[no-any-return]
     return np.require(arr, dtype=F64, requirements=["C", "A"])
 
 
@@ -381,6 +395,8 @@ def same_array(a: NDArray[Any], b: NDArray[Any]) -> bool:
     """Whether a and b are views of exactly the same elements (same memory, shape and strides)."""
     if a is b:
         return True
+    if on_device(a) or on_device(b):
+        return on_device(a) and on_device(b) and bool(_device.same_array(a, b))
     return (
         a.shape == b.shape
         and a.strides == b.strides
@@ -395,26 +411,30 @@ def overlaps(a: NDArray[Any], b: NDArray[Any]) -> bool:
     return bool(np.may_share_memory(a, b)) and bool(np.shares_memory(a, b))
 
 
-def check_output(out: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-    """An ``out=`` buffer: a numpy array of exactly this shape and dtype, C-contiguous and
-    writeable (a copy would drop the writes)."""
-    _not_masked(out, name)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy array, got {type(out).__name__}")
+def check_output(out: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+    """An ``out=`` buffer: a numpy array (or a CUDA device array) of exactly this shape and dtype,
+    C-contiguous and writeable (a copy would drop the writes).  Returns it as an array."""
+    if not isinstance(out, np.ndarray) and _device.kind(out) != "cuda":
+        as_array(out, name)  # (refuses a masked array or another accelerator's by name)
+        raise TypeError(
+            f"{name}: expected a numpy array or a CUDA device array, got {type(out).__name__}"
+        )
+    writeable = out.flags.writeable if isinstance(out, np.ndarray) else not _device.readonly(out)
+    out = as_array(out, name)
     if out.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {out.shape}")
     if out.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous (a copy would drop the writes)")
-    if not out.flags.writeable:
+    if not writeable:
         raise ValueError(f"{name}: is read-only")
+    return out
 
 
 def mask_arg(mask: Any, xa: NDArray[Any], ax: int) -> NDArray[np.bool_]:
     """The mask as a bool array of x's shape without the channel axis."""
-    _not_masked(mask, "mask")
-    m = np.asarray(mask)
+    m: NDArray[np.bool_] = as_array(mask, "mask")
     want = xa.shape[:ax] + xa.shape[ax + 1 :]
     if m.dtype != np.bool_:
         raise TypeError(f"mask: expected a bool array, got dtype {m.dtype}")
@@ -472,7 +492,7 @@ class Call:
     caller's unaligned output (and returns the caller's array).
     """
 
-    __slots__ = ("C", "_arrays", "_in_place", "_writebacks", "ax", "x")
+    __slots__ = ("C", "_arrays", "_in_place", "_writebacks", "ax", "device", "x")
 
     def __init__(self) -> None:
         self._arrays: list[tuple[str, str, NDArray[Any]]] = []
@@ -481,10 +501,47 @@ class Call:
         self.x: NDArray[Any]
         self.ax: int
         self.C: int
+        # None: the call runs on the CPU (NumPy arrays); else the CUDA device that x is on, where
+        # every other array must be too and the kernels run (bnkernel._device)
+        self.device: int | None = None
 
     def _declare(self, name: str, role: str, arr: Any) -> None:
-        if isinstance(arr, np.ndarray):
+        """Records an argument (an array from as_array) for seal(), after the placement rule:
+        every array of a call lives where x lives (host memory, or x's CUDA device)."""
+        if type(arr) is np.ndarray:
+            if self.device is not None:
+                raise TypeError(
+                    f"{name}: a NumPy array in host memory, while x is on CUDA device "
+                    f"{self.device}: pass every array on x's device (e.g. cupy.asarray({name}))"
+                )
             self._arrays.append((name, role, arr))
+        elif on_device(arr):
+            device = _device.device_of(arr)
+            if self.device is None:
+                raise TypeError(
+                    f"{name}: an array on CUDA device {device}, while x is a NumPy array in host "
+                    f"memory: pass every array on one side (e.g. cupy.asnumpy({name}))"
+                )
+            if device != self.device:
+                raise ValueError(
+                    f"{name}: on CUDA device {device}, while x is on CUDA device {self.device}: "
+                    "pass every array on x's device"
+                )
+            self._arrays.append((name, role, arr))
+
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        """A new array where the call runs: NumPy's, or CuPy's on x's device."""
+        if self.device is None:
+            return np.empty(shape, dtype=dtype)
+        return _device.empty(self.device, shape, dtype)
+
+    @property
+    def kernels(self) -> Any:
+        """The kernels for where the call runs: bnkernel._core (NumPy arrays), or the CUDA kernels
+        with the same signatures (bnkernel._device.Kernels, CuPy arrays on x's device)."""
+        if self.device is None:
+            return _core
+        return _device.Kernels(self.device)
 
     # the data
     def data(
@@ -495,14 +552,28 @@ class Call:
         self.ax = channel_axis(xa.ndim, axis)
         self.C = check_channels(xa, self.ax, name)
         self.x = xa
+        if type(xa) is not np.ndarray and on_device(xa):
+            self.device = _device.device_of(xa)
         self._declare(name, INPUT, xa)
         return xa
 
-    def statistics_only(self, channels: int, dtype: np.dtype[Any]) -> None:
+    def host_only(self, what: str) -> None:
+        """Refuses a call on device arrays for a function that has no CUDA path yet."""
+        if self.device is not None:
+            raise TypeError(
+                f"x: {what} runs on NumPy arrays only for now, and x is on CUDA device "
+                f"{self.device} (on CUDA: batch_norm_forward / batch_norm_backward, the split "
+                "phases, population_stats and BatchNorm); copy it to the host first"
+            )
+
+    def statistics_only(self, channels: int, dtype: np.dtype[Any], like: Any = None) -> None:
         """For a call with no data array (update_running_stats): C and the data dtype whose
-        parameter dtype the running statistics must have, given directly."""
+        parameter dtype the running statistics must have, given directly; ``like`` (an array of
+        the call) says where it runs."""
         self.C = channels
         self.x = np.empty((0, channels), dtype)
+        if like is not None and on_device(like):
+            self.device = _device.device_of(like)
 
     def view3(self, a: NDArray[Any]) -> NDArray[Any]:
         """a (x's shape) as the kernels' (outer, C, inner) view."""
@@ -521,9 +592,11 @@ class Call:
 
     def param(self, v: Any, name: str) -> NDArray[Any] | None:
         """A per-channel parameter that is only read (gamma, beta, inference's running stats)."""
-        arr = channel_param(v, name, self.C, self.x.dtype)
-        self._declare(name, PARAM, v)
-        return arr
+        if v is None:
+            return None
+        raw = v if type(v) is np.ndarray else as_array(v, name)
+        self._declare(name, PARAM, raw)
+        return channel_param(raw, name, self.C, self.x.dtype)
 
     def running(self, v: Any, name: str) -> NDArray[Any] | None:
         """A running statistic that this call updates in place (see running_buffer)."""
@@ -535,8 +608,9 @@ class Call:
 
     def saved(self, v: Any, name: str, shape: tuple[int, ...] | None = None) -> NDArray[np.float64]:
         """A saved statistic (mean, invstd, r, d, sums, M2), read as float64."""
-        arr = saved_stat(v, name, self.C if shape is None else shape)
-        self._declare(name, SAVED, v)
+        raw = v if v is None or type(v) is np.ndarray else as_array(v, name)
+        arr = saved_stat(raw, name, self.C if shape is None else shape)
+        self._declare(name, SAVED, raw)
         return arr
 
     def mask(self, mask: Any) -> NDArray[np.bool_] | None:
@@ -552,8 +626,8 @@ class Call:
         ``out=`` if it is exactly right.  With ``in_place``, ``out`` may be x itself (the very
         same elements): the kernels that allow it read each value before writing it."""
         if out is None:
-            return np.empty(self.x.shape, dtype=self.x.dtype)
-        check_output(out, name, self.x.shape, self.x.dtype)
+            return self.empty(self.x.shape, self.x.dtype)  # type: ignore[no-any-return]
+        out = check_output(out, name, self.x.shape, self.x.dtype)
         if in_place and same_array(out, self.x):
             self._in_place = out
         self._declare(name, OUTPUT, out)
@@ -610,7 +684,7 @@ class Call:
     def _aligned(self, a: NDArray[Any], *, read: bool = False) -> NDArray[Any]:
         """a, or an aligned scratch array (holding a's values if the kernel `read`s them) that
         finish() copies back into it."""
-        if a.flags.aligned:
+        if type(a) is not np.ndarray or a.flags.aligned:  # (device memory is always aligned)
             return a
         scratch = np.array(a) if read else np.empty(a.shape, dtype=a.dtype)
         self._writebacks.append((scratch, a))
@@ -622,17 +696,21 @@ class Call:
         allowed)."""
         arrays = self._arrays
         in_place = self._in_place is not None
+        may_share: Any = np.may_share_memory
+        shares: Any = np.shares_memory
+        if self.device is not None:  # (CuPy arrays: their extents, exact for contiguous outputs)
+            may_share = shares = _device.may_share_memory
         for i, (name, role, a) in enumerate(arrays):
             if role is not RUNNING and role is not OUTPUT:
                 continue
             for j, (other, other_role, b) in enumerate(arrays):
                 if j == i or (j < i and (other_role is RUNNING or other_role is OUTPUT)):
                     continue  # each pair of written arrays once
-                if not np.may_share_memory(a, b):  # bounds: the common answer, in one C call
+                if not may_share(a, b):  # bounds: the common answer, in one C call
                     continue
                 if in_place and _in_place_pair(self, a, role, b, other_role):
                     continue
-                if np.shares_memory(a, b):
+                if shares(a, b):
                     raise ValueError(_overlap_message(name, role, other, other_role))
 
     def finish(self) -> None:

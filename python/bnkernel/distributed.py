@@ -68,7 +68,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _checks as chk
-from . import _core
+from . import _core, _device
 from .layer import DEFAULT, BatchNorm, Convention, DefaultType, exclusive
 from .masked import backward_from_sums, masked_sums
 from .phases import Stats, invstd_of, running_update
@@ -280,6 +280,22 @@ def _explain(
     return "; ".join(problems), sorted(reasons), {r: "; ".join(t) for r, t in reasons.items()}
 
 
+def _staged(a: Any) -> NDArray[np.float64]:
+    """A process's per-channel numbers in host memory, for MPI: device arrays are copied (a small
+    message: C numbers; the copy waits for the kernels that computed them)."""
+    if chk.on_device(a):
+        host: NDArray[np.float64] = _device.cupy().asnumpy(a)
+        return host
+    return a  # type: ignore[no-any-return]
+
+
+def _placed(call: chk.Call, a: NDArray[np.float64]) -> Any:
+    """Merged numbers (host memory) where the call runs: copied to x's device for a device call."""
+    if call.device is None:
+        return a
+    return _device.empty_like_host(call.device, np.ascontiguousarray(a))
+
+
 def _gather(comm: Any, local: NDArray[np.float64]) -> NDArray[np.float64]:
     """Every process's row of packed numbers, in rank order (the widths agreed in the header)."""
     rows = np.empty((comm.Get_size(), local.size), dtype=np.float64)
@@ -421,14 +437,15 @@ def _forward(
         call.seal()
         # the local statistics (the valid positions' with a mask)
         x3 = call.view3(xa)
-        mean_l = np.empty(C, dtype=np.float64)
-        m2_l = np.empty(C, dtype=np.float64)
+        mean_l = call.empty(C, np.float64)
+        m2_l = call.empty(C, np.float64)
+        k = call.kernels
         if valid is not None:
-            head.count = int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean_l, m2_l))
+            head.count = int(k.masked_channel_stats(x3, chk.mask_view(valid, x3), mean_l, m2_l))
         else:
-            _core.channel_stats(x3, mean_l, m2_l)
+            k.channel_stats(x3, mean_l, m2_l)
             head.count = xa.size // C
-        local = np.concatenate((mean_l, m2_l))
+        local = np.concatenate((_staged(mean_l), _staged(m2_l)))
         updates = rm is not None or rv is not None
         head.settings = {
             "eps": eps_f,
@@ -451,8 +468,9 @@ def _forward(
             f"{total} over {comm.Get_size()} processes"
         )
     count, mean, m2 = _merge(heads, _gather(comm, local), C)
+    mean, m2 = _placed(call, mean), _placed(call, m2)
     invstd = invstd_of(count, m2, eps_f)
-    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
+    call.kernels.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
     running_update(rm, rv, count, mean, m2, mom, unbiased)
     call.finish()
     return (y if out is None else out), mean, invstd, count, xa
@@ -518,23 +536,24 @@ def _backward(
         valid = call.mask(mask)
         call.seal()
         x3 = call.view3(xa)
-        dres = np.empty(xa.shape, dtype=xa.dtype) if relu and with_dres else None
+        dres = call.empty(xa.shape, xa.dtype) if relu and with_dres else None
         dres3 = None if dres is None else dres.reshape(x3.shape)
         if valid is not None:  # padding that is not finite enters no sum (as in one process)
             sdy, sdyx = masked_sums(dy3, x3, valid.reshape(x3.shape[0], x3.shape[2]), m, s, y3,
                                      dres3)  # fmt: skip
         else:
-            sdy = np.empty(C, dtype=np.float64)
-            sdyx = np.empty(C, dtype=np.float64)
-            _core.backward_reduce(dy3, x3, m, s, sdy, sdyx, y3, dres3)
-        local = np.concatenate((sdy, sdyx))
+            sdy = call.empty(C, np.float64)
+            sdyx = call.empty(C, np.float64)
+            call.kernels.backward_reduce(dy3, x3, m, s, sdy, sdyx, y3, dres3)
+        local = np.concatenate((_staged(sdy), _staged(sdyx)))
         head.settings = {"activation": "relu" if relu else None}
     except Exception as e:  # shared with the other processes, then raised as a PeerError
         head.error = e
     _agree(comm, what, _BACKWARD, head)
     total = _sum_rows(_gather(comm, local))
-    return backward_from_sums(call, arrays, dy3, x3, total[:C], total[C:], n, valid, with_dres,
-                              dres, dy, out)  # fmt: skip
+    sums = _placed(call, total[:C]), _placed(call, total[C:])
+    return backward_from_sums(call, arrays, dy3, x3, *sums, n, valid, with_dres, dres, dy,
+                              out)  # fmt: skip
 
 
 @overload
@@ -597,6 +616,10 @@ class SyncBatchNorm(BatchNorm):
 
     Takes BatchNorm's arguments but the variants (``renorm``, ``virtual_batch_size``,
     ``single_value``): a whole batch with one value per channel raises on every process.
+
+    ``device="cuda"`` (as BatchNorm's): the kernels run on the device; the per-channel messages
+    (2 C numbers each way) are staged through host memory for MPI, which waits for the kernels
+    that computed them (one synchronization per direction).
     """
 
     def __init__(
@@ -612,11 +635,12 @@ class SyncBatchNorm(BatchNorm):
         track_running_stats: bool = True,
         dtype: Any = np.float32,
         activation: Literal["relu"] | None = None,
+        device: str | int | None = None,
     ) -> None:
         super().__init__(
             num_features, axis=axis, convention=convention, eps=eps, momentum=momentum,
             affine=affine, track_running_stats=track_running_stats, dtype=dtype,
-            activation=activation,
+            activation=activation, device=device,
         )  # fmt: skip
         self.comm = _comm_arg(comm)
 

@@ -144,9 +144,9 @@ def batch_norm_forward(
         )
         call.seal()
         x3 = call.view3(xa)
-        mean = np.empty(C, dtype=np.float64)
-        invstd = np.empty(C, dtype=np.float64)
-        _core.forward_train(
+        mean = call.empty(C, np.float64)
+        invstd = call.empty(C, np.float64)
+        call.kernels.forward_train(
             x3, g, b, eps_f, y.reshape(x3.shape), mean, invstd, rm, rv, mom, unbiased, res3, relu,
         )  # fmt: skip
         call.finish()
@@ -162,10 +162,9 @@ def batch_norm_forward(
     assert rm_in is not None and rv_in is not None
     y = call.output(out, in_place=True)
     call.seal()
-    mean = rm_in.astype(np.float64)
-    invstd = 1.0 / np.sqrt(rv_in.astype(np.float64) + eps_f)
+    mean, invstd = phases.running_coefficients(call, rm_in, rv_in, eps_f)
     x3 = call.view3(xa)
-    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
+    call.kernels.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
     call.finish()
     return (y if out is None else out), mean, invstd
 
@@ -274,17 +273,17 @@ def batch_norm_backward(
     call.seal()
     x3 = call.view3(xa)
     P = chk.param_dtype(xa.dtype)
-    dgamma = np.empty(C, dtype=P)
-    dbeta = np.empty(C, dtype=P)
-    dres = np.empty(xa.shape, dtype=xa.dtype) if residual_grad and relu else None
-    _core.backward(
+    dgamma = call.empty(C, P)
+    dbeta = call.empty(C, P)
+    dres = call.empty(xa.shape, xa.dtype) if residual_grad and relu else None
+    call.kernels.backward(
         training, dy3, x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta, y3,
         None if dres is None else dres.reshape(x3.shape),
     )  # fmt: skip
     call.finish()
     dx = dx if out is None else out
     if residual_grad:
-        return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
+        return dx, dgamma, dbeta, (dres if dres is not None else chk.as_array(dy, "dy"))
     return dx, dgamma, dbeta
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from . import _checks as chk
+from . import _device
 from .functional import batch_norm_backward, batch_norm_forward
 from .phases import Stats
 from .variants import (
@@ -121,6 +122,12 @@ class BatchNorm:
 
     :meth:`set_population_stats` / :meth:`estimate_population_stats` load exact statistics over
     many batches ("precise BN") as the running statistics.
+
+    ``device="cuda"`` (or ``"cuda:N"``, or an int N) keeps the parameters, gradients and running
+    statistics on that CUDA device as CuPy arrays, and takes x there (any CUDA array, without a
+    copy); :meth:`to` moves a layer.  :meth:`state_dict` returns NumPy arrays wherever the layer
+    lives, and :meth:`load_state_dict` takes them.  (The variants, renorm and virtual_batch_size,
+    are CPU-only for now.)
     """
 
     num_features: int
@@ -136,6 +143,7 @@ class BatchNorm:
     virtual_batch_size: int | None
     single_value: str
     activation: Literal["relu"] | None
+    device: int | None
     _busy: threading.RLock
 
     def __init__(
@@ -155,6 +163,7 @@ class BatchNorm:
         virtual_batch_size: int | None = None,
         single_value: Literal["raise", "running"] = "raise",
         activation: Literal["relu"] | None = None,
+        device: str | int | None = None,
     ) -> None:
         num_features = chk.positive_int(num_features, "num_features")
         if convention not in CONVENTIONS:
@@ -208,6 +217,8 @@ class BatchNorm:
                 "activation: the fused ReLU is not supported with renorm or virtual_batch_size"
             )
         self.activation: Literal["relu"] | None = "relu" if chk.activation(activation) else None
+        self.device = None
+        self.to(device)
         # what backward needs from the last forward: (kind, x, mean, invstd, extra)
         self._saved: tuple[str, NDArray[Any], NDArray[Any], NDArray[Any], Any] | None = None
         self._busy = threading.RLock()  # see exclusive
@@ -252,6 +263,35 @@ class BatchNorm:
             f"mode={self.mode!r})"
         )
 
+    # ---- where it lives ------------------------------------------------------------------------
+
+    def to(self, device: str | int | None) -> BatchNorm:
+        """Move the parameters, gradients and running statistics to ``device``: ``"cuda"`` (CuPy's
+        current device), ``"cuda:N"`` or an int N for CUDA device N, ``None`` or ``"cpu"`` for
+        host memory (NumPy).  Returns the layer; the last forward's saved state is dropped."""
+        target = _device_index(device)
+        if target is not None and (self.renorm or self.virtual_batch_size is not None):
+            raise ValueError(
+                "device: renorm and virtual_batch_size run on the CPU only (for now); "
+                "the plain layer, with activation, residual and mask, runs on CUDA"
+            )
+        if target == self.device:
+            return self
+
+        def move(a: Any) -> Any:
+            if a is None:
+                return None
+            host = _device.cupy().asnumpy(a) if chk.on_device(a) else a
+            return host if target is None else _device.empty_like_host(target, host)
+
+        self.params = {k: move(v) for k, v in self.params.items()}
+        self.grads = {k: move(v) for k, v in self.grads.items()}
+        self.running_mean = move(self.running_mean)
+        self.running_var = move(self.running_var)
+        self.device = target
+        self._saved = None
+        return self
+
     # ---- modes ---------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> BatchNorm:
@@ -288,8 +328,15 @@ class BatchNorm:
             return 1.0 - self.momentum
         return self.momentum
 
-    def _check_input(self, x: Any, *, allow_empty: bool = False) -> NDArray[Any]:
-        xa = chk.as_input(x, "x", allow_empty=allow_empty)
+    def _check_input(self, x: Any, *, allow_empty: bool = False, name: str = "x") -> NDArray[Any]:
+        xa = chk.as_input(x, name, allow_empty=allow_empty)
+        here = _device.device_of(xa) if chk.on_device(xa) else None
+        if here != self.device:
+            lives = "in host memory" if self.device is None else f"on CUDA device {self.device}"
+            raise TypeError(
+                f"{name}: {chk.where(xa)}, while the layer lives {lives}: move the data, or the "
+                "layer with layer.to(...)"
+            )
         ax = chk.channel_axis(xa.ndim, self.axis)
         if xa.shape[ax] != self.num_features:
             raise ValueError(
@@ -394,6 +441,8 @@ class BatchNorm:
             raise RuntimeError("backward: call forward first")
         kind, x, mean, invstd, extra = self._saved
         dya = chk.as_input(dy, "dy")
+        if chk.where(dya) != chk.where(x):
+            raise TypeError(f"dy: {chk.where(dya)}, while the last forward's x was {chk.where(x)}")
         chk.check_same_shape(dya, x, "dy", "the last forward's x")
         if kind == "renorm":
             r, d = extra
@@ -440,11 +489,11 @@ class BatchNorm:
         count, mean, m2 = stats
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
             raise ValueError(f"stats: expected a count >= 1, got {count!r}")
-        mu = chk.saved_stat(mean, "stats mean", self.num_features)
-        q = chk.saved_stat(m2, "stats M2", self.num_features)
+        mu = _host(chk.saved_stat(mean, "stats mean", self.num_features))
+        q = _host(chk.saved_stat(m2, "stats M2", self.num_features))
         denom = count - 1 if self.unbiased_running_var and count > 1 else count
-        self.running_mean[...] = mu
-        self.running_var[...] = q / float(denom)
+        _put(self.running_mean, mu)
+        _put(self.running_var, q / float(denom))
         return self
 
     def estimate_population_stats(self, inputs: Iterable[NDArray[Any]]) -> BatchNorm:
@@ -465,11 +514,11 @@ class BatchNorm:
         k_gamma, k_beta, k_mean, k_var = _STATE_KEYS[style]
         state: dict[str, NDArray[Any]] = {}
         if self.affine:
-            state[k_gamma] = self.params["gamma"].copy()
-            state[k_beta] = self.params["beta"].copy()
+            state[k_gamma] = _host(self.params["gamma"]).copy()
+            state[k_beta] = _host(self.params["beta"]).copy()
         if self.running_mean is not None and self.running_var is not None:
-            state[k_mean] = self.running_mean.copy()
-            state[k_var] = self.running_var.copy()
+            state[k_mean] = _host(self.running_mean).copy()
+            state[k_var] = _host(self.running_var).copy()
             if style == "torch":
                 state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
@@ -510,7 +559,7 @@ class BatchNorm:
             if key not in state or target is None:
                 continue
             try:
-                value = np.asarray(state[key]).astype(target.dtype)
+                value = _host(chk.as_array(state[key], f"state[{key!r}]")).astype(target.dtype)
             except (TypeError, ValueError) as e:
                 raise type(e)(
                     f"state[{key!r}]: expected numbers convertible to {target.dtype}: {e}"
@@ -524,8 +573,38 @@ class BatchNorm:
         if "num_batches_tracked" in state:
             batches = _batch_count(state["num_batches_tracked"])
         for target, value in staged:
-            target[...] = value
+            _put(target, value)
         self.num_batches_tracked = batches
+
+
+def _device_index(device: Any) -> int | None:
+    """A layer's device: None (host memory) or a CUDA device index."""
+    if device is None or device == "cpu":
+        return None
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        if device == "cuda":
+            return int(_device.cupy().cuda.Device().id)
+        index = device.removeprefix("cuda:")
+        if index.isdigit():
+            return int(index)
+    elif isinstance(device, (int, np.integer)) and not isinstance(device, bool) and device >= 0:
+        return int(device)
+    raise ValueError(
+        f"device: expected None, 'cpu', 'cuda', 'cuda:N' or an int N >= 0, got {device!r}"
+    )
+
+
+def _host(a: Any) -> NDArray[Any]:
+    """a in host memory (a copy of a device array)."""
+    return _device.cupy().asnumpy(a) if chk.on_device(a) else a  # type: ignore[no-any-return]
+
+
+def _put(target: Any, value: NDArray[Any]) -> None:
+    """target[...] = value, for a target in host or device memory and a host value."""
+    if chk.on_device(target):
+        target.set(np.ascontiguousarray(value, dtype=target.dtype))
+    else:
+        target[...] = value
 
 
 def _batch_count(v: Any) -> int:

@@ -13,12 +13,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _checks as chk
-from . import _core
+from . import _core, _device
 from .phases import invstd_of, running_update
 
 
 def masked_count(valid: NDArray[np.bool_]) -> int:
-    count = int(np.count_nonzero(valid))
+    """The number of valid positions, at least 2 in training (checked before anything is written:
+    for a mask on a device this reads the count back to the host, one synchronization)."""
+    count = int(valid.sum()) if chk.on_device(valid) else int(np.count_nonzero(valid))
     if count < 2:
         raise ValueError(f"mask: expected at least 2 valid positions when training, got {count}")
     return count
@@ -35,7 +37,7 @@ def masked_forward(
     xa = call.data(x, axis)
     valid = call.mask(mask)
     assert valid is not None
-    masked_count(valid)
+    count = masked_count(valid)
     eps_f = chk.eps(eps)
     mom = chk.weight(momentum)
     unbiased = chk.flag(unbiased, "running_var_unbiased")
@@ -46,12 +48,20 @@ def masked_forward(
     # the statistics of the valid positions (one pass, the mask read alongside), then the
     # normalize of every position
     x3 = call.view3(xa)
-    mean = np.empty(call.C, dtype=np.float64)
-    m2 = np.empty(call.C, dtype=np.float64)
-    n = int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2))
-    invstd = invstd_of(n, m2, eps_f)
-    _core.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
-    running_update(rm, rv, n, mean, m2, mom, unbiased)
+    mean = call.empty(call.C, np.float64)
+    m2 = call.empty(call.C, np.float64)
+    k = call.kernels
+    if call.device is None:
+        n = int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2))
+        invstd = invstd_of(n, m2, eps_f)
+    else:  # (n: known already; invstd and the running update in one launch)
+        n = count
+        k.channel_stats(x3, mean, m2, chk.mask_view(valid, x3))
+        invstd = call.empty(call.C, np.float64)
+        k.update_running_stats(rm, rv, n, mean, m2, mom, unbiased, invstd=invstd, eps=eps_f)
+    k.normalize(x3, mean, invstd, g, b, y.reshape(x3.shape), res3, relu)
+    if call.device is None:
+        running_update(rm, rv, n, mean, m2, mom, unbiased)
     call.finish()
     return (y if out is None else out), mean, invstd
 
@@ -65,6 +75,13 @@ def masked_sums(
     padding never poisons the valid positions' gradients.  Finite padding enters as it always
     did, so the common case is one pass and bit for bit the unmasked reduction."""
     C = x3.shape[1]
+    if chk.on_device(x3):  # (the CUDA sums leave out non-finite padding in the same pass)
+        k = _device.Kernels(_device.device_of(x3))
+        sum_dy = _device.empty(_device.device_of(x3), C, np.float64)
+        sum_dy_xhat = _device.empty(_device.device_of(x3), C, np.float64)
+        mask = chk.kernel_view(valid).view(np.uint8)
+        k.backward_reduce(dy3, x3, mean, invstd, sum_dy, sum_dy_xhat, y3, dres3, mask=mask)
+        return sum_dy, sum_dy_xhat
     sum_dy = np.empty(C, dtype=np.float64)
     sum_dy_xhat = np.empty(C, dtype=np.float64)
     _core.backward_reduce(dy3, x3, mean, invstd, sum_dy, sum_dy_xhat, y3, dres3)
@@ -96,7 +113,7 @@ def masked_backward(
     m, s, _, y3, _ = arrays
     call.seal()
     x3 = call.view3(xa)
-    dres = np.empty(xa.shape, dtype=xa.dtype) if relu else None
+    dres = call.empty(xa.shape, xa.dtype) if relu else None
     # the sums over every position, then dx with the mask (padded positions: the direct term)
     sum_dy, sum_dy_xhat = masked_sums(
         dy3, x3, valid.reshape(x3.shape[0], x3.shape[2]), m, s, y3,
@@ -117,12 +134,12 @@ def backward_from_sums(
     ``(dx, dgamma, dbeta)``, with the residual's gradient (``dres``, else dy) when asked."""
     m, s, g, y3, dx = arrays
     mv = None if valid is None else chk.mask_view(valid, x3)
-    _core.backward_elementwise(dy3, x3, m, s, g, sum_dy, sum_dy_xhat, count,
+    call.kernels.backward_elementwise(dy3, x3, m, s, g, sum_dy, sum_dy_xhat, count,
                                dx.reshape(x3.shape), y3, mv)  # fmt: skip
     call.finish()
     P = chk.param_dtype(x3.dtype)
     dgamma, dbeta = sum_dy_xhat.astype(P), sum_dy.astype(P)
     dx = dx if out is None else out
     if residual_grad:
-        return dx, dgamma, dbeta, (dres if dres is not None else np.asarray(dy))
+        return dx, dgamma, dbeta, (dres if dres is not None else chk.as_array(dy, "dy"))
     return dx, dgamma, dbeta

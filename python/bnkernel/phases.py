@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _checks as chk
-from . import _core
+from . import _core, _device
 
 __all__ = [
     "Stats",
@@ -33,9 +33,24 @@ Stats = tuple[int, NDArray[np.float64], NDArray[np.float64]]
 
 
 def invstd_of(count: int, m2: NDArray[np.float64], eps: float) -> NDArray[np.float64]:
-    """1 / sqrt(M2 / count + eps): the same float64 operations wherever it is computed."""
+    """1 / sqrt(M2 / count + eps): the same float64 operations wherever it is computed (on m2's
+    device for a device array)."""
+    if chk.on_device(m2):
+        return _device.Kernels(_device.device_of(m2)).invstd(count, m2, eps)  # type: ignore
     result: NDArray[np.float64] = 1.0 / np.sqrt(m2 / float(count) + eps)
     return result
+
+
+def running_coefficients(
+    call: chk.Call, rm: NDArray[Any], rv: NDArray[Any], eps: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Inference's float64 ``(mean, invstd)`` from checked running statistics: ``running_mean``
+    and ``1 / sqrt(running_var + eps)``, where the call runs."""
+    if call.device is not None:
+        return call.kernels.running_coefficients(rm, rv, eps)  # type: ignore[no-any-return]
+    mean = rm.astype(np.float64)
+    invstd: NDArray[np.float64] = 1.0 / np.sqrt(rv.astype(np.float64) + eps)
+    return mean, invstd
 
 
 def running_update(
@@ -45,6 +60,10 @@ def running_update(
     """The running update from merged statistics: the fused forward's own (the compiled
     ``update_running_stats``, csrc/bnkernel/kernels/running.cpp), so the results are bit-identical.
     ``rm`` / ``rv``: checked running buffers of one dtype (or None)."""
+    if chk.on_device(mean):
+        k = _device.Kernels(_device.device_of(mean))
+        k.update_running_stats(rm, rv, count, mean, m2, momentum, unbiased)
+        return
     _core.update_running_stats(rm, rv, count, mean, m2, momentum, unbiased)
 
 
@@ -65,12 +84,13 @@ def channel_stats(
     xa = call.data(x, axis, allow_empty=True)
     C = call.C
     valid = call.mask(mask)
-    mean = np.empty(C, dtype=np.float64)
-    m2 = np.empty(C, dtype=np.float64)
+    mean = call.empty(C, np.float64)
+    m2 = call.empty(C, np.float64)
     x3 = call.view3(xa)
+    k = call.kernels
     if valid is not None:
-        return int(_core.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2)), mean, m2
-    _core.channel_stats(x3, mean, m2)
+        return int(k.masked_channel_stats(x3, chk.mask_view(valid, x3), mean, m2)), mean, m2
+    k.channel_stats(x3, mean, m2)
     return xa.size // C, mean, m2
 
 
@@ -96,7 +116,8 @@ def merge_stats(*stats: Stats) -> Stats:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"stats[{i}]: count must be an int >= 0, got {n!r}")
         if channels is None:
-            channels = int(np.asarray(mu).shape[0]) if np.ndim(mu) == 1 else -1
+            mu_a = chk.as_array(mu, f"stats[{i}] mean")
+            channels = int(mu_a.shape[0]) if mu_a.ndim == 1 else -1
         means.append(chk.saved_stat(mu, f"stats[{i}] mean", channels))
         m2s.append(chk.saved_stat(m2, f"stats[{i}] M2", channels))
         counts.append(int(n))
@@ -105,6 +126,17 @@ def merge_stats(*stats: Stats) -> Stats:
         raise OverflowError(
             f"stats: the total count {sum(counts)} does not fit in 64 bits (at most 2**63 - 1)"
         )
+    first = chk.where(means[0])
+    for i in range(len(stats)):
+        for a in (means[i], m2s[i]):
+            if chk.where(a) != first:
+                raise TypeError(
+                    f"stats[{i}]: {chk.where(a)}, while stats[0] is {first}: merge statistics "
+                    "that live in one place"
+                )
+    if chk.on_device(means[0]):
+        dmean, dm2 = _device.merge_stats(counts, means, m2s)
+        return sum(counts), dmean, dm2
     mean = np.empty(channels, dtype=np.float64)
     m2 = np.empty(channels, dtype=np.float64)
     count = _core.merge_stats(
@@ -117,7 +149,8 @@ def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArra
     """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation, exactly as
     the fused forward computes it (same float64 operations, so the results are bit-identical)."""
     count = chk.count(count)
-    m2a = np.asarray(m2, dtype=np.float64)
+    m2a = chk.as_array(m2, "m2")
+    m2a = _device.contiguous(m2a, np.float64) if chk.on_device(m2a) else m2a.astype(np.float64)
     eps_f = chk.eps(eps)
     return invstd_of(count, m2a, eps_f)
 
@@ -150,7 +183,7 @@ def update_running_stats(
     first = chk.running_buffer(first, first_name, C, None)
     assert first is not None
     call = chk.Call()
-    call.statistics_only(C, first.dtype)
+    call.statistics_only(C, first.dtype, like=first)
     rm = call.running(running_mean, "running_mean")
     rv = call.running(running_var, "running_var")
     mu = call.saved(mean, "mean")
@@ -183,7 +216,7 @@ def normalize(
     y = call.output(out, in_place=True)
     call.seal()
     x3 = call.view3(xa)
-    _core.normalize(x3, m, s, g, b, y.reshape(x3.shape), res3, relu)
+    call.kernels.normalize(x3, m, s, g, b, y.reshape(x3.shape), res3, relu)
     call.finish()
     return y if out is None else out
 
@@ -211,9 +244,9 @@ def backward_reduce(
     dres = None if dresidual is None else call.output(dresidual, "dresidual")
     call.seal()
     C = call.C
-    sum_dy = np.empty(C, dtype=np.float64)
-    sum_dy_xhat = np.empty(C, dtype=np.float64)
-    _core.backward_reduce(
+    sum_dy = call.empty(C, np.float64)
+    sum_dy_xhat = call.empty(C, np.float64)
+    call.kernels.backward_reduce(
         dy3, call.view3(xa), m, s, sum_dy, sum_dy_xhat, y3,
         None if dres is None else call.view3(dres),
     )  # fmt: skip
@@ -261,6 +294,6 @@ def backward_elementwise(
     call.seal()
     x3 = call.view3(xa)
     mv = None if valid is None else chk.mask_view(valid, x3)
-    _core.backward_elementwise(dy3, x3, m, s, g, sdy, sdyx, n, dx.reshape(x3.shape), y3, mv)
+    call.kernels.backward_elementwise(dy3, x3, m, s, g, sdy, sdyx, n, dx.reshape(x3.shape), y3, mv)
     call.finish()
     return dx if out is None else out

@@ -94,6 +94,7 @@ def batch_renorm_forward(
     """
     call = chk.Call()
     xa = call.data(x, axis)
+    call.host_only("batch_renorm_forward")
     C = call.C
     rmax, dmax = chk.renorm_limits(r_max, d_max)
     eps_f = chk.eps(eps)
@@ -147,6 +148,7 @@ def batch_renorm_backward(
     """
     call = chk.Call()
     xa, dy3, m, s = call.gradient_inputs(x, axis, dy, mean, invstd)
+    call.host_only("batch_renorm_backward")
     r64 = call.saved(r, "r")
     d64 = call.saved(d, "d")
     if np.any(~(r64 > 0)):
@@ -208,6 +210,7 @@ def ghost_batch_norm_forward(
     """
     call = chk.Call()
     xa = call.data(x, axis)
+    call.host_only("ghost_batch_norm_forward")
     C = call.C
     groups = _groups(xa, call.ax, virtual_batch_size)
     eps_f = chk.eps(eps)
@@ -252,6 +255,7 @@ def ghost_batch_norm_backward(
     training backward; dgamma and dbeta are summed over them in float64 and rounded once."""
     call = chk.Call()
     xa = call.data(x, axis)
+    call.host_only("ghost_batch_norm_backward")
     call.grad(dy)
     C = call.C
     groups = _groups(xa, call.ax, virtual_batch_size)

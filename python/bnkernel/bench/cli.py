@@ -23,6 +23,7 @@ from .cases import (
     BenchError,
     default_dtypes,
 )
+from .cuda import CUDA_OPS, CUDA_QUICK_SHAPES, CUDA_SHAPES, run_cuda_bench
 from .measure import BenchConfig
 from .run import run_bench
 from .timing import SWEEP_MAX_TIME_S
@@ -118,6 +119,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--json", metavar="FILE", default=None, help="write every number to FILE")
     p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cuda: the CUDA kernels on CuPy arrays against the CuPy textbook and torch CUDA "
+        "(F.batch_norm), with the device-to-device copy bandwidth (needs a GPU, CuPy and a "
+        "build with BNKERNEL_CUDA=ON; shapes default to "
+        + ",".join(map(shape_text, CUDA_SHAPES)) + ", float32 and float16, ops "
+        + ",".join(CUDA_OPS) + ")",
+    )  # fmt: skip
+    p.add_argument(
         "--plot", metavar="FILE.png", default=None,
         help="plot time vs size (log-log; with --sweep: ns per byte vs size, cache sizes marked) "
         "to FILE.png (needs matplotlib)",
@@ -179,9 +188,39 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def run_cuda_from_args(args: argparse.Namespace) -> None:
+    """``bench --device cuda``: the options that apply there, then the CUDA table."""
+    for given, name in ((args.sweep, "--sweep"), (args.threads, "--threads"),
+                        (args.plot, "--plot"), (args.numpy, "--numpy")):  # fmt: skip
+        if given:
+            raise BenchError(f"{name} does not apply to --device cuda")
+    ops = args.ops if args.ops is not None else list(CUDA_OPS)
+    other = [op for op in ops if op not in CUDA_OPS]
+    if other:
+        raise BenchError(f"--device cuda times {', '.join(CUDA_OPS)}; not {', '.join(other)}")
+    dtypes = args.dtypes if args.dtypes is not None else ["float32", "float16"]
+    if "bfloat16" in dtypes:
+        raise BenchError("--device cuda: CuPy has no bfloat16 arrays (the kernels take it)")
+    quick = bool(args.quick)
+    shapes = args.shapes if args.shapes is not None else (
+        CUDA_QUICK_SHAPES if quick else CUDA_SHAPES)  # fmt: skip
+    repeat = args.repeat if args.repeat is not None else (3 if quick else 10)
+    if repeat < 1:
+        raise BenchError("--repeat: expected an integer >= 1")
+    layouts = [lo for lo in (args.layouts or ["NCHW", "NHWC"]) if lo != "NC"] or ["NCHW"]
+    run_cuda_bench(
+        shapes=list(shapes), layouts=layouts, dtypes=list(dtypes), ops=ops, repeat=repeat,
+        min_time=float(args.min_time), torch=not args.no_torch, textbook_peer=not args.no_numpy,
+        copy_mib=args.copy_mib if args.copy_mib is not None else 1024.0, json_path=args.json,
+    )  # fmt: skip
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     """Run ``bench`` for parsed arguments; 0 on success, 1 on a wrong result, 2 on a bad setup."""
     try:
+        if getattr(args, "device", "cpu") == "cuda":
+            run_cuda_from_args(args)
+            return 0
         config = config_from_args(args)
         run_bench(config)
     except BenchCheckError as e:
