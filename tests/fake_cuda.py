@@ -375,8 +375,12 @@ class FakeKernels:
                 "devices": devices}  # fmt: skip
 
     def stats_parts(self, outer: int, channels: int, inner: int) -> int:
+        """kernels.cu's stats_parts (the workspaces' size depends on it)."""
         m = outer * inner
-        return int(min(max(-(-m // (1 << 16)), 1), 1024))
+        tiles = (-(-channels // 32) if channels >= 32 else 1) if inner <= 1 else channels
+        want = -(-2048 // max(tiles, 1))
+        most = max(-(-m // 4096), 1)
+        return int(min(max(min(want, most), 1), 1024))
 
     def channel_stats(self, dtype: str, x: int, outer: int, channels: int, inner: int,
                       mean: int, m2: int, workspace: int, mask: int = 0, stream: int = 0,

@@ -77,11 +77,23 @@ def test_module_links_the_runtime_statically():
 
 
 def test_stats_parts_depend_on_the_shape_alone():
-    assert _cuda.stats_parts(1, 3, 10) == 1
-    assert _cuda.stats_parts(1, 1, 1 << 16) == 1
-    assert _cuda.stats_parts(1, 1, (1 << 16) + 1) == 2
-    assert _cuda.stats_parts(4096, 7, 1 << 20) == 1024  # capped
-    assert _cuda.stats_parts(0, 5, 0) == 1
+    """About 2048 blocks a launch, parts of at least 4096 values (rows, channels-last), at most
+    1024 (kernels.cu); the same formula in tests/fake_cuda.py, which sizes the workspaces."""
+    from fake_cuda import FakeKernels
+
+    cases = {
+        (1, 3, 10): 1,
+        (1, 1, 1 << 16): 16,
+        (1, 1, (1 << 16) + 1): 17,
+        (4096, 7, 1 << 20): 293,  # ceil(2048 / 7)
+        (1, 1, 1 << 32): 1024,  # capped
+        (100_000, 64, 1): 25,  # channels-last: 2 tiles of 32 channels, 4096 rows a part
+        (10**6, 5, 1): 245,  # one tile
+        (0, 5, 0): 1,
+    }
+    fake = FakeKernels()
+    for shape, parts in cases.items():
+        assert _cuda.stats_parts(*shape) == parts == fake.stats_parts(*shape), shape
 
 
 def test_arguments_are_checked():
@@ -121,6 +133,9 @@ SHAPES = [  # (outer, C, inner): NCHW-like, channels-last (inner 1), C = 1, tiny
     (7, 513, 3),
     (33, 64, 49),
     (1, 5, 200_000),  # several parts per channel
+    (70_000, 40, 1),  # channels-last: two tiles (the second partial), several parts
+    (20_000, 3, 1),  # channels-last, 10 rows side by side in a warp
+    (9, 33, 1),
 ]
 
 

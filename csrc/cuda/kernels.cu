@@ -10,12 +10,18 @@
 #include <string>
 
 #include "cuda/api.hpp"
+#include "cuda/geometry.hpp"
 
 namespace bnkernel::cuda {
 namespace {
 
 constexpr int kStatsThreads = 256;  // a statistics block (the tree's width: fixed, for the bits)
-constexpr int64_t kPartValues = 1 << 16;  // values a part covers at least, past one part
+// A reduction cuts each channel (or tile of channels) into parts, one block each, so that a launch
+// has about kTargetBlocks blocks (enough to keep a GPU's memory busy), each part at least
+// kMinPartValues values (rows for channels-last), at most kMaxParts: from the shape alone, so
+// that the bits do not depend on the GPU.
+constexpr int64_t kTargetBlocks = 2048;
+constexpr int64_t kMinPartValues = 4096;
 constexpr int64_t kMaxParts = 1024;
 constexpr int kElementwiseThreads = 256;
 constexpr int kChannelThreads = 256;  // the per-channel kernels (merges, finishes)
@@ -115,14 +121,14 @@ struct Moments {
   double m2;
 };
 
-__device__ inline void add(Moments& a, double x) {
+__device__ inline void welford(Moments& a, double x) {
   a.n += 1.0;
   const double d = x - a.mean;
   a.mean += d / a.n;
   a.m2 += d * (x - a.mean);
 }
 
-__device__ inline Moments merge(Moments a, Moments b) {
+__device__ inline Moments chan_merge(Moments a, Moments b) {
   if (b.n == 0.0) return a;
   if (a.n == 0.0) return b;
   const double n = a.n + b.n;
@@ -130,50 +136,128 @@ __device__ inline Moments merge(Moments a, Moments b) {
   return Moments{n, a.mean + d * (b.n / n), a.m2 + b.m2 + d * d * (a.n * (b.n / n))};
 }
 
-// The part of a channel's m values that block blockIdx.x reduces (the statistics' and the sums'
-// launch: one block per (channel, part)): values [begin, end) of channel c, part p.
-struct Part {
-  int64_t c, p, begin, end;
+// What the two reductions add up.  Each op gives a thread's zero state, what one value adds
+// (e: its address in x, j: its index in the channel and in the mask, ctx: the channel's
+// constants), the merge, and how a part's result is stored in the workspace.
+template <typename T>
+struct MomentsOp {
+  const T* x;
+  const uint8_t* mask;
+  using State = Moments;
+  struct Ctx {};
+  __device__ static State zero() { return Moments{0.0, 0.0, 0.0}; }
+  __device__ Ctx channel(int64_t) const { return Ctx{}; }
+  __device__ void add(State& s, const Ctx&, int64_t e, int64_t j) const {
+    if (mask != nullptr && mask[j] == 0) return;
+    welford(s, load(x[e]));
+  }
+  __device__ static State merge(State a, State b) { return chan_merge(a, b); }
+  __device__ static void store(double* partial, int64_t slot, const State& s) {
+    partial[3 * slot] = s.n;
+    partial[3 * slot + 1] = s.mean;
+    partial[3 * slot + 2] = s.m2;
+  }
 };
-__device__ inline Part block_part(int64_t m, int64_t parts) {
+
+struct Sums {
+  double dy;
+  double xmu;
+};
+
+template <typename T>
+struct SumsOp {
+  const T* dy;
+  const T* x;
+  const T* y;  // the fused ReLU's output, or null
+  const uint8_t* mask;
+  const double* mean;
+  T* dresidual;  // receives g (with y), or null
+  using State = Sums;
+  using Ctx = double;  // the channel's mean
+  __device__ static State zero() { return Sums{0.0, 0.0}; }
+  __device__ Ctx channel(int64_t c) const { return mean[c]; }
+  __device__ void add(State& s, const Ctx& mu, int64_t e, int64_t j) const {
+    const double raw = load(dy[e]);
+    double g = raw;
+    if (y != nullptr) {
+      if (!(load(y[e]) > 0.0)) g = 0.0;
+      if (dresidual != nullptr) dresidual[e] = round_to<T>(g);
+    }
+    const double v = load(x[e]);
+    // padding that is not finite (NaN or inf) enters no sum
+    if (mask != nullptr && mask[j] == 0 && !(isfinite(v) && isfinite(raw))) return;
+    s.dy += g;
+    s.xmu += g * (v - mu);
+  }
+  __device__ static State merge(State a, State b) { return Sums{a.dy + b.dy, a.xmu + b.xmu}; }
+  __device__ static void store(double* partial, int64_t slot, const State& s) {
+    partial[2 * slot] = s.dy;
+    partial[2 * slot + 1] = s.xmu;
+  }
+};
+
+// Planar layouts (inner > 1): one block per (channel, part), thread t taking the part's values
+// begin + t, begin + t + kStatsThreads, ... (consecutive threads, consecutive addresses within a
+// row), then the block's fixed tree in shared memory.
+template <class Op>
+__global__ void reduce_planar(Op op, int64_t C, int64_t inner, int64_t m, int64_t parts,
+                              double* __restrict__ partial) {
+  __shared__ typename Op::State tree[kStatsThreads];
   const int64_t c = static_cast<int64_t>(blockIdx.x) / parts;
   const int64_t p = static_cast<int64_t>(blockIdx.x) % parts;
-  const int64_t len = (m + parts - 1) / parts;
-  return Part{c, p, p * len, min(m, (p + 1) * len)};
-}
-// the address of channel c's j-th value (j = o * inner + i, also the mask's index) in the
-// (outer, C, inner) view
-__device__ inline int64_t value_at(int64_t j, int64_t c, int64_t C, int64_t inner) {
-  const int64_t o = j / inner;
-  return (o * C + c) * inner + (j - o * inner);
-}
-
-// One block per (channel, part): thread t takes every kStatsThreads-th value from begin + t, then
-// the block's tree in shared memory.
-template <typename T>
-__global__ void part_moments(const T* __restrict__ x, const uint8_t* __restrict__ mask, int64_t C,
-                             int64_t inner, int64_t m, int64_t parts,
-                             double* __restrict__ partial) {
-  __shared__ Moments tree[kStatsThreads];
-  const Part q = block_part(m, parts);
-  Moments a{0.0, 0.0, 0.0};
-  for (int64_t j = q.begin + threadIdx.x; j < q.end; j += kStatsThreads) {
-    if (mask != nullptr && mask[j] == 0) continue;
-    add(a, load(x[value_at(j, q.c, C, inner)]));
+  const Range r = part_range(m, parts, p);
+  typename Op::State s = Op::zero();
+  const int64_t j0 = r.begin + threadIdx.x;
+  if (j0 < r.end) {
+    const auto ctx = op.channel(c);
+    for (ValueCursor v(j0, kStatsThreads, inner); v.j < r.end; v.advance()) {
+      op.add(s, ctx, v.address(c, C), v.j);
+    }
   }
-  tree[threadIdx.x] = a;
+  tree[threadIdx.x] = s;
   __syncthreads();
   for (int stride = kStatsThreads / 2; stride > 0; stride /= 2) {
     if (static_cast<int>(threadIdx.x) < stride) {
-      tree[threadIdx.x] = merge(tree[threadIdx.x], tree[threadIdx.x + stride]);
+      tree[threadIdx.x] = Op::merge(tree[threadIdx.x], tree[threadIdx.x + stride]);
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    double* o = partial + 3 * (q.c * parts + q.p);
-    o[0] = tree[0].n;
-    o[1] = tree[0].mean;
-    o[2] = tree[0].m2;
+  if (threadIdx.x == 0) Op::store(partial, c * parts + p, tree[0]);
+}
+
+// Channels-last (inner == 1): one block per (tile of channels, part of the rows), kRowWarps warps
+// reading rows with lanes across the tile's channels (coalesced); per channel, a fixed tree over
+// the warps, then the rows side by side in a warp merged in order (see row_tiles).
+template <class Op>
+__global__ void reduce_rows(Op op, int64_t C, int64_t outer, int64_t parts, RowTiles t,
+                            double* __restrict__ partial) {
+  __shared__ typename Op::State tree[kRowWarps][32];
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) / parts;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) % parts;
+  const Range r = part_range(outer, parts, p);
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int w = static_cast<int>(threadIdx.x) / 32;
+  const Lane l = lane_of(t, lane);
+  const int64_t c = tile * t.width + l.channel;
+  const bool mine = l.active && c < C;
+  typename Op::State s = Op::zero();
+  if (mine) {
+    const auto ctx = op.channel(c);
+    const int64_t stride = int64_t{kRowWarps} * t.rows_per_warp;
+    for (int64_t o = r.begin + int64_t{w} * t.rows_per_warp + l.row; o < r.end; o += stride) {
+      op.add(s, ctx, o * C + c, o);
+    }
+  }
+  tree[w][lane] = s;
+  __syncthreads();
+  for (int stride = kRowWarps / 2; stride > 0; stride /= 2) {
+    if (w < stride) tree[w][lane] = Op::merge(tree[w][lane], tree[w + stride][lane]);
+    __syncthreads();
+  }
+  if (w == 0 && mine && l.row == 0) {
+    typename Op::State a = tree[0][lane];
+    for (int k = 1; k < t.rows_per_warp; ++k) a = Op::merge(a, tree[0][lane + k * t.width]);
+    Op::store(partial, c * parts + p, a);
   }
 }
 
@@ -185,50 +269,10 @@ __global__ void merge_parts(const double* __restrict__ partial, int64_t C, int64
   Moments a{0.0, 0.0, 0.0};
   for (int64_t p = 0; p < parts; ++p) {
     const double* q = partial + 3 * (c * parts + p);
-    a = merge(a, Moments{q[0], q[1], q[2]});
+    a = chan_merge(a, Moments{q[0], q[1], q[2]});
   }
   mean[c] = a.mean;
   m2[c] = a.m2;
-}
-
-// The backward's sums, as part_moments: one block per (channel, part), a fixed tree.
-template <typename T>
-__global__ void part_sums(const T* __restrict__ dy, const T* __restrict__ x,
-                          const T* __restrict__ y, const uint8_t* __restrict__ mask,
-                          const double* __restrict__ mean, int64_t C, int64_t inner, int64_t m,
-                          int64_t parts, T* __restrict__ dresidual, double* __restrict__ partial) {
-  __shared__ double tree_dy[kStatsThreads];
-  __shared__ double tree_xmu[kStatsThreads];
-  const Part q = block_part(m, parts);
-  const double mu = mean[q.c];
-  double s_dy = 0.0, s_xmu = 0.0;
-  for (int64_t j = q.begin + threadIdx.x; j < q.end; j += kStatsThreads) {
-    const int64_t e = value_at(j, q.c, C, inner);
-    double g = load(dy[e]);
-    const double v = load(x[e]);
-    if (y != nullptr) {
-      if (!(load(y[e]) > 0.0)) g = 0.0;
-      if (dresidual != nullptr) dresidual[e] = round_to<T>(g);
-    }
-    // padding that is not finite (NaN or inf) enters no sum
-    if (mask != nullptr && mask[j] == 0 && !(isfinite(v) && isfinite(load(dy[e])))) continue;
-    s_dy += g;
-    s_xmu += g * (v - mu);
-  }
-  tree_dy[threadIdx.x] = s_dy;
-  tree_xmu[threadIdx.x] = s_xmu;
-  __syncthreads();
-  for (int stride = kStatsThreads / 2; stride > 0; stride /= 2) {
-    if (static_cast<int>(threadIdx.x) < stride) {
-      tree_dy[threadIdx.x] += tree_dy[threadIdx.x + stride];
-      tree_xmu[threadIdx.x] += tree_xmu[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    partial[2 * (q.c * parts + q.p)] = tree_dy[0];
-    partial[2 * (q.c * parts + q.p) + 1] = tree_xmu[0];
-  }
 }
 
 template <typename P>
@@ -283,16 +327,17 @@ __global__ void dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                           const double* __restrict__ invstd, const Param<T>* __restrict__ gamma,
                           const double* __restrict__ sum_dy, const double* __restrict__ sum_dy_xhat,
                           T* __restrict__ dx) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (start >= total) return;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += step) {
-    const int64_t c = (e / inner) % C;
+  for (ChannelCursor k(start, step, C, inner); k.e < total; k.advance()) {
+    const int64_t e = k.e;
+    const int64_t c = k.c;
     const double k_scale = (gamma ? load(gamma[c]) : 1.0) * invstd[c];
     double g = load(dy[e]);
     if (y != nullptr && !(load(y[e]) > 0.0)) g = 0.0;
     if constexpr (Training) {
-      const int64_t o = e / (inner * C);
-      const bool valid = mask == nullptr || mask[o * inner + e % inner] != 0;
+      const bool valid = mask == nullptr || mask[k.position()] != 0;
       if (valid) {
         const double k_dy = sum_dy[c] / count;
         const double k_x = invstd[c] * sum_dy_xhat[c] / count;
@@ -311,10 +356,12 @@ __global__ void normalize_kernel(const T* x, int64_t total, int64_t C, int64_t i
                                  const Param<T>* __restrict__ gamma,
                                  const Param<T>* __restrict__ beta, const T* residual, bool relu_on,
                                  T* y) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (start >= total) return;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += step) {
-    const int64_t c = (e / inner) % C;
+  for (ChannelCursor k(start, step, C, inner); k.e < total; k.advance()) {
+    const int64_t e = k.e;
+    const int64_t c = k.c;
     const double g = gamma ? load(gamma[c]) : 1.0;
     const double b = beta ? load(beta[c]) : 0.0;
     double v = fma(load(x[e]) - mean[c], g * invstd[c], b);
@@ -374,17 +421,34 @@ void with_param_dtype(DType pt, F&& f) {
   }
 }
 
+// A reduction's launch: the row-tile kernel for channels-last (inner <= 1), the planar one
+// otherwise; each writes one partial per (channel, part) at slot c * parts + p.
+template <class Op>
+void launch_reduction(const Op& op, Shape s, int64_t parts, double* partial, const Launch& l,
+                      const char* what) {
+  if (s.inner <= 1) {
+    const RowTiles t = row_tiles(s.channels);
+    const int64_t rows = s.inner == 0 ? 0 : s.outer;
+    const int64_t blocks = t.tiles * parts;
+    if (blocks > INT32_MAX) throw Error(std::string(what) + ": too many channels for one launch");
+    reduce_rows<Op><<<static_cast<unsigned>(blocks), kRowWarps * 32, 0, as_stream(l.stream)>>>(
+        op, s.channels, rows, parts, t, partial);
+  } else {
+    const int64_t blocks = part_blocks(s, parts, what);
+    reduce_planar<Op><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(l.stream)>>>(
+        op, s.channels, s.inner, s.outer * s.inner, parts, partial);
+  }
+  check(cudaGetLastError(), what);
+}
+
 template <typename T>
 void stats_impl(uintptr_t x, Shape s, uintptr_t mask, uintptr_t mean, uintptr_t m2,
                 uintptr_t workspace, const Launch& l) {
   const int64_t C = s.channels;
   const int64_t parts = stats_parts(s);
-  const int64_t blocks = part_blocks(s, parts, "channel_stats");
   auto* partial = out<double>(workspace);
-  part_moments<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(l.stream)>>>(
-      in<T>(x), in<uint8_t>(mask), C, std::max<int64_t>(s.inner, 1), s.outer * s.inner, parts,
-      partial);
-  check(cudaGetLastError(), "channel_stats");
+  launch_reduction(MomentsOp<T>{in<T>(x), in<uint8_t>(mask)}, s, parts, partial, l,
+                   "channel_stats");
   merge_parts<<<channel_blocks(C), kChannelThreads, 0, as_stream(l.stream)>>>(
       partial, C, parts, out<double>(mean), out<double>(m2));
   check(cudaGetLastError(), "channel_stats");
@@ -396,12 +460,10 @@ void sums_impl(uintptr_t dy, uintptr_t x, Shape s, uintptr_t mean, uintptr_t inv
                uintptr_t dgamma, uintptr_t dbeta, uintptr_t workspace, const Launch& l) {
   const int64_t C = s.channels;
   const int64_t parts = stats_parts(s);
-  const int64_t blocks = part_blocks(s, parts, "channel_sums");
   auto* partial = out<double>(workspace);
-  part_sums<T><<<static_cast<unsigned>(blocks), kStatsThreads, 0, as_stream(l.stream)>>>(
-      in<T>(dy), in<T>(x), in<T>(y), in<uint8_t>(mask), in<double>(mean), C,
-      std::max<int64_t>(s.inner, 1), s.outer * s.inner, parts, out<T>(dresidual), partial);
-  check(cudaGetLastError(), "channel_sums");
+  const SumsOp<T> op{in<T>(dy),         in<T>(x),         in<T>(y),
+                     in<uint8_t>(mask), in<double>(mean), out<T>(dresidual)};
+  launch_reduction(op, s, parts, partial, l, "channel_sums");
   merge_sums<Param<T>><<<channel_blocks(C), kChannelThreads, 0, as_stream(l.stream)>>>(
       partial, C, parts, in<double>(invstd), out<double>(sum_dy), out<double>(sum_dy_xhat),
       out<Param<T>>(dgamma), out<Param<T>>(dbeta));
@@ -465,7 +527,10 @@ Info info() {
 
 int64_t stats_parts(Shape s) {
   const int64_t m = s.outer * s.inner;
-  return std::clamp<int64_t>(ceil_div(m, kPartValues), 1, kMaxParts);
+  const int64_t channel_blocks = s.inner <= 1 ? row_tiles(s.channels).tiles : s.channels;
+  const int64_t want = ceil_div(kTargetBlocks, std::max<int64_t>(channel_blocks, 1));
+  const int64_t most = std::max<int64_t>(ceil_div(m, kMinPartValues), 1);
+  return std::clamp<int64_t>(std::min(want, most), 1, kMaxParts);
 }
 
 // Every entry point returns before touching a device when there is nothing to do (no channels,
