@@ -76,6 +76,15 @@ class FakeArray:
     def _wrap(self, a: Any) -> Any:
         return FakeArray(a, self._device, self._cp) if isinstance(a, np.ndarray) else a
 
+    def _launch(self) -> None:
+        """What CuPy checks before running a kernel on this array: it must be on the current
+        device."""
+        if self._device != self._cp.current_device:
+            raise ValueError(
+                f"Array device must be same as the current device: array device = "
+                f"{self._device} while current = {self._cp.current_device}"
+            )
+
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
             "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to "
@@ -119,18 +128,32 @@ class FakeArray:
         return self._wrap(self._a.view(dtype))
 
     def astype(self, dtype: Any, copy: bool = True) -> FakeArray:
+        self._launch()
         return self._wrap(self._a.astype(dtype, copy=copy))
 
     def copy(self) -> FakeArray:
+        self._launch()
         return self._wrap(self._a.copy())
 
     def sum(self, *args: Any, **kwargs: Any) -> Any:
+        self._launch()
         return self._wrap(np.asarray(self._a.sum(*args, **kwargs)))
+
+    def mean(self, *args: Any, **kwargs: Any) -> Any:
+        self._launch()
+        return self._wrap(np.asarray(self._a.mean(*args, **kwargs)))
+
+    def any(self) -> Any:
+        self._launch()
+        return self._wrap(np.asarray(self._a.any()))
 
     def __getitem__(self, key: Any) -> Any:
         return self._wrap(self._a[key])
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        self._launch()
+        if isinstance(value, np.ndarray):
+            raise TypeError("Unsupported type <class 'numpy.ndarray'>")  # as CuPy
         self._a[key] = _host(value)
 
     @property
@@ -140,7 +163,17 @@ class FakeArray:
     def _binary(self, other: Any, op: Any) -> FakeArray:
         if isinstance(other, np.ndarray):
             raise TypeError("Unsupported type <class 'numpy.ndarray'>")  # as CuPy
+        self._launch()
+        if isinstance(other, FakeArray):
+            other._launch()
         return self._wrap(op(self._a, _host(other)))
+
+    def __gt__(self, o: Any) -> FakeArray:
+        return self._binary(o, np.greater)
+
+    def __invert__(self) -> FakeArray:
+        self._launch()
+        return self._wrap(~self._a)
 
     def __add__(self, o: Any) -> FakeArray:
         return self._binary(o, np.add)
@@ -167,6 +200,7 @@ class FakeArray:
         return self._binary(o, lambda a, b: np.true_divide(b, a))
 
     def __neg__(self) -> FakeArray:
+        self._launch()
         return self._wrap(-self._a)
 
 
@@ -254,7 +288,7 @@ class FakeCupy:
 
     def asarray(self, a: Any, dtype: Any = None) -> FakeArray:
         if isinstance(a, FakeArray):
-            return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+            return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
         iface = getattr(a, "__cuda_array_interface__", None)
         if iface is not None:  # another library's device array: a view, as CuPy's
             return _from_interface(iface, self)
@@ -269,6 +303,21 @@ class FakeCupy:
         if int(kind) != 2:
             raise BufferError("from_dlpack: not a CUDA array")
         return FakeArray(np.from_dlpack(obj.host_exporter()), int(dev), self)
+
+    def _elementwise(self, fn: Any, a: Any, *rest: Any) -> Any:
+        if isinstance(a, FakeArray):
+            a._launch()
+            return FakeArray(fn(a._a, *rest), a._device, self)
+        return fn(a, *rest)
+
+    def sqrt(self, a: Any) -> Any:
+        return self._elementwise(np.sqrt, a)
+
+    def clip(self, a: Any, lo: Any, hi: Any) -> Any:
+        return self._elementwise(np.clip, a, lo, hi)
+
+    def any(self, a: Any) -> Any:
+        return self._elementwise(lambda v: np.asarray(np.any(v)), a)
 
     def count_nonzero(self, a: FakeArray) -> FakeArray:
         return FakeArray(np.asarray(np.count_nonzero(a._a)), a._device, self)

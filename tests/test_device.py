@@ -402,12 +402,67 @@ def test_overlap_rule_on_the_device(fake):
         bk.batch_norm_forward(x2, out=shifted)  # (a partial overlap: only x itself is allowed)
 
 
-def test_variants_say_they_are_cpu_only(fake):
-    x = fake.put(_data((4, 3, 6), 1, np.float32)[0])
-    with pytest.raises(TypeError, match=r"^x: ghost_batch_norm_forward runs on NumPy arrays only"):
-        bk.ghost_batch_norm_forward(x, virtual_batch_size=2)
-    with pytest.raises(ValueError, match=r"^device: renorm and virtual_batch_size run on the CPU"):
-        bk.BatchNorm(3, renorm=True, device="cuda")
+# ---- the variants -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_variants_match_the_cpu(dev, dtype):
+    x, gamma, beta = _data((8, 3, 5), 1, dtype, seed=16)
+    g = _data((8, 3, 5), 1, dtype, seed=17)[0]
+    rm, rv = np.full(3, 0.3, dtype), np.full(3, 1.7, dtype)
+    y, mean, invstd, r, d = bk.batch_renorm_forward(
+        x, gamma, beta, running_mean=rm, running_var=rv, r_max=1.5, d_max=0.5
+    )
+    drm, drv = dev.put(np.full(3, 0.3, dtype)), dev.put(np.full(3, 1.7, dtype))
+    gy, gmean, ginvstd, gr, gd = bk.batch_renorm_forward(
+        dev.put(x), dev.put(gamma), dev.put(beta), running_mean=drm, running_var=drv,
+        r_max=1.5, d_max=0.5,
+    )  # fmt: skip
+    _close(dev.get(gy), y, dtype)
+    np.testing.assert_allclose(dev.get(gr), r, rtol=1e-13)
+    np.testing.assert_allclose(dev.get(gd), d, rtol=1e-12, atol=1e-13)
+    _close(dev.get(drv), rv, dtype)
+    want = bk.batch_renorm_backward(g, x, mean, invstd, r, d, gamma)
+    got = bk.batch_renorm_backward(dev.put(g), dev.put(x), gmean, ginvstd, gr, gd, dev.put(gamma))
+    _close(dev.get(got[0]), want[0], dtype)
+    np.testing.assert_allclose(dev.get(got[1]), want[1], rtol=1e-6, atol=1e-9)
+    # ghost batch normalization, two virtual batches
+    y, mean, invstd = bk.ghost_batch_norm_forward(x, gamma, beta, virtual_batch_size=4,
+                                                  running_mean=rm, running_var=rv)  # fmt: skip
+    gy, gmean, ginvstd = bk.ghost_batch_norm_forward(
+        dev.put(x), dev.put(gamma), dev.put(beta), virtual_batch_size=4, running_mean=drm,
+        running_var=drv,
+    )  # fmt: skip
+    assert gmean.shape == (2, 3)
+    _close(dev.get(gy), y, dtype)
+    _close(dev.get(drm), rm, dtype)
+    want = bk.ghost_batch_norm_backward(g, x, mean, invstd, gamma, virtual_batch_size=4)
+    got = bk.ghost_batch_norm_backward(dev.put(g), dev.put(x), gmean, ginvstd, dev.put(gamma),
+                                       virtual_batch_size=4)  # fmt: skip
+    _close(dev.get(got[0]), want[0], dtype)
+    np.testing.assert_allclose(dev.get(got[2]), want[2], rtol=1e-6, atol=1e-9)
+
+
+def test_per_channel_arithmetic_runs_on_x_device(fake):
+    """CuPy runs elementwise work on the current device and refuses arrays from another (the
+    stand-in does too): every function makes x's device current around its own arithmetic."""
+    x, gamma, beta = _data((8, 3, 5), 1, np.float32, seed=18)
+    on1 = {k: fake.put(v, device=1) for k, v in {"x": x, "g": gamma, "b": beta}.items()}
+    rm, rv = fake.put(np.zeros(3, np.float32), 1), fake.put(np.ones(3, np.float32), 1)
+    y, mean, invstd, r, d = bk.batch_renorm_forward(on1["x"], on1["g"], on1["b"],
+                                                    running_mean=rm, running_var=rv)  # fmt: skip
+    bk.batch_renorm_backward(on1["x"], on1["x"], mean, invstd, r, d, on1["g"])
+    bk.ghost_batch_norm_backward(on1["x"], on1["x"], *bk.ghost_batch_norm_forward(
+        on1["x"], virtual_batch_size=2)[1:], virtual_batch_size=2)  # fmt: skip
+    bk.batch_norm_backward(
+        on1["x"], on1["x"], mean, invstd, mask=fake.put(np.ones((8, 5), bool), 1)
+    )
+    layer = bk.BatchNorm(3, device=1, renorm=True)
+    layer.backward(layer.forward(on1["x"]))
+    ghost = bk.BatchNorm(3, device=1, virtual_batch_size=4)
+    ghost.backward(ghost.forward(on1["x"]))
+    assert y.device.id == 1 and fake.cp.current_device == 0
+    assert {d for _, _, d in fake.kernels.launches} == {1}
 
 
 # ---- the layer ----------------------------------------------------------------------------------

@@ -274,6 +274,12 @@ def on_device(a: Any) -> bool:
     return type(a) is not np.ndarray and _device.is_device_array(a)
 
 
+def namespace(*arrays: Any) -> Any:
+    """numpy, or cupy when the first array lives on a device (the others must be there too, as
+    the arithmetic on them will say)."""
+    return _device.cupy() if arrays and on_device(arrays[0]) else np
+
+
 def where(a: Any) -> str:
     """Where an array lives, for messages."""
     if on_device(a):
@@ -557,14 +563,10 @@ class Call:
         self._declare(name, INPUT, xa)
         return xa
 
-    def host_only(self, what: str) -> None:
-        """Refuses a call on device arrays for a function that has no CUDA path yet."""
-        if self.device is not None:
-            raise TypeError(
-                f"x: {what} runs on NumPy arrays only for now, and x is on CUDA device "
-                f"{self.device} (on CUDA: batch_norm_forward / batch_norm_backward, the split "
-                "phases, population_stats and BatchNorm); copy it to the host first"
-            )
+    @property
+    def xp(self) -> Any:
+        """The array module where the call runs: numpy, or cupy (for per-channel arithmetic)."""
+        return np if self.device is None else _device.cupy()
 
     def statistics_only(self, channels: int, dtype: np.dtype[Any], like: Any = None) -> None:
         """For a call with no data array (update_running_stats): C and the data dtype whose

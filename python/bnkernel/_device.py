@@ -20,9 +20,12 @@ order), so that the public functions run one sequence of calls on either.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -83,6 +86,55 @@ def kernels_module() -> Any:
             "pip install . -Ccmake.define.BNKERNEL_CUDA=ON (needs nvcc; README, 'CUDA'), or copy "
             "the arrays to the host"
         ) from e
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _first_device(args: tuple[Any, ...]) -> int | None:
+    """The CUDA device of the first array among a call's positional arguments (looking into a
+    (count, mean, M2) tuple), or None when it is a host array, or anything is amiss (the checks
+    then say what)."""
+    for a in args:
+        if a is None or isinstance(a, (bool, int, float, str)):
+            continue
+        if type(a) is np.ndarray:
+            return None
+        if isinstance(a, tuple) and len(a) == 3:
+            a = a[1]
+        try:
+            return device_of(as_cupy(a)) if kind(a) == "cuda" else None
+        except Exception:
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def current(device: int | None) -> Iterator[None]:
+    """`device` made CuPy's current device for the block (nothing for None: a host call)."""
+    if device is None:
+        yield
+        return
+    with cupy().cuda.Device(device):
+        yield
+
+
+def follows_arrays(fn: F) -> F:
+    """Runs a public function with the device of its first array argument current, so that the
+    per-channel arithmetic done with CuPy (and CuPy's allocations) happen on x's device, as the
+    kernels do.  A host call pays one type check."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if args and type(args[0]) is np.ndarray:
+            return fn(*args, **kwargs)
+        device = _first_device(args)
+        if device is None:
+            return fn(*args, **kwargs)
+        with current(device):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def readonly(v: Any) -> bool:

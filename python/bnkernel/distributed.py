@@ -476,6 +476,7 @@ def _forward(
     return (y if out is None else out), mean, invstd, count, xa
 
 
+@_device.follows_arrays
 def sync_batch_norm_forward(
     x: NDArray[Any],
     gamma: NDArray[Any] | None = None,
@@ -572,6 +573,7 @@ def sync_batch_norm_backward(
     residual_grad: Literal[True], mask: NDArray[np.bool_] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...  # fmt: skip
+@_device.follows_arrays
 def sync_batch_norm_backward(
     dy: NDArray[Any],
     x: NDArray[Any],

@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _checks as chk
-from . import _core, phases
+from . import _core, _device, phases
 from .masked import masked_backward, masked_forward
 
 __all__ = ["batch_norm_backward", "batch_norm_forward"]
@@ -54,6 +54,7 @@ def __getattr__(name: str) -> Any:
 _FAST_PATH = True
 
 
+@_device.follows_arrays
 def batch_norm_forward(
     x: NDArray[Any],
     gamma: NDArray[Any] | None = None,
@@ -203,6 +204,7 @@ def batch_norm_backward(
     mask: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...
+@_device.follows_arrays
 def batch_norm_backward(
     dy: NDArray[Any],
     x: NDArray[Any],

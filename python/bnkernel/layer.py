@@ -69,7 +69,8 @@ def exclusive(method: F) -> F:
                 "a layer holds one training step's state at a time, so give each thread its own"
             )
         try:
-            return method(self, *args, **kwargs)
+            with _device.current(getattr(self, "device", None)):  # (CuPy's work on its device)
+                return method(self, *args, **kwargs)
         finally:
             self._busy.release()
 
@@ -126,8 +127,7 @@ class BatchNorm:
     ``device="cuda"`` (or ``"cuda:N"``, or an int N) keeps the parameters, gradients and running
     statistics on that CUDA device as CuPy arrays, and takes x there (any CUDA array, without a
     copy); :meth:`to` moves a layer.  :meth:`state_dict` returns NumPy arrays wherever the layer
-    lives, and :meth:`load_state_dict` takes them.  (The variants, renorm and virtual_batch_size,
-    are CPU-only for now.)
+    lives, and :meth:`load_state_dict` takes them.
     """
 
     num_features: int
@@ -270,11 +270,6 @@ class BatchNorm:
         current device), ``"cuda:N"`` or an int N for CUDA device N, ``None`` or ``"cpu"`` for
         host memory (NumPy).  Returns the layer; the last forward's saved state is dropped."""
         target = _device_index(device)
-        if target is not None and (self.renorm or self.virtual_batch_size is not None):
-            raise ValueError(
-                "device: renorm and virtual_batch_size run on the CPU only (for now); "
-                "the plain layer, with activation, residual and mask, runs on CUDA"
-            )
         if target == self.device:
             return self
 

@@ -67,6 +67,7 @@ def running_update(
     _core.update_running_stats(rm, rv, count, mean, m2, momentum, unbiased)
 
 
+@_device.follows_arrays
 def channel_stats(
     x: NDArray[Any], *, axis: int = 1, mask: NDArray[np.bool_] | None = None
 ) -> Stats:
@@ -94,6 +95,7 @@ def channel_stats(
     return xa.size // C, mean, m2
 
 
+@_device.follows_arrays
 def merge_stats(*stats: Stats) -> Stats:
     """Merge partial ``(count, mean, M2)`` statistics of disjoint parts of a batch.
 
@@ -145,6 +147,7 @@ def merge_stats(*stats: Stats) -> Stats:
     return int(count), mean, m2
 
 
+@_device.follows_arrays
 def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArray[np.float64]:
     """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation, exactly as
     the fused forward computes it (same float64 operations, so the results are bit-identical)."""
@@ -155,6 +158,7 @@ def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArra
     return invstd_of(count, m2a, eps_f)
 
 
+@_device.follows_arrays
 def update_running_stats(
     running_mean: NDArray[Any] | None,
     running_var: NDArray[Any] | None,
@@ -193,6 +197,7 @@ def update_running_stats(
     call.finish()
 
 
+@_device.follows_arrays
 def normalize(
     x: NDArray[Any],
     mean: NDArray[Any],
@@ -221,6 +226,7 @@ def normalize(
     return y if out is None else out
 
 
+@_device.follows_arrays
 def backward_reduce(
     dy: NDArray[Any],
     x: NDArray[Any],
@@ -254,6 +260,7 @@ def backward_reduce(
     return sum_dy, sum_dy_xhat
 
 
+@_device.follows_arrays
 def backward_elementwise(
     dy: NDArray[Any],
     x: NDArray[Any],

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _checks as chk
-from . import _core
+from . import _device
 from .phases import Stats, channel_stats, invstd_of, merge_stats, running_update
 
 __all__ = [
@@ -34,6 +34,7 @@ F64 = NDArray[np.float64]
 # ---- batch renormalization ---------------------------------------------------------------------
 
 
+@_device.follows_arrays
 def renorm_corrections(
     batch_mean: NDArray[Any],
     batch_var: NDArray[Any],
@@ -50,17 +51,19 @@ def renorm_corrections(
     r = clip(sigma_B / sigma, 1 / r_max, r_max)
     d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
     """
-    sigma_b = np.sqrt(np.asarray(batch_var, np.float64) + eps)
-    sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
-    r: F64 = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
-    d: F64 = np.clip(
-        (np.asarray(batch_mean, np.float64) - np.asarray(running_mean, np.float64)) / sigma,
-        -d_max,
-        d_max,
-    )
+    args = {"batch_mean": batch_mean, "batch_var": batch_var, "running_mean": running_mean,
+            "running_var": running_var}  # fmt: skip
+    arrays = {k: chk.as_array(v, k) for k, v in args.items()}
+    xp = chk.namespace(*arrays.values())
+    f64 = {k: xp.asarray(a, np.float64) for k, a in arrays.items()}
+    sigma_b = xp.sqrt(f64["batch_var"] + eps)
+    sigma = xp.sqrt(f64["running_var"] + eps)
+    r: F64 = xp.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d: F64 = xp.clip((f64["batch_mean"] - f64["running_mean"]) / sigma, -d_max, d_max)
     return r, d
 
 
+@_device.follows_arrays
 def batch_renorm_forward(
     x: NDArray[Any],
     gamma: NDArray[Any] | None = None,
@@ -94,7 +97,6 @@ def batch_renorm_forward(
     """
     call = chk.Call()
     xa = call.data(x, axis)
-    call.host_only("batch_renorm_forward")
     C = call.C
     rmax, dmax = chk.renorm_limits(r_max, d_max)
     eps_f = chk.eps(eps)
@@ -107,23 +109,26 @@ def batch_renorm_forward(
     count = chk.one_value_check(xa, call.ax)
     call.seal()
     x3 = call.view3(xa)
-    mean = np.empty(C, dtype=np.float64)
-    m2 = np.empty(C, dtype=np.float64)
-    _core.channel_stats(x3, mean, m2)
+    mean = call.empty(C, np.float64)
+    m2 = call.empty(C, np.float64)
+    k = call.kernels
+    k.channel_stats(x3, mean, m2)
     invstd = invstd_of(count, m2, eps_f)
     r, d = renorm_corrections(mean, m2 / count, rm, rv, eps=eps_f, r_max=rmax, d_max=dmax)
     # y = (x - mean) * (gamma * invstd * r) + (beta + gamma * d): r goes into the float64
     # invstd the kernel multiplies by, d into beta
-    g64 = np.ones(C) if g is None else g.astype(np.float64)
-    b64 = np.zeros(C) if b is None else b.astype(np.float64)
+    xp = call.xp
+    g64 = xp.ones(C) if g is None else g.astype(np.float64)
+    b64 = xp.zeros(C) if b is None else b.astype(np.float64)
     shift = (b64 + g64 * d).astype(chk.param_dtype(xa.dtype))
-    _core.normalize(x3, mean, invstd * r, g, shift, y.reshape(x3.shape), None, False)
+    k.normalize(x3, mean, invstd * r, g, shift, y.reshape(x3.shape), None, False)
     # the update comes after r and d, which use the statistics from before this batch
     running_update(rm, rv, count, mean, m2, mom, unbiased)
     call.finish()
     return (y if out is None else out), mean, invstd, r, d
 
 
+@_device.follows_arrays
 def batch_renorm_backward(
     dy: NDArray[Any],
     x: NDArray[Any],
@@ -148,21 +153,22 @@ def batch_renorm_backward(
     """
     call = chk.Call()
     xa, dy3, m, s = call.gradient_inputs(x, axis, dy, mean, invstd)
-    call.host_only("batch_renorm_backward")
     r64 = call.saved(r, "r")
     d64 = call.saved(d, "d")
-    if np.any(~(r64 > 0)):
+    # (checked before anything is written: on a device, one read back)
+    if bool(call.xp.any(~(r64 > 0))):
         raise ValueError("r: expected positive corrections (r is clipped to [1/r_max, r_max])")
     g = call.param(gamma, "gamma")
     dx = call.output(out)
     call.seal()
     C = call.C
     x3 = call.view3(xa)
-    sum_dy = np.empty(C, dtype=np.float64)
-    sum_dy_xhat = np.empty(C, dtype=np.float64)
-    _core.backward_reduce(dy3, x3, m, s, sum_dy, sum_dy_xhat, None, None)
+    sum_dy = call.empty(C, np.float64)
+    sum_dy_xhat = call.empty(C, np.float64)
+    k = call.kernels
+    k.backward_reduce(dy3, x3, m, s, sum_dy, sum_dy_xhat, None, None)
     count = int(xa.size // C)
-    _core.backward_elementwise(dy3, x3, m, s * r64, g, sum_dy, sum_dy_xhat / r64, count,
+    k.backward_elementwise(dy3, x3, m, s * r64, g, sum_dy, sum_dy_xhat / r64, count,
                                dx.reshape(x3.shape), None, None)  # fmt: skip
     call.finish()
     dgamma = (r64 * sum_dy_xhat + d64 * sum_dy).astype(chk.param_dtype(xa.dtype))
@@ -185,6 +191,7 @@ def _groups(xa: NDArray[Any], ax: int, virtual_batch_size: Any) -> int:
     return int(n // v)
 
 
+@_device.follows_arrays
 def ghost_batch_norm_forward(
     x: NDArray[Any],
     gamma: NDArray[Any] | None = None,
@@ -210,7 +217,6 @@ def ghost_batch_norm_forward(
     """
     call = chk.Call()
     xa = call.data(x, axis)
-    call.host_only("ghost_batch_norm_forward")
     C = call.C
     groups = _groups(xa, call.ax, virtual_batch_size)
     eps_f = chk.eps(eps)
@@ -220,18 +226,19 @@ def ghost_batch_norm_forward(
     call.seal()
     xc = chk.kernel_view(xa)
     v = xa.shape[0] // groups
-    means = np.empty((groups, C))
-    invstds = np.empty((groups, C))
-    variances = np.empty((groups, C))
-    m2 = np.empty(C)
+    means = call.empty((groups, C), np.float64)
+    invstds = call.empty((groups, C), np.float64)
+    variances = call.empty((groups, C), np.float64)
+    m2 = call.empty(C, np.float64)
+    kern = call.kernels
     for k in range(groups):
         part = call.view3(xc[k * v : (k + 1) * v])
-        _core.channel_stats(part, means[k], m2)
+        kern.channel_stats(part, means[k], m2)
         n = int(part.size // C)
         invstds[k] = invstd_of(n, m2, eps_f)
         variances[k] = m2 / (n - 1 if unbiased else n)
-        _core.normalize(part, means[k], invstds[k], g, b,
-                        y[k * v : (k + 1) * v].reshape(part.shape), None, False)  # fmt: skip
+        kern.normalize(part, means[k], invstds[k], g, b,
+                       y[k * v : (k + 1) * v].reshape(part.shape), None, False)  # fmt: skip
     if rm is not None:
         rm[...] = (1.0 - mom) * rm.astype(np.float64) + mom * means.mean(axis=0)
     if rv is not None:
@@ -240,6 +247,7 @@ def ghost_batch_norm_forward(
     return (y if out is None else out), means, invstds
 
 
+@_device.follows_arrays
 def ghost_batch_norm_backward(
     dy: NDArray[Any],
     x: NDArray[Any],
@@ -255,7 +263,6 @@ def ghost_batch_norm_backward(
     training backward; dgamma and dbeta are summed over them in float64 and rounded once."""
     call = chk.Call()
     xa = call.data(x, axis)
-    call.host_only("ghost_batch_norm_backward")
     call.grad(dy)
     C = call.C
     groups = _groups(xa, call.ax, virtual_batch_size)
@@ -265,19 +272,20 @@ def ghost_batch_norm_backward(
     dx = call.output(out)
     call.seal()
     xc = chk.kernel_view(xa)
-    dyc = chk.kernel_view(np.asarray(dy))
+    dyc = chk.kernel_view(chk.as_array(dy, "dy"))
     v = xa.shape[0] // groups
     count = int(xa.size // (C * groups))
-    sum_dy = np.zeros(C)
-    sum_dy_xhat = np.zeros(C)
-    sdy = np.empty(C)
-    sdyx = np.empty(C)
+    sum_dy = call.xp.zeros(C)
+    sum_dy_xhat = call.xp.zeros(C)
+    sdy = call.empty(C, np.float64)
+    sdyx = call.empty(C, np.float64)
+    kern = call.kernels
     for k in range(groups):
         sl = slice(k * v, (k + 1) * v)
         x3, dy3 = call.view3(xc[sl]), call.view3(dyc[sl])
-        _core.backward_reduce(dy3, x3, means[k], invstds[k], sdy, sdyx, None, None)
-        _core.backward_elementwise(dy3, x3, means[k], invstds[k], g, sdy, sdyx, count,
-                                   dx[sl].reshape(x3.shape), None, None)  # fmt: skip
+        kern.backward_reduce(dy3, x3, means[k], invstds[k], sdy, sdyx, None, None)
+        kern.backward_elementwise(dy3, x3, means[k], invstds[k], g, sdy, sdyx, count,
+                                  dx[sl].reshape(x3.shape), None, None)  # fmt: skip
         sum_dy += sdy
         sum_dy_xhat += sdyx
     call.finish()
