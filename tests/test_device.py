@@ -518,6 +518,20 @@ def test_layer_refuses_data_on_the_other_side(fake):
 # ---- what a CPU-only user gets ------------------------------------------------------------------
 
 
+def test_torch_cpu_tensors_stay_on_the_host():
+    """torch.Tensor's class has __cuda_array_interface__ (a property that raises for a CPU
+    tensor): a CPU tensor is host data, read through NumPy, never the device path."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(0))
+    y, mean, _ = bk.batch_norm_forward(x, torch.ones(3), torch.zeros(3))
+    want, wmean, _ = bk.batch_norm_forward(
+        x.numpy(), np.ones(3, np.float32), np.zeros(3, np.float32)
+    )
+    assert type(y) is np.ndarray
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(mean, wmean)
+
+
 def test_a_cpu_only_user_never_imports_cupy_or_the_cuda_module():
     code = (
         "import sys, numpy as np, bnkernel as bk\n"

@@ -38,7 +38,8 @@ def kind(v: Any) -> str | None:
     ``__cuda_array_interface__``, or a DLPack exporter on a CUDA device or in managed memory),
     "other: ..." for an array on another accelerator (a DLPack device bnkernel has no kernels
     for), None for anything else (host memory, or not an array)."""
-    if hasattr(type(v), "__cuda_array_interface__") or hasattr(v, "__cuda_array_interface__"):
+    # (on the instance: torch.Tensor's class has the property, which raises for a CPU tensor)
+    if hasattr(v, "__cuda_array_interface__"):
         return "cuda"
     device = getattr(v, "__dlpack_device__", None)
     if callable(device):
