@@ -285,3 +285,28 @@ def test_backward_against_the_reference(shape, dtype, training):
     ulp = np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
     # computed in double from sums within a few 2^-53 of their terms, rounded once
     assert np.all(np.abs(got - want) <= 0.5 * ulp + 2.0**-44 * terms)
+
+
+@needs_gpu
+def test_one_channel_of_more_than_2_to_the_31_values():
+    """C = 1 with 2^31 + 77 values (float16, 4 GiB): 64-bit indexing throughout.  x = j mod 7,
+    whose statistics are known exactly: the mean and M2 of the residues, weighted by count."""
+    import cupy as cp
+
+    n = 2**31 + 77
+    x = (cp.arange(n, dtype=cp.int64) % 7).astype(cp.float16).reshape(1, 1, n)
+    counts = np.array([n // 7 + (1 if r < n % 7 else 0) for r in range(7)], np.float64)
+    values = np.arange(7, dtype=np.float64)
+    want_mean = (counts * values).sum() / n
+    want_m2 = (counts * (values - want_mean) ** 2).sum()
+    mean, m2 = cp.empty(1), cp.empty(1)
+    work = cp.empty(3 * _cuda.stats_parts(1, 1, n))
+    _cuda.channel_stats("float16", _ptr(x), 1, 1, n, _ptr(mean), _ptr(m2), _ptr(work))
+    np.testing.assert_allclose(float(mean.get()[0]), want_mean, rtol=1e-13)
+    np.testing.assert_allclose(float(m2.get()[0]), want_m2, rtol=1e-11)
+    y = cp.empty_like(x)
+    invstd = 1.0 / cp.sqrt(m2 / n + 1e-5)
+    _cuda.normalize("float16", _ptr(x), 1, 1, n, _ptr(mean), _ptr(invstd), 0, 0, _ptr(y))
+    last = float(y[0, 0, -1].get())  # the last value, past 2^31: (x - mean) * invstd
+    want_last = (float((n - 1) % 7) - want_mean) * float(invstd.get()[0])
+    assert abs(last - want_last) <= 2.0**-10 * abs(want_last) + 1e-3

@@ -594,3 +594,33 @@ def test_bench_device_cuda_without_a_gpu_says_why(capsys):
     err = capsys.readouterr().err
     assert "bench: error: " in err
     assert any(s in err for s in ("no usable GPU", "need CuPy", "built without its CUDA"))
+
+
+# ---- any size ------------------------------------------------------------------------------------
+
+
+def test_empty_batches_and_tiny_ones_in_the_split_phases(dev):
+    """A process of a data-parallel job may get no samples: (0, 0, 0) statistics, nothing to
+    normalize; and N*H*W < 32."""
+    empty = dev.put(np.zeros((0, 3, 4), np.float32))
+    n, mean, m2 = bk.channel_stats(empty)
+    assert n == 0
+    np.testing.assert_array_equal(dev.get(mean), 0.0)
+    np.testing.assert_array_equal(dev.get(m2), 0.0)
+    y = bk.normalize(empty, mean, dev.put(np.ones(3)))
+    assert y.shape == (0, 3, 4)
+    sdy, sdyx = bk.backward_reduce(empty, empty, mean, dev.put(np.ones(3)))
+    np.testing.assert_array_equal(dev.get(sdy), 0.0)
+    tiny = _data((2, 5, 3), -1, np.float64, seed=19)[0]
+    want = bk.batch_norm_forward(tiny, axis=-1)[0]
+    _close(dev.get(bk.batch_norm_forward(dev.put(tiny), axis=-1)[0]), want, np.float64)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 100_000), 1), ((2, 20_000, 3), 1)],
+                         ids=["C=1e5 channels-last", "C=2e4 planar"])  # fmt: skip
+def test_many_channels(dev, shape, axis):
+    x = _data(shape, axis, np.float32, seed=20)[0]
+    y, mean, _ = bk.batch_norm_forward(x, axis=axis)
+    dy_, dmean, _ = bk.batch_norm_forward(dev.put(x), axis=axis)
+    np.testing.assert_allclose(dev.get(dmean), mean, rtol=1e-12, atol=1e-12)
+    _close(dev.get(dy_), y, np.float32)

@@ -126,7 +126,11 @@ def cuda_line() -> str:
         return f"{v // 1000}.{v % 1000 // 10}"
 
     driver = version(i["driver_version"]) if i["driver_version"] else "none"
-    head = f"CUDA: module built (runtime {version(i['runtime_version'])}, driver {driver})"
+    cupy = _cupy_version()
+    head = (
+        f"CUDA: module built (runtime {version(i['runtime_version'])}, driver {driver}, "
+        f"CuPy {cupy or 'not installed: pip install bnkernel[cuda]'})"
+    )
     if i["error"] is not None:
         return f"{head}; no usable GPU: {i['error']}"
     gpus = "; ".join(
@@ -135,6 +139,18 @@ def cuda_line() -> str:
         for d in i["devices"]
     )
     return f"{head}; GPUs {gpus}"
+
+
+def _cupy_version() -> str | None:
+    """The installed CuPy's version (any of its CUDA builds), without importing it."""
+    from importlib import metadata
+
+    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _ml_dtypes_version() -> str | None:
