@@ -611,6 +611,7 @@ def test_empty_batches_and_tiny_ones_in_the_split_phases(dev):
     assert y.shape == (0, 3, 4)
     sdy, sdyx = bk.backward_reduce(empty, empty, mean, dev.put(np.ones(3)))
     np.testing.assert_array_equal(dev.get(sdy), 0.0)
+    np.testing.assert_array_equal(dev.get(sdyx), 0.0)
     tiny = _data((2, 5, 3), -1, np.float64, seed=19)[0]
     want = bk.batch_norm_forward(tiny, axis=-1)[0]
     _close(dev.get(bk.batch_norm_forward(dev.put(tiny), axis=-1)[0]), want, np.float64)
