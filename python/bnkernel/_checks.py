@@ -498,7 +498,7 @@ class Call:
     caller's unaligned output (and returns the caller's array).
     """
 
-    __slots__ = ("C", "_arrays", "_in_place", "_writebacks", "ax", "device", "x")
+    __slots__ = ("C", "_arrays", "_in_place", "_kernels", "_writebacks", "ax", "device", "x")
 
     def __init__(self) -> None:
         self._arrays: list[tuple[str, str, NDArray[Any]]] = []
@@ -510,6 +510,7 @@ class Call:
         # None: the call runs on the CPU (NumPy arrays); else the CUDA device that x is on, where
         # every other array must be too and the kernels run (bnkernel._device)
         self.device: int | None = None
+        self._kernels: Any = None
 
     def _declare(self, name: str, role: str, arr: Any) -> None:
         """Records an argument (an array from as_array) for seal(), after the placement rule:
@@ -547,7 +548,9 @@ class Call:
         with the same signatures (bnkernel._device.Kernels, CuPy arrays on x's device)."""
         if self.device is None:
             return _core
-        return _device.Kernels(self.device)
+        if self._kernels is None:
+            self._kernels = _device.Kernels(self.device)
+        return self._kernels
 
     # the data
     def data(

@@ -240,17 +240,21 @@ class Kernels:
     float64 saved statistics, None for an absent optional array), each launched on x's device and
     CuPy's current stream there."""
 
-    __slots__ = ("_cuda", "_device")
+    __slots__ = ("_cuda", "_device", "_where")
 
     def __init__(self, device: int) -> None:
         self._device = device
         self._cuda = kernels_module()
+        self._where: dict[str, int] | None = None
 
     def _launch(self) -> dict[str, int]:
-        cp = cupy()
-        with cp.cuda.Device(self._device):
-            stream = int(cp.cuda.get_current_stream().ptr)
-        return {"stream": stream, "device": self._device}
+        """The stream and device of every launch of this call (looked up once)."""
+        if self._where is None:
+            cp = cupy()
+            with cp.cuda.Device(self._device):
+                stream = int(cp.cuda.get_current_stream().ptr)
+            self._where = {"stream": stream, "device": self._device}
+        return self._where
 
     def _workspace(self, x3: Any, per_part: int) -> Any:
         outer, C, inner = x3.shape
