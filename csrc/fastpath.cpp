@@ -22,7 +22,7 @@
 //                      dtype (float32 for 16-bit data, else x's); mean and invstd: plain float64
 //                      (per_channel())
 //   one-value          training: more than one value per channel
-//   running-required   inference: both running statistics given
+//   running-required   inference: both running statistics given; training: both or neither
 //   running-writeable  training: the running statistics given are writeable
 //   out-plain          out: plain, x's dtype and shape, writeable (output())
 //   overlap            out shares memory with no other argument; updated running statistics share
@@ -279,6 +279,7 @@ PyObject* forward_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!ok) return not_plain();
 
   if (training == Py_True) {
+    if ((rm == nullptr) != (rv == nullptr)) return not_plain();
     if (s.per_channel() < 2 || !finite_float(args[6], momentum)) return not_plain();
     if (momentum < 0.0 || momentum > 1.0) return not_plain();
     if ((rm && !writeable(rm)) || (rv && !writeable(rv))) return not_plain();

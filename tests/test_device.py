@@ -470,8 +470,8 @@ def test_per_channel_arithmetic_runs_on_x_device(fake):
 
 @pytest.mark.parametrize("convention", ["torch", "keras"])
 def test_layer_on_a_device_trains_as_on_the_host(dev, convention):
-    host = bk.BatchNorm(4, convention=convention)
-    gpu = bk.BatchNorm(4, convention=convention, device="cuda:0", activation=None)
+    host = bk.BatchNorm(4, axis=1, convention=convention)
+    gpu = bk.BatchNorm(4, axis=1, convention=convention, device="cuda:0", activation=None)
     assert isinstance(gpu.running_mean, dev.cp.ndarray) and gpu.device == 0
     rng = np.random.default_rng(14)
     for step in range(3):
@@ -496,7 +496,7 @@ def test_layer_on_a_device_trains_as_on_the_host(dev, convention):
     x = rng.standard_normal((3, 4, 5)).astype(np.float32)
     _close(dev.get(gpu.forward(dev.put(x))), host.forward(x), np.float32)
     # loading NumPy weights into a layer on a device, and moving it back
-    fresh = bk.BatchNorm(4, convention=convention, device=0)
+    fresh = bk.BatchNorm(4, axis=1, convention=convention, device=0)
     fresh.load_state_dict(state)
     np.testing.assert_array_equal(dev.get(fresh.running_var), host.running_var)
     fresh.to("cpu")

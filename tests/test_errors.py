@@ -307,9 +307,18 @@ def test_training_with_one_value_per_channel(op, shape, axis):
 @pytest.mark.parametrize(
     "op", ["forward_train", "forward_infer", "backward_train", "backward_frozen"]
 )
-def test_empty_batch_rejected_by_fused_ops(op):
-    with pytest.raises(ValueError, match=r"^x: expected a non-empty array, got shape \(0, 3\)"):
-        call(op, np.zeros((0, C), np.float32))
+def test_empty_batch_is_taken_by_fused_ops(op):
+    """N = 0, as torch takes it: an empty output, no running update, zero gradients (the layer's
+    scenario against torch itself is in tests/test_torch.py)."""
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+    result = call(op, np.zeros((0, C), np.float32), running_mean=rm, running_var=rv)
+    out = result if isinstance(result, np.ndarray) else result[0]
+    assert out.shape == (0, C)
+    assert (rm == 0.5).all() and (rv == 2.0).all()
+    if op.startswith("backward"):
+        assert not result[1].any() and not result[2].any()
+    elif op == "forward_train":
+        assert np.isnan(result[1]).all() and np.isnan(result[2]).all()
 
 
 @pytest.mark.parametrize(

@@ -114,21 +114,20 @@ def test_forward_train_updates_running_stats_keras_convention(case):
 
 
 @pytest.mark.parametrize("which", ["mean-only", "var-only"])
-def test_forward_train_updates_one_running_stat(dtype, which):
+def test_forward_train_refuses_one_running_stat(dtype, which):
+    """Training updates both running statistics: one alone was silently updated alone before;
+    now it is refused, naming the missing one, as inference does (the fast path declines it, the
+    checked path raises), and nothing is written."""
     case = make_case(Layout("NCHW", (4, 5, 6, 3), 1), dtype)
     rm, rv = case.running_mean.copy(), case.running_var.copy()
     kwargs = {"running_mean": rm} if which == "mean-only" else {"running_var": rv}
-    bk.batch_norm_forward(case.x, axis=1, **kwargs)
-    count, bmean, bvar = ref.batch_stats(case.x, 1)
-    rm_ref, rv_ref = ref.update_running_torch(
-        case.running_mean, case.running_var, bmean, bvar, count
-    )
-    if which == "mean-only":
-        assert_close(rm, rm_ref, case.tol)
-        np.testing.assert_array_equal(rv, case.running_var)
-    else:
-        assert_close(rv, rv_ref, case.tol)
-        np.testing.assert_array_equal(rm, case.running_mean)
+    missing = "running_var" if which == "mean-only" else "running_mean"
+    out = np.full_like(case.x, 7)
+    with pytest.raises(ValueError, match=rf"^{missing}: required with "):
+        bk.batch_norm_forward(case.x, axis=1, out=out, **kwargs)
+    np.testing.assert_array_equal(rm, case.running_mean)
+    np.testing.assert_array_equal(rv, case.running_var)
+    assert (out == 7).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -489,12 +489,24 @@ def test_value_that_cannot_convert_names_its_key() -> None:
     assert_unchanged(layer, before)
 
 
-@pytest.mark.parametrize("state", [None, [np.ones(C)] * 4, "weights"])
-def test_load_state_dict_needs_a_mapping(state: Any) -> None:
+@pytest.mark.parametrize("state", [None, "weights", 3.0])
+def test_load_state_dict_needs_a_mapping_or_a_keras_list(state: Any) -> None:
     layer = trained_layer()
     before = snapshot(layer)
-    with pytest.raises(TypeError, match=r"^state: expected a mapping"):
+    with pytest.raises(TypeError, match=r"^state: expected a mapping of names to arrays \(what "
+                       r"state_dict\(\) returns\) or a list in Keras' get_weights\(\) order "
+                       r"\(gamma, beta, moving_mean, moving_variance\), got "):  # fmt: skip
         layer.load_state_dict(state)
+    assert_unchanged(layer, before)
+
+
+def test_a_keras_weight_list_of_the_wrong_length_is_refused() -> None:
+    layer = trained_layer()
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"^state: expected a list of 4 arrays in Keras' "
+                       r"get_weights\(\) order \(gamma, beta, moving_mean, moving_variance\), "
+                       r"got 3"):  # fmt: skip
+        layer.load_state_dict([np.ones(C)] * 3)
     assert_unchanged(layer, before)
 
 

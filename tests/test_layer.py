@@ -68,7 +68,7 @@ def test_running_stats_follow_the_convention(convention, shape, axis, dtype):
 
 @pytest.mark.parametrize("convention", ["torch", "keras"])
 def test_momentum_none_is_a_cumulative_average(convention):
-    layer = bk.BatchNorm(3, convention=convention, momentum=None, dtype=np.float64)
+    layer = bk.BatchNorm(3, axis=1, convention=convention, momentum=None, dtype=np.float64)
     means, variances = [], []
     for x in batches((10, 3, 4), 5, np.float64, seed=3):
         count, mean, var = ref.batch_stats(x, 1)
@@ -160,7 +160,7 @@ def test_affine_false_has_no_params_and_still_backpropagates():
 
 @pytest.mark.parametrize("style", ["torch", "keras"])
 def test_state_dict_round_trip(style):
-    src = bk.BatchNorm(4, convention=style)
+    src = bk.BatchNorm(4, axis=1, convention=style)
     for x in batches((8, 4, 3), 3, np.float32):
         src.forward(x)
     src.params["gamma"][...] = [1.5, 0.5, 2.0, 1.0]
@@ -168,7 +168,7 @@ def test_state_dict_round_trip(style):
     names = {"torch": {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"},
              "keras": {"gamma", "beta", "moving_mean", "moving_variance"}}[style]  # fmt: skip
     assert set(state) == names
-    dst = bk.BatchNorm(4, convention=style)
+    dst = bk.BatchNorm(4, axis=1, convention=style)
     dst.load_state_dict(state)
     for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -253,3 +253,99 @@ def test_readme_example_runs():
     exec(compile(code.group(1), "README.md", "exec"), namespace)
     bn = namespace["bn"]
     assert isinstance(bn, bk.BatchNorm) and bn.mode == "eval" and bn.num_batches_tracked == 100
+
+
+# ---- the peers' habits (issue #17) ---------------------------------------------------------------
+
+
+def test_keras_convention_takes_keras_default_axis():
+    """Keras' BatchNormalization normalizes axis=-1 by default: so does convention="keras"."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((4, 5, 5, 3)).astype(np.float32)
+    layer = bk.BatchNorm(3, convention="keras")
+    assert layer.axis == -1
+    y = layer.forward(x)
+    # Keras' formula: (x - mean) / sqrt(var + eps) over every axis but the last, eps 1e-3
+    want = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-3)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    # moving = 0.99 moving + 0.01 batch, biased variance
+    np.testing.assert_allclose(layer.running_var, 0.99 + 0.01 * x.var(axis=(0, 1, 2)), rtol=1e-6)
+    assert bk.BatchNorm(3).axis == 1  # torch's default is unchanged
+
+
+def test_a_channel_mismatch_suggests_the_axis_that_fits():
+    x = np.zeros((4, 5, 5, 3), np.float32)
+    msg = r"^x: expected 3 channels on axis 1, got shape \(4, 5, 5, 3\); axis -1 has 3: create"
+    with pytest.raises(ValueError, match=msg + r" the layer with axis=-1"):
+        bk.BatchNorm(3).forward(x)
+    with pytest.raises(ValueError, match=r"axis 2 has 7: create the layer with axis=2$"):
+        bk.BatchNorm(7).forward(np.zeros((4, 5, 7, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \(4, 5\)$"):  # (no axis fits: no hint)
+        bk.BatchNorm(7).forward(np.zeros((4, 5), np.float32))
+
+
+def test_keras_weight_lists_load_and_save_in_get_weights_order():
+    """Keras' get_weights() order: gamma, beta, moving_mean, moving_variance (without the first
+    two for center=False, scale=False, i.e. affine=False)."""
+    w = [np.full(3, v, np.float32) for v in (2.0, 0.5, -1.0, 4.0)]
+    layer = bk.BatchNorm(3, convention="keras")
+    layer.load_state_dict(w)
+    np.testing.assert_array_equal(layer.params["gamma"], w[0])
+    np.testing.assert_array_equal(layer.params["beta"], w[1])
+    np.testing.assert_array_equal(layer.running_mean, w[2])
+    np.testing.assert_array_equal(layer.running_var, w[3])
+    got = layer.get_weights()
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, w, strict=True))
+    plain = bk.BatchNorm(3, affine=False, convention="keras")
+    plain.set_weights(w[2:])
+    np.testing.assert_array_equal(plain.get_weights()[1], w[3])
+    # a torch-convention layer takes Keras lists too (the order is Keras')
+    torch_style = bk.BatchNorm(3)
+    torch_style.set_weights(tuple(w))
+    np.testing.assert_array_equal(torch_style.running_var, w[3])
+
+
+def test_a_python_list_is_named_as_a_list():
+    with pytest.raises(TypeError, match=r"^x: expected an array of dtype float32 \(the layer's "
+                       r"dtype\), got a list \(which NumPy makes float64\)"):  # fmt: skip
+        bk.BatchNorm(3).forward([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+
+
+def test_masks_broadcast_as_keras_broadcasts_them():
+    """A mask that broadcasts to x's shape without the channel axis (Keras' rule): one flag per
+    sample, (N, 1), is the same as its full (N, L) form."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((5, 6, 3))
+    per_sample = np.array([True, False, True, True, False])[:, None]
+    full = np.broadcast_to(per_sample, (5, 6)).copy()
+    a = bk.batch_norm_forward(x, axis=-1, mask=per_sample)
+    b = bk.batch_norm_forward(x, axis=-1, mask=full)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+    dy = rng.standard_normal(x.shape)
+    ga = bk.batch_norm_backward(dy, x, a[1], a[2], axis=-1, mask=per_sample)
+    gb = bk.batch_norm_backward(dy, x, b[1], b[2], axis=-1, mask=full)
+    for u, v in zip(ga, gb, strict=True):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(ValueError, match=r"^mask: expected shape \(5, 6\) .* or one that "
+                       r"broadcasts to it, got \(6, 1\)"):  # fmt: skip
+        bk.batch_norm_forward(x, axis=-1, mask=np.ones((6, 1), bool))
+
+
+def test_a_batch_with_no_valid_position_raises_and_writes_nothing():
+    x = np.ones((4, 5, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(ValueError, match=r"^mask: expected at least 2 valid positions when "
+                       r"training, got 0"):  # fmt: skip
+        bk.batch_norm_forward(x, axis=-1, running_mean=rm, running_var=rv,
+                              mask=np.zeros((4, 5), bool))  # fmt: skip
+    assert not rm.any() and (rv == 1).all()
+
+
+def test_the_public_namespace_has_no_stray_names():
+    assert "annotations" not in dir(bk)
+    public = {n for n in dir(bk) if not n.startswith("_")}
+    assert public - set(bk.__all__) <= {
+        "functional", "phases", "variants", "layer", "masked", "reference", "bench", "examples",
+        "distributed",
+    }, public - set(bk.__all__)  # fmt: skip

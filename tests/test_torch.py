@@ -195,3 +195,64 @@ def test_half_precision_matches_torch_mixed_precision(layout, half):
     sums = channel_abs_sum(dy, ax)
     assert_close(dbeta, tb.grad.numpy(), 1e-5, scale=float(sums.max()), what="dbeta")
     assert_close(dgamma, tg.grad.numpy(), 1e-5, scale=float(sums.max()) * 4, what="dgamma")
+
+
+# ---- torch.nn's habits ---------------------------------------------------------------------------
+
+
+def _torch_layer(C: int, dim: int) -> object:
+    return {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[dim](C)
+
+
+@pytest.mark.parametrize(
+    "shape", [(0, 3), (0, 3, 5), (0, 3, 4, 4)], ids=["N0xC", "N0xCxL", "N0xCxHxW"]
+)
+def test_empty_batch_as_torch(shape):
+    """torch.nn's BatchNorm on N = 0: an empty output, the running statistics untouched,
+    num_batches_tracked counted, zero gradients for the weight and bias."""
+    C = shape[1]
+    theirs = _torch_layer(C, len(shape))
+    ours = bk.BatchNorm(C)
+    x = torch.zeros(shape, requires_grad=True)
+    ty = theirs(x)
+    ty.sum().backward()
+    y = ours.forward(np.zeros(shape, np.float32))
+    dx = ours.backward(np.ones(shape, np.float32))
+    assert y.shape == tuple(ty.shape) and dx.shape == tuple(x.grad.shape)
+    np.testing.assert_array_equal(ours.running_mean, theirs.running_mean.numpy())
+    np.testing.assert_array_equal(ours.running_var, theirs.running_var.numpy())
+    assert ours.num_batches_tracked == int(theirs.num_batches_tracked)
+    np.testing.assert_array_equal(ours.grads["gamma"], theirs.weight.grad.numpy())
+    np.testing.assert_array_equal(ours.grads["beta"], theirs.bias.grad.numpy())
+
+
+def test_reset_running_stats_and_reset_parameters_as_torch():
+    """torch's simple-average scenario calls reset_running_stats(); reset_parameters() also puts
+    back weight 1 and bias 0."""
+    rng = np.random.default_rng(5)
+    theirs = torch.nn.BatchNorm2d(3, momentum=None)
+    ours = bk.BatchNorm(3, momentum=None)
+    for _ in range(3):
+        x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+        theirs(torch.from_numpy(x))
+        ours.forward(x)
+    ours.params["gamma"][...] = 2.0
+    with torch.no_grad():
+        theirs.weight.fill_(2.0)
+    ours.reset_running_stats()
+    theirs.reset_running_stats()
+    for k in ("running_mean", "running_var"):
+        np.testing.assert_array_equal(getattr(ours, k), getattr(theirs, k).numpy())
+    assert ours.num_batches_tracked == int(theirs.num_batches_tracked) == 0
+    assert (ours.params["gamma"] == 2.0).all()  # (reset_running_stats leaves the weights)
+    # the simple average after the reset, as torch's own test checks it
+    for _ in range(4):
+        x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32) * 2 + 1
+        theirs(torch.from_numpy(x))
+        ours.forward(x)
+    np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=1e-5)
+    ours.reset_parameters()
+    theirs.reset_parameters()
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b.numpy())

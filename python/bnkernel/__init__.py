@@ -9,8 +9,6 @@ mpi4py) synchronizes batch normalization across the processes of an MPI job; and
 :mod:`bnkernel.reference` is the plain float64 implementation every kernel is tested against.
 """
 
-from __future__ import annotations
-
 from . import _core
 from ._version import __version__
 from .functional import batch_norm_backward, batch_norm_forward

@@ -68,7 +68,8 @@ FAST_PATH_RULES: Mapping[str, str] = {
     "per-channel": "Call.param / Call.running / Call.saved: 1-d, length C, the exact dtype "
     "(param_dtype: float32 for 16-bit data)",
     "one-value": "one_value_check: more than one value per channel when training",
-    "running-required": "running statistics required for inference",
+    "running-required": "running statistics: both required for inference, both or neither in "
+    "training (Call.training_forward)",
     "running-writeable": "Call.running: writeable when updated",
     "out-plain": "Call.output: exact ndarray, x's shape and dtype, C-contiguous, aligned, "
     "writeable",
@@ -439,15 +440,24 @@ def check_output(out: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[An
 
 
 def mask_arg(mask: Any, xa: NDArray[Any], ax: int) -> NDArray[np.bool_]:
-    """The mask as a bool array of x's shape without the channel axis."""
+    """The mask as a bool array of x's shape without the channel axis: that shape, or one that
+    broadcasts to it as Keras broadcasts a mask (e.g. (N, 1) for (N, L), a mask per sample); a
+    broadcast mask is a read-only view, copied once for the kernels."""
     m: NDArray[np.bool_] = as_array(mask, "mask")
     want = xa.shape[:ax] + xa.shape[ax + 1 :]
     if m.dtype != np.bool_:
         raise TypeError(f"mask: expected a bool array, got dtype {m.dtype}")
     if m.shape != want:
-        raise ValueError(
-            f"mask: expected shape {want} (x's shape without the channel axis {ax}), got {m.shape}"
-        )
+        try:
+            broadcast = np.broadcast_shapes(m.shape, want)
+        except ValueError:
+            broadcast = None
+        if broadcast != want:
+            raise ValueError(
+                f"mask: expected shape {want} (x's shape without the channel axis {ax}) or one "
+                f"that broadcasts to it, got {m.shape}"
+            )
+        m = (_device.cupy() if on_device(m) else np).broadcast_to(m, want)
     return m
 
 
@@ -667,6 +677,15 @@ class Call:
         place) and out (the output, x itself allowed); returns what the kernels take, in that
         order: ``(g, b, rm, rv, y, residual3)``."""
         g, b, res3 = self.affine_arrays(gamma, beta, residual)
+        if (running_mean is None) != (running_var is None):
+            given, missing = (
+                ("running_mean", "running_var") if running_var is None
+                else ("running_var", "running_mean")
+            )  # fmt: skip
+            raise ValueError(
+                f"{missing}: required with {given} (training updates both running statistics; "
+                "pass both, or neither to keep none)"
+            )
         rm = self.running(running_mean, "running_mean")
         rv = self.running(running_var, "running_var")
         y = self.output(out, in_place=True)

@@ -75,6 +75,10 @@ def batch_norm_forward(
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
     """Batch-normalize ``x`` along channel ``axis``; returns ``(y, mean, invstd)``.
 
+    ``training`` defaults to True, unlike ``torch.nn.functional.batch_norm`` (whose default is
+    False): a port of ``F.batch_norm(x, running_mean, running_var)`` must pass
+    ``training=False``, or it normalizes with the batch's statistics and updates the running ones.
+
     Training (``training=True``), per channel over its m values::
 
         mean = sum(x) / m;  var = sum((x - mean)**2) / m;  invstd = 1 / sqrt(var + eps)
@@ -94,6 +98,10 @@ def batch_norm_forward(
     ``mean`` and ``invstd`` are float64 arrays of shape (C,): what :func:`batch_norm_backward`
     needs.
 
+    An empty batch (a zero-length batch axis, N = 0) is taken as torch takes it: an empty output,
+    the running statistics untouched, and NaN mean and invstd in training (there are no batch
+    statistics); its backward gives an empty dx and zero dgamma, dbeta.
+
     A training batch with one value per channel (a single sample of an (N, C) input) has no
     variance to normalize with.  ``single_value="raise"`` (the default) raises; ``"running"``
     normalizes it with the running statistics instead (as inference does, leaving them unchanged;
@@ -107,7 +115,9 @@ def batch_norm_forward(
     passes.  Its backward is :func:`batch_norm_backward` with ``activation="relu", y=y``.
 
     ``mask`` (training only): a boolean array of x's shape without the channel axis (e.g.
-    ``(N, L)`` for ``(N, L, C)``), False at padding.  The statistics (and the running update,
+    ``(N, L)`` for ``(N, L, C)``), or one that broadcasts to it as Keras broadcasts masks (e.g.
+    ``(N, 1)``), False at padding; a batch with fewer than 2 valid positions raises (there is no
+    variance to normalize with).  The statistics (and the running update,
     whose unbiased correction uses the number of valid positions) come from the valid positions
     only; every position is normalized with them.  Pass the same mask to the backward.
     """
@@ -127,10 +137,13 @@ def batch_norm_forward(
         if fast is not None:  # the plain case, done in one compiled call (csrc/fastpath.cpp)
             return fast
     call = chk.Call()
-    xa = call.data(x, axis)
+    xa = call.data(x, axis, allow_empty=True)
     ax, C = call.ax, call.C
     eps_f = chk.eps(eps)
     unbiased = chk.flag(running_var_unbiased, "running_var_unbiased")
+    if training and xa.size == 0:
+        return empty_training_forward(call, gamma, beta, running_mean, running_var, momentum, out,
+                                      residual)  # fmt: skip
     if _single_value_batch(xa, ax, training, policy):
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -265,19 +278,25 @@ def batch_norm_backward(
         if fast is not None:  # the plain case, done in one compiled call (csrc/fastpath.cpp)
             return fast
     call = chk.Call()
-    xa = call.data(x, axis)
-    dy3 = call.grad(dy)
+    xa = call.data(x, axis, allow_empty=True)
+    dy3 = call.grad(dy, allow_empty=True)
     call.mask(mask)  # frozen statistics: a mask changes nothing, but it must fit
     ax, C = call.ax, call.C
-    if _single_value_batch(xa, ax, training, policy):
+    if xa.size and _single_value_batch(xa, ax, training, policy):
         training = False
     m, s, g, y3, dx = call.backward_arrays(mean, invstd, gamma, y, out)
     call.seal()
     x3 = call.view3(xa)
     P = chk.param_dtype(xa.dtype)
+    dres = call.empty(xa.shape, xa.dtype) if residual_grad and relu else None
+    if xa.size == 0:  # an empty batch: no gradient to anything (as torch)
+        dx = dx if out is None else out
+        zeros = call.xp.zeros(C, P)
+        if residual_grad:
+            return dx, zeros, zeros.copy(), (dres if dres is not None else chk.as_array(dy, "dy"))
+        return dx, zeros, zeros.copy()
     dgamma = call.empty(C, P)
     dbeta = call.empty(C, P)
-    dres = call.empty(xa.shape, xa.dtype) if residual_grad and relu else None
     call.kernels.backward(
         training, dy3, x3, m, s, g, dx.reshape(x3.shape), dgamma, dbeta, y3,
         None if dres is None else dres.reshape(x3.shape),
@@ -287,6 +306,20 @@ def batch_norm_backward(
     if residual_grad:
         return dx, dgamma, dbeta, (dres if dres is not None else chk.as_array(dy, "dy"))
     return dx, dgamma, dbeta
+
+
+def empty_training_forward(
+    call: chk.Call, gamma: Any, beta: Any, running_mean: Any, running_var: Any, momentum: Any,
+    out: Any, residual: Any,
+) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:  # fmt: skip
+    """A training batch with no values (a zero-length batch axis), as torch treats it: the
+    arguments checked as usual, an empty output, the running statistics untouched; there are no
+    batch statistics, so mean and invstd are NaN."""
+    chk.weight(momentum)
+    *_, y, _ = call.training_forward(gamma, beta, running_mean, running_var, out, residual)
+    call.seal()
+    nan = call.xp.full(call.C, np.nan)
+    return (y if out is None else out), nan, nan.copy()
 
 
 def _single_value_batch(xa: NDArray[Any], ax: int, training: bool, policy: str) -> bool:

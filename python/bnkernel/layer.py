@@ -6,7 +6,7 @@ import enum
 import functools
 import numbers
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
@@ -42,8 +42,8 @@ DEFAULT = DefaultType.DEFAULT
 #   torch: running = (1 - momentum) * running + momentum * batch, unbiased running variance
 #   keras: moving  = momentum * moving + (1 - momentum) * batch,  biased moving variance
 CONVENTIONS: dict[str, dict[str, Any]] = {
-    "torch": {"momentum": 0.1, "eps": 1e-5, "unbiased_running_var": True},
-    "keras": {"momentum": 0.99, "eps": 1e-3, "unbiased_running_var": False},
+    "torch": {"momentum": 0.1, "eps": 1e-5, "unbiased_running_var": True, "axis": 1},
+    "keras": {"momentum": 0.99, "eps": 1e-3, "unbiased_running_var": False, "axis": -1},
 }
 
 _STATE_KEYS = {
@@ -92,12 +92,16 @@ class BatchNorm:
 
     ``convention`` picks the defaults and the meaning of ``momentum``:
 
-    ============  ========  =====  ===================================  ===============
-    convention    momentum  eps    running update                        running var
-    ============  ========  =====  ===================================  ===============
-    ``"torch"``   0.1       1e-5   ``(1 - m) * running + m * batch``    unbiased
-    ``"keras"``   0.99      1e-3   ``m * moving + (1 - m) * batch``     biased
-    ============  ========  =====  ===================================  ===============
+    ============  ========  =====  ====  ===================================  ===============
+    convention    momentum  eps    axis  running update                        running var
+    ============  ========  =====  ====  ===================================  ===============
+    ``"torch"``   0.1       1e-5   1     ``(1 - m) * running + m * batch``    unbiased
+    ``"keras"``   0.99      1e-3   -1    ``m * moving + (1 - m) * batch``     biased
+    ============  ========  =====  ====  ===================================  ===============
+
+    An empty batch (a zero-length batch axis) gives an empty output and leaves the running
+    statistics as they were, as torch's layers do (``num_batches_tracked`` still counts it, as
+    torch's does); its backward gives zero gradients.
 
     ``momentum=None`` is a cumulative average: the batch's weight is ``1 / num_batches_tracked``.
 
@@ -150,7 +154,7 @@ class BatchNorm:
         self,
         num_features: int,
         *,
-        axis: int = 1,
+        axis: int | None = None,
         convention: Convention = "torch",
         eps: float | None = None,
         momentum: float | DefaultType | None = DEFAULT,
@@ -168,7 +172,7 @@ class BatchNorm:
         num_features = chk.positive_int(num_features, "num_features")
         if convention not in CONVENTIONS:
             raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
-        axis = chk.int_arg(axis, "axis")
+        axis = chk.int_arg(CONVENTIONS[convention]["axis"] if axis is None else axis, "axis")
         self.dtype = np.dtype(dtype)
         if not chk.is_data_dtype(self.dtype):
             raise TypeError(
@@ -313,6 +317,26 @@ class BatchNorm:
     def training(self) -> bool:
         return self.mode == "train"
 
+    # ---- resets (torch.nn's names) -------------------------------------------------------------
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (torch's
+        ``reset_running_stats``); nothing to do without running statistics."""
+        if self.running_mean is not None and self.running_var is not None:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+        self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, then gamma 1 and beta 0 (torch's ``reset_parameters``);
+        the gradients are zeroed too."""
+        self.reset_running_stats()
+        if self.affine:
+            self.params["gamma"].fill(1)
+            self.params["beta"].fill(0)
+            self.grads["gamma"].fill(0)
+            self.grads["beta"].fill(0)
+
     # ---- forward / backward ----------------------------------------------------------------------
 
     def _kernel_momentum(self, batches: int) -> float:
@@ -323,7 +347,7 @@ class BatchNorm:
             return 1.0 - self.momentum
         return self.momentum
 
-    def _check_input(self, x: Any, *, allow_empty: bool = False, name: str = "x") -> NDArray[Any]:
+    def _check_input(self, x: Any, *, allow_empty: bool = True, name: str = "x") -> NDArray[Any]:
         xa = chk.as_input(x, name, allow_empty=allow_empty)
         here = _device.device_of(xa) if chk.on_device(xa) else None
         if here != self.device:
@@ -334,11 +358,25 @@ class BatchNorm:
             )
         ax = chk.channel_axis(xa.ndim, self.axis)
         if xa.shape[ax] != self.num_features:
+            others = [a - xa.ndim for a in range(xa.ndim) if xa.shape[a] == self.num_features]
+            hint = ""
+            if others:
+                a = others[-1] if others[-1] == -1 else others[0] + xa.ndim
+                hint = (
+                    f"; axis {a} has {self.num_features}: create the layer with axis={a}"
+                    + (" (channels-last, Keras' default)" if a == -1 else "")
+                )
             raise ValueError(
                 f"x: expected {self.num_features} channels on axis {self.axis}, "
-                f"got shape {xa.shape}"
+                f"got shape {xa.shape}{hint}"
             )
         if xa.dtype != self.dtype:
+            if not hasattr(x, "dtype"):
+                raise TypeError(
+                    f"x: expected an array of dtype {self.dtype} (the layer's dtype), got a "
+                    f"{type(x).__name__} (which NumPy makes {xa.dtype}); pass "
+                    f"np.asarray(x, np.{self.dtype.name})"
+                )
             raise TypeError(
                 f"x: expected dtype {self.dtype} (the layer's dtype), got {xa.dtype}; "
                 "cast x or create the layer with a matching dtype"
@@ -365,11 +403,20 @@ class BatchNorm:
         fused: dict[str, Any] = {"activation": self.activation, "residual": residual}
         ax = self.axis % xa.ndim
         use_batch_stats = self.mode == "train" or not self.track_running_stats
+        updating = self.mode == "train" and self.track_running_stats
+        if use_batch_stats and xa.size == 0:  # an empty batch, as torch: nothing to learn from
+            y, mean, invstd = batch_norm_forward(
+                xa, self.gamma, self.beta, training=True, eps=self.eps, axis=self.axis, mask=mask,
+                **fused,
+            )  # fmt: skip
+            self._saved = ("batch", xa, mean, invstd, (y, residual is not None, mask))
+            self.num_batches_tracked += int(updating)
+            return y
         if (
             use_batch_stats
             and self.track_running_stats
             and self.single_value == "running"
-            and xa.size // xa.shape[ax] < 2
+            and 0 < xa.size // xa.shape[ax] < 2
         ):
             use_batch_stats = False  # one value per channel: the running statistics instead
         if not use_batch_stats:
@@ -386,7 +433,6 @@ class BatchNorm:
             )
             self._saved = ("frozen", xa, mean, invstd, (y, residual is not None, None))
             return y
-        updating = self.mode == "train" and self.track_running_stats
         momentum = self._kernel_momentum(self.num_batches_tracked + 1) if updating else 0.0
         rm = self.running_mean if updating else None
         rv = self.running_var if updating else None
@@ -435,7 +481,7 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward: call forward first")
         kind, x, mean, invstd, extra = self._saved
-        dya = chk.as_input(dy, "dy")
+        dya = chk.as_input(dy, "dy", allow_empty=True)
         if chk.where(dya) != chk.where(x):
             raise TypeError(f"dy: {chk.where(dya)}, while the last forward's x was {chk.where(x)}")
         chk.check_same_shape(dya, x, "dy", "the last forward's x")
@@ -518,16 +564,41 @@ class BatchNorm:
                 state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
+    def get_weights(self) -> list[NDArray[Any]]:
+        """The layer's numbers in Keras' ``get_weights()`` order, as NumPy copies: ``[gamma, beta,
+        moving_mean, moving_variance]``, leaving out those the layer does not have (``affine=False``
+        is Keras' ``center=False, scale=False``)."""
+        return list(self.state_dict("keras").values())
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Load a list in Keras' ``get_weights()`` order (see :meth:`get_weights`)."""
+        self.load_state_dict(weights)
+
     def load_state_dict(
-        self, state: Mapping[str, Any], style: Convention | None = None, *, strict: bool = True
+        self,
+        state: Mapping[str, Any] | Sequence[Any],
+        style: Convention | None = None,
+        *,
+        strict: bool = True,
     ) -> None:
-        """Load a state saved by :meth:`state_dict` (or by PyTorch / Keras, as arrays).  ``style``
-        is guessed from the keys when not given.  Values are copied into the layer's arrays (cast
-        to its dtype); with ``strict`` the keys must be exactly the expected ones."""
+        """Load a state saved by :meth:`state_dict` (or by PyTorch / Keras, as arrays), or a list in
+        Keras' ``get_weights()`` order (``[gamma, beta, moving_mean, moving_variance]``, those the
+        layer has).  ``style`` is guessed from the keys when not given.  Values are copied into the
+        layer's arrays (cast to its dtype); with ``strict`` the keys must be exactly the expected
+        ones."""
+        keras_order = list(self.state_dict("keras"))
+        if isinstance(state, (list, tuple)):
+            if len(state) != len(keras_order):
+                raise ValueError(
+                    f"state: expected a list of {len(keras_order)} arrays in Keras' "
+                    f"get_weights() order ({', '.join(keras_order)}), got {len(state)}"
+                )
+            state, style = dict(zip(keras_order, state, strict=True)), "keras"
         if not isinstance(state, Mapping):
             raise TypeError(
-                "state: expected a mapping of names to arrays (what state_dict() returns), "
-                f"got {type(state).__name__}"
+                "state: expected a mapping of names to arrays (what state_dict() returns) or a "
+                f"list in Keras' get_weights() order ({', '.join(keras_order)}), got "
+                f"{type(state).__name__}"
             )
         if style is None:
             style = "keras" if "moving_mean" in state or "gamma" in state else "torch"

@@ -34,9 +34,15 @@ def masked_forward(
     if not training:
         raise ValueError("mask: only used in training (inference uses the running statistics)")
     call = chk.Call()
-    xa = call.data(x, axis)
+    xa = call.data(x, axis, allow_empty=True)
     valid = call.mask(mask)
     assert valid is not None
+    if xa.size == 0:
+        from .functional import empty_training_forward
+
+        chk.eps(eps)
+        return empty_training_forward(call, gamma, beta, running_mean, running_var, momentum, out,
+                                      residual)  # fmt: skip
     count = masked_count(valid)
     eps_f = chk.eps(eps)
     mom = chk.weight(momentum)
@@ -104,10 +110,16 @@ def masked_backward(
 ) -> tuple[NDArray[Any], ...]:  # fmt: skip
     """The training backward with a mask (the frozen one does not depend on it)."""
     call = chk.Call()
-    xa = call.data(x, axis)
-    dy3 = call.grad(dy)
+    xa = call.data(x, axis, allow_empty=True)
+    dy3 = call.grad(dy, allow_empty=True)
     valid = call.mask(mask)
     assert valid is not None
+    if xa.size == 0:  # an empty batch: the frozen backward gives the same (nothing)
+        from .functional import batch_norm_backward
+
+        return batch_norm_backward(dy, x, mean, invstd, gamma, training=False, axis=axis,
+                                   activation="relu" if relu else None, y=y,
+                                   residual_grad=residual_grad, out=out)  # fmt: skip
     count = masked_count(valid)
     arrays = call.backward_arrays(mean, invstd, gamma, y, out)
     m, s, _, y3, _ = arrays
