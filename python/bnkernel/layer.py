@@ -362,9 +362,8 @@ class BatchNorm:
             hint = ""
             if others:
                 a = others[-1] if others[-1] == -1 else others[0] + xa.ndim
-                hint = (
-                    f"; axis {a} has {self.num_features}: create the layer with axis={a}"
-                    + (" (channels-last, Keras' default)" if a == -1 else "")
+                hint = f"; axis {a} has {self.num_features}: create the layer with axis={a}" + (
+                    " (channels-last, Keras' default)" if a == -1 else ""
                 )
             raise ValueError(
                 f"x: expected {self.num_features} channels on axis {self.axis}, "
