@@ -117,9 +117,11 @@ def masked_backward(
     if xa.size == 0:  # an empty batch: the frozen backward gives the same (nothing)
         from .functional import batch_norm_backward
 
-        return batch_norm_backward(dy, x, mean, invstd, gamma, training=False, axis=axis,
-                                   activation="relu" if relu else None, y=y,
-                                   residual_grad=residual_grad, out=out)  # fmt: skip
+        frozen: tuple[NDArray[Any], ...] = batch_norm_backward(  # type: ignore[call-overload]
+            dy, x, mean, invstd, gamma, training=False, axis=axis,
+            activation="relu" if relu else None, y=y, residual_grad=residual_grad, out=out,
+        )  # fmt: skip
+        return frozen
     count = masked_count(valid)
     arrays = call.backward_arrays(mean, invstd, gamma, y, out)
     m, s, _, y3, _ = arrays
