@@ -626,3 +626,33 @@ def test_floors_script_reports_every_kernel_beside_its_floors(capsys, restore_th
             assert all(float(c[1]) > 0 and float(c[2]) >= 0 and float(c[3]) >= 0 for c in cells)
     with pytest.raises(SystemExit):
         floors.main(["--mib", "0"])
+
+
+def test_plot_lines_are_per_layout_and_dtype_with_the_tables_names(monkeypatch, tmp_path):
+    """One line per implementation, layout (named as the table names it) and dtype: float32 and
+    float64 never share a line, and channels-last is "NHWC" in both."""
+    pytest.importorskip("matplotlib")
+    from bnkernel.bench import cases, plot
+
+    assert cases.layout_name(6, False) == "NCS4" and cases.layout_name(6, True) == "NS4C"
+    rows = []
+    for layout, axis in (("NCHW", 1), ("NHWC", -1), ("NC", 1)):
+        for dtype in ("float32", "float64"):
+            for nbytes in (1 << 12, 1 << 14):
+                rows.append({
+                    "op": "forward_train", "layout": layout, "axis": axis, "dtype": dtype,
+                    "threads": 1, "bytes": nbytes, "bnkernel": {"median_s": nbytes * 1e-9},
+                })  # fmt: skip
+    report = {"results": rows, "copy_bandwidth": [{"threads": 1, "GBps": 10.0}],
+              "machine": {"bnkernel": "x", "cpu": "y"}}  # fmt: skip
+    seen: dict[str, list[str]] = {}
+
+    def capture(fig, axes, used, title, path):
+        seen["labels"] = [ln.get_label() for ln in axes[0].get_lines()]
+
+    monkeypatch.setattr(plot, "_save", capture)
+    plot.plot_report(report, str(tmp_path / "p.png"))
+    labels = [lb for lb in seen["labels"] if lb.startswith("bnkernel")]
+    assert sorted(labels) == sorted(
+        f"bnkernel {lo} {dt}" for lo in ("NC", "NCHW", "NHWC") for dt in ("float32", "float64")
+    )

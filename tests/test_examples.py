@@ -282,3 +282,55 @@ def test_demo_results_are_repeatable():
     a = demos.run_circles(seeds=2, epochs=5)
     b = demos.run_circles(seeds=2, epochs=5)
     assert json.dumps(a["runs"]) == json.dumps(b["runs"])
+
+
+def test_demo_without_scikit_learn_says_what_to_install_before_running(tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    """Without the [examples] extra, `demo` (all) stops at once with one line, instead of running
+    the circles and dying in a traceback at the Iris demo."""
+    import importlib.util
+
+    from bnkernel.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))  # fmt: skip
+    assert main(["demo", "--no-progress", "--out", str(tmp_path / "d")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and 'pip install "bnkernel[examples]"' in err[0], err
+    assert "iris, digits, smallbatch" in err[0]
+    assert captured.out == ""  # (nothing ran)
+
+
+def test_check_covers_every_path_and_dtype(capsys):
+    """`check` times the plain forward / backward, then holds every kernel path, in every data
+    dtype, to its bound against the float64 reference."""
+    from bnkernel import coverage
+    from bnkernel.__main__ import main
+
+    assert main(["check", "--repeat", "1"]) == 0
+    text = capsys.readouterr().out
+    for name, _ in coverage.PATHS:
+        for dtype in ("float32", "float64", "float16"):
+            assert any(ln.startswith(f"{name:<27} {dtype} ") for ln in text.splitlines()), (
+                name, dtype,
+            )  # fmt: skip
+    assert "FAILED" not in text and text.rstrip().endswith("all results within tolerance")
+
+
+def test_check_piped_into_head_ends_quietly():
+    """`python -m bnkernel check | head -3`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    with subprocess.Popen([sys.executable, "-m", "bnkernel", "check", "--repeat", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # (the reader goes away, as head does)
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=300)
+    assert first.startswith(b"bnkernel ")
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141

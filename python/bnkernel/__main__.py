@@ -1,7 +1,9 @@
 """Command line: ``python -m bnkernel {check,bench,info,demo}``.
 
-``check`` runs every kernel on a set of shapes and layouts, compares each with the float64 NumPy
-reference (:mod:`bnkernel.reference`) and times both; it exits non-zero if any result is off.
+``check`` times the plain forward and backward on a set of shapes and layouts against the float64
+NumPy reference (:mod:`bnkernel.reference`), then compares every kernel path (inference, frozen,
+fused residual + ReLU, masks, split phases) in every data dtype with it
+(:mod:`bnkernel.coverage`); it exits non-zero if any result is off.
 ``bench`` times the kernels against textbook NumPy and (when importable) torch, as times, GB/s and
 passes over memory next to the machine's copy bandwidth (:mod:`bnkernel.bench`).  ``demo`` runs
 the seed experiments (:mod:`bnkernel.examples`).
@@ -10,6 +12,7 @@ the seed experiments (:mod:`bnkernel.examples`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +48,8 @@ def run_check(repeat: int = 5, out: Any = None) -> bool:
     )
     write(
         f"bnkernel {__version__}: agreement with the float64 NumPy reference, and timings "
-        f"(median of {repeat}, {functional_threads()} threads)\n"
+        f"(median of {repeat}, {functional_threads()} threads) of the plain float32 / float64 "
+        "forward and backward\n"
     )
     write(header)
     write("-" * (len(header) - 1) + "\n")
@@ -68,6 +72,9 @@ def run_check(repeat: int = 5, out: Any = None) -> bool:
                     f"{op:<9} {err:>11.2e} {t_fast * 1e3:>8.3f}ms {t_slow * 1e3:>8.3f}ms "
                     f"{t_slow / t_fast:>7.1f}x{'  <-- FAILED' if bad else ''}\n"
                 )
+    from .coverage import run_coverage
+
+    ok &= run_coverage(CHECK_CASES, out)
     write("all results within tolerance\n" if ok else "SOME RESULTS ARE OUT OF TOLERANCE\n")
     return ok
 
@@ -164,6 +171,18 @@ def _ml_dtypes_version() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a closed stdout (``check | head``) ends the command quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # (the reader is gone: point stdout at /dev/null so that the interpreter's final flush
+        # does not raise again, and exit as a program cut short by SIGPIPE would)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnkernel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="agreement with the reference, and timings")

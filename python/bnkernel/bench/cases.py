@@ -57,7 +57,8 @@ def layout_name(ndim: int, channels_last: bool) -> str:
     """The layout's letters for an array of ``ndim`` dimensions: "NC", "NCHW", "NDHWC", ..."""
     if ndim == 2:
         return "NC"
-    spatial = {3: "L", 4: "HW", 5: "DHW"}.get(ndim, "S" * (ndim - 2))
+    # past three spatial axes, their count: a 6-D array is NCS4 / NS4C
+    spatial = {3: "L", 4: "HW", 5: "DHW"}.get(ndim, f"S{ndim - 2}")
     return f"N{spatial}C" if channels_last else f"NC{spatial}"
 
 

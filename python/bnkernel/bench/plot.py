@@ -70,18 +70,24 @@ def plot_report(report: Mapping[str, Any], path: str) -> None:
     rows = [r for r in rows if r["threads"] == threads]
     bw = next(c["GBps"] for c in report["copy_bandwidth"] if c["threads"] == threads) * 1e9
     markers = {"NC": "o", "channels-first": "s", "channels-last": "^"}
+    # a line per implementation, layout (the table's names) and dtype; the marker says the
+    # layout family, the line style the dtype
+    layouts = sorted({r["layout"] for r in rows})
+    dtypes = sorted({r["dtype"] for r in rows})
+    styles = dict(zip(dtypes, ["-", "--", "-.", ":"] * 2, strict=False))
     for axp, op in zip(axes, ops, strict=False):
         op_rows = [r for r in rows if r["op"] == op]
         for impl in IMPLS:
-            for fam, marker in markers.items():
-                pts = sorted(
-                    (r["bytes"], r[impl]["median_s"])
-                    for r in op_rows
-                    if r.get(impl) is not None and layout_family(r) == fam
-                )
-                if pts:
-                    xs, ys = zip(*pts, strict=True)
-                    axp.plot(xs, ys, marker=marker, color=COLORS[impl], label=f"{impl} {fam}")
+            for layout in layouts:
+                for dt in dtypes:
+                    sel = [r for r in op_rows if r.get(impl) is not None
+                           and r["layout"] == layout and r["dtype"] == dt]  # fmt: skip
+                    if not sel:
+                        continue
+                    xs, ys = zip(*sorted((r["bytes"], r[impl]["median_s"]) for r in sel),
+                                 strict=True)  # fmt: skip
+                    axp.plot(xs, ys, marker=markers[layout_family(sel[0])], ls=styles[dt],
+                             color=COLORS[impl], label=f"{impl} {layout} {dt}")  # fmt: skip
         sizes = np.array(sorted({r["bytes"] for r in op_rows}), dtype=np.float64)
         passes = 2 if op.startswith("forward") else 3
         axp.plot(sizes, sizes / bw, "k--", lw=1, label="1 pass at copy bandwidth")
@@ -125,7 +131,8 @@ def plot_sweep(report: Mapping[str, Any], path: str) -> None:
                         if not pts:
                             continue
                         xs, ys = zip(*pts, strict=True)
-                        label = f"{impl} {fam}" + (f" {dt}" if len(dtypes) > 1 else "")
+                        names = sorted({r["layout"] for r in op_rows if layout_family(r) == fam})
+                        label = f"{impl} {'/'.join(names)}" + (f" {dt}" if len(dtypes) > 1 else "")
                         label += f" {t}T" if impl != "numpy" else ""
                         axp.plot(
                             xs, ys, marker=marker, ms=3, color=COLORS[impl],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 from .demos import DEMOS
 
 NAMES = list(DEMOS)
+# the demos whose data ship with scikit-learn (bnkernel[examples]); circles makes its own
+NEEDS_SKLEARN = ("iris", "digits", "smallbatch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,6 +86,14 @@ def main_from_args(args: argparse.Namespace, out: Callable[[str], None] = print)
     if unknown:
         print(
             f"demo: unknown {', '.join(unknown)}; expected {', '.join(NAMES)} or all",
+            file=sys.stderr,
+        )
+        return 2
+    need = [n for n in names if n in NEEDS_SKLEARN]
+    if need and importlib.util.find_spec("sklearn") is None:
+        print(
+            f"demo: {', '.join(need)} read data sets that ship with scikit-learn, which is not "
+            'installed: pip install "bnkernel[examples]" (or run only: circles)',
             file=sys.stderr,
         )
         return 2
