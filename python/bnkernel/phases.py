@@ -169,11 +169,13 @@ def update_running_stats(
     momentum: float = 0.1,
     unbiased: bool = True,
 ) -> None:
-    """Update running statistics in place from merged batch statistics, as the fused forward does::
+    """Update running statistics in place from merged batch statistics, as the fused forward does.
 
-    running_mean = (1 - momentum) * running_mean + momentum * mean
-    running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1)  # unbiased
-    running_var  = (1 - momentum) * running_var  + momentum * M2 / count        # biased
+    The rule::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * M2 / (count - 1)  # unbiased
+        running_var  = (1 - momentum) * running_var  + momentum * M2 / count        # biased
     """
     mom = chk.weight(momentum)
     count = chk.count(count)
@@ -276,7 +278,9 @@ def backward_elementwise(
     mask: NDArray[np.bool_] | None = None,
     out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
-    """The elementwise phase of the training backward::
+    """The elementwise phase of the training backward.
+
+    It computes::
 
         dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
 

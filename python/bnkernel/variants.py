@@ -45,11 +45,13 @@ def renorm_corrections(
     r_max: float,
     d_max: float,
 ) -> tuple[F64, F64]:
-    """Ioffe's (2017) corrections, per channel, in float64::
+    """Ioffe's (2017) corrections, per channel, in float64.
 
-    sigma_B = sqrt(batch_var + eps);  sigma = sqrt(running_var + eps)
-    r = clip(sigma_B / sigma, 1 / r_max, r_max)
-    d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
+    Computed as::
+
+        sigma_B = sqrt(batch_var + eps);  sigma = sqrt(running_var + eps)
+        r = clip(sigma_B / sigma, 1 / r_max, r_max)
+        d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
     """
     args = {"batch_mean": batch_mean, "batch_var": batch_var, "running_mean": running_mean,
             "running_var": running_var}  # fmt: skip

@@ -1,0 +1,39 @@
+"""The documentation site's examples run as shown: every ```python block of docs/*.md and
+docs/guide/*.md, each in a fresh namespace, except those that need a GPU (CuPy) or an MPI job
+(mpi4py), which say so in their first import."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+NEEDS = ("import cupy", "from mpi4py")
+
+
+def _blocks() -> list[tuple[str, int, str]]:
+    if not DOCS.exists():
+        return []
+    found = []
+    for page in sorted([*DOCS.glob("*.md"), *DOCS.glob("guide/*.md")]):
+        for k, m in enumerate(re.finditer(r"```python\n(.*?)```", page.read_text(), re.S)):
+            found.append((str(page.relative_to(DOCS)), k, m.group(1)))
+    return found
+
+
+BLOCKS = _blocks()
+
+
+def test_the_site_has_examples():
+    if not DOCS.exists():
+        pytest.skip("docs/ is not beside the tests (installed-package run)")
+    assert len(BLOCKS) >= 10
+
+
+@pytest.mark.parametrize("page,k,code", BLOCKS, ids=[f"{p}#{k}" for p, k, _ in BLOCKS])
+def test_example_runs(page, k, code):
+    if any(n in code for n in NEEDS):
+        pytest.skip(f"{page} example {k} needs a GPU or an MPI job")
+    exec(compile(code, f"docs/{page} (example {k})", "exec"), {"__name__": "__docs__"})
