@@ -165,7 +165,7 @@ PATHS: list[tuple[str, Path]] = [
 def data_dtypes() -> list[np.dtype[Any]]:
     """float32, float64, float16, and bfloat16 when ml_dtypes is installed (the command imports
     it; the library never does)."""
-    out = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
+    out: list[np.dtype[Any]] = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
     try:
         import ml_dtypes  # noqa: F401
     except ImportError:
