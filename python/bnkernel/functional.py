@@ -79,47 +79,77 @@ def batch_norm_forward(
     False): a port of ``F.batch_norm(x, running_mean, running_var)`` must pass
     ``training=False``, or it normalizes with the batch's statistics and updates the running ones.
 
-    Training (``training=True``), per channel over its m values::
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        float16, bfloat16, float32 or float64 data; the channel axis is ``axis``.  A NumPy array,
+        or a CUDA array (CuPy, ``__cuda_array_interface__``, DLPack) with a CUDA build.
+    gamma, beta : array of shape (C,), optional
+        The affine parameters, of x's dtype (float32 for 16-bit x); None means ones / zeros.
+    running_mean, running_var : array of shape (C,), optional
+        Updated in place when training (both or neither); required for inference.
+    training : bool, default True
+        Normalize with the batch's statistics (and update the running ones), or, False, with the
+        running statistics.
+    momentum : float in [0, 1], default 0.1
+        The weight of the batch in the running update (PyTorch's direction).
+    eps : float >= 0, default 1e-5
+        Added to the variance under the square root.
+    axis : int, default 1
+        The channel axis (-1 for channels-last).
+    running_var_unbiased : bool, default True
+        Update the running variance with ``m / (m - 1)`` times the batch variance (PyTorch);
+        False with ``momentum = 1 - keras_momentum`` is Keras' rule.
+    single_value : {"raise", "running"}, default "raise"
+        What a training batch with one value per channel does: raise, or use the running
+        statistics (both required; pass the same value to :func:`batch_norm_backward`).
+    activation : {None, "relu"}, optional
+        The fused ReLU, after the residual: ``y = relu(bn(x) + residual)``.
+    residual : array of x's shape and dtype, optional
+        Added to the normalized value before the activation.
+    mask : bool array, optional
+        Training only: x's shape without the channel axis, or one that broadcasts to it as Keras
+        broadcasts masks (e.g. ``(N, 1)``), False at padding.  The statistics come from the valid
+        positions only (at least 2); every position is normalized with them.
+    out : array of x's shape and dtype, optional
+        Where y is written (C-contiguous, writeable); may be ``x`` itself.
+
+    Returns
+    -------
+    y : array
+        x normalized, of x's shape and dtype (``out`` when given).
+    mean, invstd : float64 arrays of shape (C,)
+        The statistics used: the batch's, or in inference the running mean and
+        ``1 / sqrt(running_var + eps)``; what :func:`batch_norm_backward` needs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For any invalid argument, naming it, before anything is written.
+
+    Notes
+    -----
+    Training, per channel over its m values::
 
         mean = sum(x) / m;  var = sum((x - mean)**2) / m;  invstd = 1 / sqrt(var + eps)
         y = (x - mean) * (gamma * invstd) + beta
-
-    and, when given, the running statistics are updated in place (PyTorch's rule)::
-
         running_mean = (1 - momentum) * running_mean + momentum * mean
         running_var  = (1 - momentum) * running_var  + momentum * var * (m / (m - 1))
 
-    where the ``m / (m - 1)`` correction applies when ``running_var_unbiased`` (PyTorch); pass
-    ``running_var_unbiased=False`` and ``momentum = 1 - keras_momentum`` for Keras' rule.
-
-    Inference (``training=False``) normalizes with ``running_mean`` / ``running_var`` (both
-    required) and returns them as ``mean`` and ``invstd = 1 / sqrt(running_var + eps)``.
-
-    ``mean`` and ``invstd`` are float64 arrays of shape (C,): what :func:`batch_norm_backward`
-    needs.
+    Every value is computed in double and rounded once to the output's dtype; the fused epilogue
+    (residual, ReLU with NaN kept) is in the same pass, where the unfused chain makes three.
 
     An empty batch (a zero-length batch axis, N = 0) is taken as torch takes it: an empty output,
     the running statistics untouched, and NaN mean and invstd in training (there are no batch
     statistics); its backward gives an empty dx and zero dgamma, dbeta.
 
-    A training batch with one value per channel (a single sample of an (N, C) input) has no
-    variance to normalize with.  ``single_value="raise"`` (the default) raises; ``"running"``
-    normalizes it with the running statistics instead (as inference does, leaving them unchanged;
-    both must be given); pass the same ``single_value`` to :func:`batch_norm_backward`, which then
-    treats the statistics as constants.
-
-    Fused epilogue, in the same pass and in double before the one rounding to x's dtype:
-    ``residual`` (x's shape and dtype) is added to the normalized value, then
-    ``activation="relu"`` applies max(v, 0) (NaN stays NaN):
-    ``y = relu(bn(x) + residual)``, the ResNet block's tail, where the unfused chain makes three
-    passes.  Its backward is :func:`batch_norm_backward` with ``activation="relu", y=y``.
-
-    ``mask`` (training only): a boolean array of x's shape without the channel axis (e.g.
-    ``(N, L)`` for ``(N, L, C)``), or one that broadcasts to it as Keras broadcasts masks (e.g.
-    ``(N, 1)``), False at padding; a batch with fewer than 2 valid positions raises (there is no
-    variance to normalize with).  The statistics (and the running update,
-    whose unbiased correction uses the number of valid positions) come from the valid positions
-    only; every position is normalized with them.  Pass the same mask to the backward.
+    Examples
+    --------
+    >>> import numpy as np, bnkernel as bk
+    >>> x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> y, mean, invstd = bk.batch_norm_forward(x)
+    >>> mean
+    array([4.5, 5.5, 6.5])
     """
     policy = chk.single_value(single_value)
     relu = chk.activation(activation)
@@ -236,6 +266,51 @@ def batch_norm_backward(
 ) -> tuple[NDArray[Any], ...]:
     """Gradients ``(dx, dgamma, dbeta)`` of batch normalization given ``dy = dL/dy``.
 
+    Parameters
+    ----------
+    dy : array of x's shape and dtype
+        The gradient of the loss with respect to the forward's output.
+    x : array
+        The forward's input.
+    mean, invstd : float32 or float64 arrays of shape (C,)
+        What :func:`batch_norm_forward` returned.
+    gamma : array of shape (C,), optional
+        The forward's gamma (None: ones).
+    training : bool, default True
+        The backward through the batch statistics, or, False, the frozen one (inference,
+        fine-tuning with frozen statistics), where mean and invstd do not depend on x.
+    axis : int, default 1
+        The channel axis.
+    single_value : {"raise", "running"}, default "raise"
+        As given to the forward: with "running", a one-value training batch was normalized with
+        the running statistics, so its backward is the frozen one.
+    activation : {None, "relu"}, optional
+        The forward's fused ReLU; then ``y`` is required.
+    y : array, optional
+        The forward's output, whose sign masks dy for the ReLU (no pre-activation stored).
+    residual_grad : bool, default False
+        Also return the residual's gradient.
+    mask : bool array, optional
+        The forward's mask.
+    out : array of x's shape and dtype, optional
+        Where dx is written.
+
+    Returns
+    -------
+    dx : array
+        Of x's shape and dtype (``out`` when given).
+    dgamma, dbeta : arrays of shape (C,)
+        Of gamma's dtype (x's, float32 for 16-bit x), also when gamma is None.
+    dresidual : array, only with ``residual_grad=True``
+        The residual's gradient: dy masked by the ReLU (dy itself without an activation).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For any invalid argument, naming it, before anything is written.
+
+    Notes
+    -----
     With ``xhat = (x - mean) * invstd`` and m values per channel::
 
         dbeta  = sum(dy)
@@ -243,23 +318,8 @@ def batch_norm_backward(
         dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)   # training=True
         dx     = gamma * invstd * dy                                     # training=False (frozen)
 
-    ``mean`` and ``invstd`` are what :func:`batch_norm_forward` returned.  ``training=False`` is the
-    backward of inference / frozen-statistics mode, where mean and invstd do not depend on x.
-    ``dgamma`` and ``dbeta`` have gamma's dtype (x's, or float32 for 16-bit x); they are returned
-    also when ``gamma`` is None (as the gradients a gamma of ones and a beta of zeros would get).
-
-    ``single_value="running"``: a training batch with one value per channel was normalized with
-    the running statistics (see :func:`batch_norm_forward`), so its backward is the frozen one.
-
-    After a fused forward with ``activation="relu"``, pass ``activation="relu"`` and that
-    forward's output ``y``: the gradient reaching batch normalization is ``g = dy`` where
-    ``y > 0``, else 0, taken from y on the fly (no pre-activation stored, no extra pass), and it
-    replaces dy above.  ``residual_grad=True`` also returns the residual's gradient, which is g
-    (written by the reduction pass), as a fourth element: ``(dx, dgamma, dbeta, dresidual)``;
-    without an activation that is dy itself.
-
-    ``mask``: the forward's mask.  With m valid positions, xhat and the sums as above over every
-    position (every output depends on the statistics), the exact gradient is::
+    With the fused ReLU, ``g = dy`` where ``y > 0`` (else 0) replaces dy above.  With a mask of m
+    valid positions, xhat and the sums over every position, the exact gradient is::
 
         dx = gamma * invstd * (dy - valid * (sum(dy) / m + xhat * sum(dy * xhat) / m))
 

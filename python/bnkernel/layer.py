@@ -80,6 +80,38 @@ def exclusive(method: F) -> F:
 class BatchNorm:
     """Batch normalization over ``num_features`` channels along ``axis``.
 
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    axis : int, optional
+        The channel axis; the convention's default (torch: 1, keras: -1) when None.
+    convention : {"torch", "keras"}, default "torch"
+        The defaults of ``momentum``, ``eps`` and ``axis``, momentum's direction, and the running
+        variance's correction (see the table below).
+    eps : float, optional
+        The convention's default (1e-5, 1e-3) when None.
+    momentum : float or None, optional
+        In the convention's own direction; None is a cumulative average.
+    affine : bool, default True
+        Learn gamma and beta.
+    track_running_stats : bool, default True
+        Keep running statistics (and use them in ``eval()``).
+    dtype : dtype, default float32
+        The data's: float32, float64, float16 or ``ml_dtypes.bfloat16``.
+    renorm, r_max, d_max : bool, float, float
+        Batch renormalization and its clipping limits.
+    virtual_batch_size : int, optional
+        Ghost batch normalization's group size along axis 0.
+    single_value : {"raise", "running"}, default "raise"
+        What a training batch with one value per channel does.
+    activation : {None, "relu"}, optional
+        The fused ReLU (``forward(x, residual=...)`` adds a residual before it).
+    device : None, "cpu", "cuda", "cuda:N" or int, optional
+        Where the parameters, gradients and running statistics live (CuPy arrays on a device).
+
+    Notes
+    -----
     Holds ``4 * C`` numbers: ``gamma`` (ones) and ``beta`` (zeros) are trainable, the running mean
     and variance are not.  Modes:
 
