@@ -33,6 +33,7 @@ html_theme = "pydata_sphinx_theme"
 html_title = f"bnkernel {release}"
 html_theme_options = {
     "navbar_align": "left",
+    "header_links_before_dropdown": 4,
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
     "footer_start": ["copyright"],

@@ -84,8 +84,8 @@ def kernels_module() -> Any:
     except ImportError as e:
         raise ImportError(
             "this bnkernel was built without its CUDA kernels: reinstall with "
-            "pip install . -Ccmake.define.BNKERNEL_CUDA=ON (needs nvcc; README, 'CUDA'), or copy "
-            "the arrays to the host"
+            "pip install . -Ccmake.define.BNKERNEL_CUDA=ON (needs nvcc; docs/building.md, "
+            "'CUDA'), or copy the arrays to the host"
         ) from e
 
 

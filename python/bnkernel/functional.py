@@ -16,7 +16,7 @@ Conventions shared by every function here:
   (shape, dtype, C-contiguous, writeable) or the call raises: a silent copy would drop the
   writes.  Every argument is checked by its role in :mod:`bnkernel._checks` before anything is
   written; an output, and a running statistic that is updated, share memory with no other
-  argument (the README's "Arguments" table says exactly what each role accepts).
+  argument (docs/api.md, "Arguments", says exactly what each role accepts).
 * In place: the forwards (:func:`batch_norm_forward`, :func:`normalize`, and the variants'
   forwards) also accept ``out=x`` itself, the very same array (a partial overlap still raises):
   every kernel reads a value before it writes the result there.  The backward needs x, which is
