@@ -71,15 +71,24 @@ def running_update(
 def channel_stats(
     x: NDArray[Any], *, axis: int = 1, mask: NDArray[np.bool_] | None = None
 ) -> Stats:
-    """Per-channel ``(count, mean, M2)`` with ``M2 = sum((x - mean)**2)``, the first phase of the
-    forward.  ``count`` is the number of values per channel (an int); mean and M2 are float64.
+    """Per-channel ``(count, mean, M2)`` with ``M2 = sum((x - mean)**2)``: the forward's first phase.
 
-    A batch with no samples (a zero-length non-channel axis) is allowed and gives ``(0, 0, 0)``,
-    the neutral element of :func:`merge_stats` (a process of a data-parallel job may get none).
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        The data; a batch with no samples (a zero-length non-channel axis) is allowed.
+    axis : int, default 1
+        The channel axis.
+    mask : bool array, optional
+        x's shape without the channel axis (or one that broadcasts to it): only the positions
+        where it is True enter the statistics (padded values, even NaN, never do).
 
-    ``mask`` (x's shape without the channel axis, bool): the statistics of the positions where it
-    is True, read in the same pass (padded values, even NaN, never enter the sums); ``count`` is
-    the number of those.
+    Returns
+    -------
+    count : int
+        The number of values per channel (valid positions with a mask); 0 for an empty batch,
+        whose ``(0, 0, 0)`` is the neutral element of :func:`merge_stats`.
+    mean, M2 : float64 arrays of shape (C,)
     """
     call = chk.Call()
     xa = call.data(x, axis, allow_empty=True)
@@ -99,6 +108,19 @@ def channel_stats(
 def merge_stats(*stats: Stats) -> Stats:
     """Merge partial ``(count, mean, M2)`` statistics of disjoint parts of a batch.
 
+    Parameters
+    ----------
+    *stats : (int, array, array) tuples
+        ``(count, mean, M2)`` of each part (counts >= 0, their total within 64 bits; means and
+        M2s of shape (C,), all in one place: host memory or one CUDA device).
+
+    Returns
+    -------
+    count : int
+    mean, M2 : float64 arrays of shape (C,)
+
+    Notes
+    -----
     Chan et al.'s pairwise formula, applied left to right; exact for uneven counts, and a part with
     count 0 changes nothing::
 
@@ -149,8 +171,23 @@ def merge_stats(*stats: Stats) -> Stats:
 
 @_device.follows_arrays
 def invstd_from_stats(count: int, m2: NDArray[Any], eps: float = 1e-5) -> NDArray[np.float64]:
-    """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation, exactly as
-    the fused forward computes it (same float64 operations, so the results are bit-identical)."""
+    """``1 / sqrt(M2 / count + eps)``: the biased variance's inverse standard deviation.
+
+    Computed exactly as the fused forward computes it (the same float64 operations, so the
+    results are bit-identical).
+
+    Parameters
+    ----------
+    count : int >= 1
+        The values per channel the statistics were taken over.
+    m2 : array of shape (C,)
+        The sums of squared deviations (:func:`channel_stats`, :func:`merge_stats`).
+    eps : float >= 0, default 1e-5
+
+    Returns
+    -------
+    invstd : float64 array of shape (C,)
+    """
     count = chk.count(count)
     m2a = chk.as_array(m2, "m2")
     m2a = _device.contiguous(m2a, np.float64) if chk.on_device(m2a) else m2a.astype(np.float64)
@@ -171,6 +208,21 @@ def update_running_stats(
 ) -> None:
     """Update running statistics in place from merged batch statistics, as the fused forward does.
 
+    Parameters
+    ----------
+    running_mean, running_var : float32 or float64 arrays of shape (C,), or None
+        Updated in place (contiguous, writeable, of one dtype); None leaves one out.
+    count : int >= 1
+        The values per channel the statistics were taken over.
+    mean, m2 : arrays of shape (C,)
+        The batch's statistics (:func:`channel_stats`, :func:`merge_stats`).
+    momentum : float in [0, 1], default 0.1
+        The weight of the batch (PyTorch's direction).
+    unbiased : bool, default True
+        Use ``M2 / (count - 1)`` (PyTorch) or ``M2 / count`` (Keras) as the batch variance.
+
+    Notes
+    -----
     The rule::
 
         running_mean = (1 - momentum) * running_mean + momentum * mean
@@ -212,8 +264,26 @@ def normalize(
     residual: NDArray[Any] | None = None,
     out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
-    """``y = (x - mean) * (gamma * invstd) + beta`` with given per-channel statistics, then the
-    optional fused epilogue of :func:`batch_norm_forward` (``+ residual``, ``relu``)."""
+    """``y = (x - mean) * (gamma * invstd) + beta`` with given per-channel statistics.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        The data (an empty batch gives an empty y).
+    mean, invstd : float32 or float64 arrays of shape (C,)
+    gamma, beta : arrays of shape (C,), optional
+        Of x's parameter dtype; None means ones / zeros.
+    axis : int, default 1
+    activation : {None, "relu"}, optional
+        The fused epilogue of :func:`batch_norm_forward`: ``+ residual``, then ``relu``.
+    residual : array of x's shape and dtype, optional
+    out : array of x's shape and dtype, optional
+        Where y is written; may be ``x`` itself.
+
+    Returns
+    -------
+    y : array of x's shape and dtype
+    """
     relu = chk.activation(activation)
     call = chk.Call()
     xa = call.data(x, axis, allow_empty=True)
@@ -239,11 +309,24 @@ def backward_reduce(
     y: NDArray[Any] | None = None,
     dresidual: NDArray[Any] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """``(sum(dy), sum(dy * xhat))`` per channel, float64, in one read of (dy, x): the reduction
-    phase of the backward.  A batch with no samples gives zeros.
+    """``(sum(dy), sum(dy * xhat))`` per channel, in one read of (dy, x): the backward's reduction.
 
-    With ``y`` (the output of a forward with ``activation="relu"``), dy is masked where
-    ``y <= 0`` first; ``dresidual`` (x's shape and dtype) then receives the masked dy."""
+    Parameters
+    ----------
+    dy, x : arrays of one shape and dtype
+        A batch with no samples gives zeros.
+    mean, invstd : float32 or float64 arrays of shape (C,)
+        The forward's statistics (``xhat = (x - mean) * invstd``).
+    axis : int, default 1
+    y : array, optional
+        The output of a forward with ``activation="relu"``: dy is masked where ``y <= 0`` first.
+    dresidual : array of x's shape and dtype, optional
+        With ``y``: receives the masked dy (the residual's gradient).
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : float64 arrays of shape (C,)
+    """
     call = chk.Call()
     xa, dy3, m, s = call.gradient_inputs(x, axis, dy, mean, invstd, allow_empty=True)
     y3 = call.like_x(y, "y")
@@ -278,20 +361,37 @@ def backward_elementwise(
     mask: NDArray[np.bool_] | None = None,
     out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
-    """The elementwise phase of the training backward.
+    """The elementwise phase of the training backward: dx from the reduced sums.
 
+    Parameters
+    ----------
+    dy, x : arrays of one shape and dtype
+    mean, invstd : float32 or float64 arrays of shape (C,)
+    gamma : array of shape (C,) or None
+        None means ones.
+    sum_dy, sum_dy_xhat : arrays of shape (C,)
+        From :func:`backward_reduce` (summed over every process in data-parallel training).
+    count : int >= 1
+        The values per channel the statistics were taken over (across all processes).
+    axis : int, default 1
+    y : array, optional
+        The output of a forward with ``activation="relu"``: dy is masked where ``y <= 0``, as in
+        :func:`backward_reduce`.
+    mask : bool array, optional
+        The statistics came from the positions where it is True (``count`` of them) and the sums
+        over every position; a padded position gets only the direct term ``gamma * invstd * dy``.
+    out : array of x's shape and dtype, optional
+        Where dx is written.
+
+    Returns
+    -------
+    dx : array of x's shape and dtype
+
+    Notes
+    -----
     It computes::
 
         dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
-
-    ``count`` is the number of values per channel the statistics were taken over (across all
-    processes in data-parallel training).  ``gamma`` may be None (ones).  With ``y`` (the output
-    of a forward with ``activation="relu"``) dy is masked where ``y <= 0``, as in
-    :func:`backward_reduce`.
-
-    ``mask``: the statistics came from the positions where it is True (``count`` of them) and the
-    sums from :func:`backward_reduce` over every position; a padded position gets only the direct
-    term ``gamma * invstd * dy`` (see :func:`batch_norm_backward`).
     """
     call = chk.Call()
     xa, dy3, m, s = call.gradient_inputs(x, axis, dy, mean, invstd, allow_empty=True)
