@@ -71,7 +71,7 @@ def running_update(
 def channel_stats(
     x: NDArray[Any], *, axis: int = 1, mask: NDArray[np.bool_] | None = None
 ) -> Stats:
-    """Per-channel ``(count, mean, M2)`` with ``M2 = sum((x - mean)**2)``: the forward's first phase.
+    """Per-channel ``(count, mean, M2)``, ``M2 = sum((x - mean)**2)``: the forward's first phase.
 
     Parameters
     ----------
