@@ -23,6 +23,7 @@ myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 
 autosummary_generate = True
+templates_path = ["_templates"]  # autosummary/class.rst: a class page documents its methods
 autodoc_typehints = "none"  # (the signatures show the defaults; the docstrings say the types)
 autodoc_default_options = {"members": False}
 numpydoc_show_class_members = False

@@ -336,9 +336,41 @@ def _total_count(heads: NDArray[np.int64]) -> int:
 
 
 def allreduce_stats(stats: Stats, *, comm: Any = None) -> Stats:
-    """The global ``(count, mean, M2)`` from every process's local statistics: a header, one
-    Allgather of the packed ``2 C`` numbers, then Chan's merge in rank order on every process
-    (identical results everywhere).  All processes must pass the same number of channels."""
+    """The global ``(count, mean, M2)`` from every process's local statistics.
+
+    Parameters
+    ----------
+    stats : (int, array, array)
+        This process's ``(count, mean, M2)`` (from :func:`bnkernel.channel_stats`); every process
+        passes the same channel count C; a count of 0 (no data here) takes part like any other.
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    count : int
+        The total over the processes.
+    mean, M2 : float64 arrays of shape (C,)
+        Bit-identical on every process.
+
+    Raises
+    ------
+    PeerError
+        On every process, when any process's argument is malformed or the channel counts differ.
+
+    Notes
+    -----
+    A header, one ``Allgather`` of the packed ``2 C`` numbers, then Chan's merge in rank order on
+    every process: the result equals a single process's statistics of the concatenated batch to
+    rounding.
+
+    Examples
+    --------
+    Under ``mpiexec -n 2 python -m mpi4py script.py``, each process with its own part:
+
+    >>> from bnkernel.distributed import allreduce_stats  # doctest: +SKIP
+    >>> count, mean, m2 = allreduce_stats(bnkernel.channel_stats(x_part))  # doctest: +SKIP
+    """
     comm = _comm_arg(comm)
     error: BaseException | None = None
     C = n = 0
@@ -369,11 +401,39 @@ def allreduce_stats(stats: Stats, *, comm: Any = None) -> Stats:
 
 
 def sum_over_ranks(*arrays: NDArray[Any], comm: Any = None) -> list[NDArray[np.float64]]:
-    """The element-wise sums over all processes of the given float arrays (each process passing
-    arrays of the same shapes), in float64: a header, one Allgather of the arrays packed
-    together, then the sum in rank order on every process, so that every process gets
-    bit-identical sums (which an MPI all-reduce does not promise).  For the gradients of a
-    data-parallel model's other layers."""
+    """Element-wise sums over all processes, in float64, bit-identical on every process.
+
+    For the gradients of a data-parallel model's other layers (which an MPI all-reduce sums in an
+    order of its own choosing, so replicas may drift apart by rounding).
+
+    Parameters
+    ----------
+    *arrays : arrays
+        Any number of arrays; every process passes the same number, of the same shapes.
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    list of float64 arrays
+        The sums, in the arrays' order and shapes.
+
+    Raises
+    ------
+    PeerError
+        On every process, when any process's arrays cannot be read as floats or the shapes differ.
+
+    Notes
+    -----
+    A header, one ``Allgather`` of the arrays packed together, then the sum in rank order.
+
+    Examples
+    --------
+    Under ``mpiexec -n 2 python -m mpi4py script.py``:
+
+    >>> from bnkernel.distributed import sum_over_ranks  # doctest: +SKIP
+    >>> dW, db = sum_over_ranks(dW_local, db_local)  # doctest: +SKIP
+    """
     comm = _comm_arg(comm)
     error: BaseException | None = None
     flat: list[NDArray[np.float64]] = []
@@ -401,8 +461,21 @@ def sum_over_ranks(*arrays: NDArray[Any], comm: Any = None) -> list[NDArray[np.f
 def allreduce_sums(
     sum_dy: NDArray[Any], sum_dy_xhat: NDArray[Any], *, comm: Any = None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """The global backward sums from every process's :func:`bnkernel.backward_reduce` (a header
-    and one Allgather of the packed ``2 C`` numbers, summed in rank order)."""
+    """The global backward sums from every process's :func:`bnkernel.backward_reduce`.
+
+    Parameters
+    ----------
+    sum_dy, sum_dy_xhat : arrays of shape (C,)
+        This process's sums.
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : float64 arrays of shape (C,)
+        Summed in rank order, bit-identical on every process; pass them to
+        :func:`bnkernel.backward_elementwise` with the global count.
+    """
     a, b = sum_over_ranks(sum_dy, sum_dy_xhat, comm=comm)
     return a, b
 
@@ -494,17 +567,55 @@ def sync_batch_norm_forward(
     mask: NDArray[np.bool_] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64], int]:
-    """The training forward of :func:`bnkernel.batch_norm_forward` with the statistics of the
-    batch spread over the processes of ``comm`` (default ``MPI.COMM_WORLD``); returns
-    ``(y, mean, invstd, count)``, ``count`` being the global number of values per channel (valid
-    positions with ``mask``), which :func:`sync_batch_norm_backward` needs.
+    """The training forward with the statistics of the batch spread over the processes.
 
-    ``x`` is this process's part of the batch (any number of samples, none included); every
-    process passes the same channel count, dtype, eps, momentum, activation and running
-    statistics' roles, or every process raises :class:`PeerError` (as it does when any process's
-    arguments fail the checks), having written nothing.  Running statistics are updated with the
-    global statistics, identically on every process.  Inference needs no communication: use
-    :func:`bnkernel.batch_norm_forward` with ``training=False``.
+    :func:`bnkernel.batch_norm_forward` (``training=True``) where the batch is the concatenation
+    of every process's ``x``.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        This process's part of the batch (any number of samples, none included).
+    gamma, beta : arrays of shape (C,), optional
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+    running_mean, running_var : arrays of shape (C,), optional
+        Updated in place with the global statistics, identically on every process (both or
+        neither).
+    momentum, eps, axis, running_var_unbiased, activation, residual, mask, out
+        As in :func:`bnkernel.batch_norm_forward`.
+
+    Returns
+    -------
+    y : array
+        x's shape and dtype.
+    mean, invstd : float64 arrays of shape (C,)
+        The global statistics.
+    count : int
+        The global number of values per channel (valid positions with ``mask``), which
+        :func:`sync_batch_norm_backward` needs.
+
+    Raises
+    ------
+    PeerError
+        On every process, having written nothing, when any process's arguments fail the checks or
+        the processes disagree on the channel count, dtype, eps, momentum, activation or which
+        running statistics are updated.
+    ValueError
+        On every process, when the whole batch has fewer than two values per channel.
+
+    See Also
+    --------
+    SyncBatchNorm : the layer.
+    bnkernel.batch_norm_forward : inference (``training=False``) needs no communication.
+
+    Examples
+    --------
+    Under ``mpiexec -n 2 python -m mpi4py script.py``, each process with its own part:
+
+    >>> from bnkernel.distributed import sync_batch_norm_forward  # doctest: +SKIP
+    >>> y, mean, invstd, count = sync_batch_norm_forward(
+    ...     x_part, gamma, beta, running_mean=rm, running_var=rv)  # doctest: +SKIP
     """
     comm = _comm_arg(comm)
     y, mean, invstd, count, _ = _forward(
@@ -590,15 +701,43 @@ def sync_batch_norm_backward(
     mask: NDArray[np.bool_] | None = None,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], ...]:
-    """Gradients ``(dx, dgamma, dbeta)`` of :func:`sync_batch_norm_forward` (``+ dresidual`` with
-    ``residual_grad=True``), ``dy`` being this process's part of dL/dy for the global loss.
+    """Gradients of :func:`sync_batch_norm_forward`.
 
-    ``dgamma`` and ``dbeta`` are the global sums, the same on every process: do not reduce them
-    again (the other layers' gradients are local sums; :func:`sum_over_ranks` adds them up).
-    Every process passes the same channel count, dtype, ``count`` and activation, or every
-    process raises :class:`PeerError` (as it does when any process's arguments fail the checks),
-    having written nothing.  With ``mask``, padded positions whose values are not finite enter no
-    sum, as in :func:`bnkernel.batch_norm_backward`."""
+    Parameters
+    ----------
+    dy : array
+        This process's part of dL/dy for the global loss.
+    x : array
+        This process's forward input.
+    mean, invstd : float64 arrays of shape (C,)
+        The forward's global statistics.
+    count : int
+        The forward's global count.
+    gamma : array of shape (C,), optional
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+    axis, activation, y, mask, out
+        As in :func:`bnkernel.batch_norm_backward`; with ``mask``, padded positions whose values
+        are not finite enter no sum.
+    residual_grad : bool, default False
+        Also return dresidual (with ``activation="relu"``).
+
+    Returns
+    -------
+    dx : array
+        x's shape and dtype.
+    dgamma, dbeta : arrays of shape (C,)
+        The global sums, the same on every process: do not reduce them again (the other layers'
+        gradients are local sums; :func:`sum_over_ranks` adds them up).
+    dresidual : array
+        With ``residual_grad=True``.
+
+    Raises
+    ------
+    PeerError
+        On every process, having written nothing, when any process's arguments fail the checks
+        or the processes disagree on the channel count, dtype, ``count`` or activation.
+    """
     comm = _comm_arg(comm)
     return _backward("sync_batch_norm_backward", comm, dy, x, mean, invstd, count, gamma, axis,
                      activation, y, residual_grad, mask, out)  # fmt: skip
@@ -608,20 +747,38 @@ def sync_batch_norm_backward(
 
 
 class SyncBatchNorm(BatchNorm):
-    """:class:`bnkernel.BatchNorm` whose training statistics are those of the batch spread over
-    the processes of ``comm`` (default ``MPI.COMM_WORLD``): four collectives per training step
-    (a header and the data in each direction; see the module's documentation), none in eval or
-    frozen mode, which use the running statistics.  Every process holds the same running
-    statistics, and after ``backward`` the same ``grads`` (the global dgamma and dbeta: do not
-    reduce them again).  An input that fails the layer's checks on one process (wrong channel
-    count or dtype) makes every process raise :class:`PeerError`, with no state changed.
+    """:class:`bnkernel.BatchNorm` whose training statistics span the processes of ``comm``.
 
-    Takes BatchNorm's arguments but the variants (``renorm``, ``virtual_batch_size``,
-    ``single_value``): a whole batch with one value per channel raises on every process.
+    Parameters
+    ----------
+    num_features : int
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+    axis, convention, eps, momentum, affine, track_running_stats, dtype, activation, device
+        As :class:`bnkernel.BatchNorm`'s.  The variants (``renorm``, ``virtual_batch_size``,
+        ``single_value``) are not taken: a whole batch with one value per channel raises on every
+        process.
 
-    ``device="cuda"`` (as BatchNorm's): the kernels run on the device; the per-channel messages
-    (2 C numbers each way) are staged through host memory for MPI, which waits for the kernels
-    that computed them (one synchronization per direction).
+    Notes
+    -----
+    Four collectives per training step (a header and the data in each direction; see the
+    module's documentation), none in eval or frozen mode, which use the running statistics.
+    Every process holds the same running statistics, and after ``backward`` the same ``grads``
+    (the global dgamma and dbeta: do not reduce them again).  An input that fails the layer's
+    checks on one process (wrong channel count or dtype) makes every process raise
+    :class:`PeerError`, with no state changed.
+
+    With ``device="cuda"`` the kernels run on the device; the per-channel messages (2 C numbers
+    each way) are staged through host memory for MPI, which waits for the kernels that computed
+    them (one synchronization per direction).
+
+    Examples
+    --------
+    Under ``mpiexec -n 2 python -m mpi4py script.py``:
+
+    >>> from bnkernel.distributed import SyncBatchNorm  # doctest: +SKIP
+    >>> bn = SyncBatchNorm(16)  # doctest: +SKIP
+    >>> y = bn(x_part); dx = bn.backward(dy_part)  # doctest: +SKIP
     """
 
     def __init__(

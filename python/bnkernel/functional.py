@@ -326,6 +326,17 @@ def batch_norm_backward(
     so a padded position gets only the direct term; dgamma and dbeta sum over every position,
     except that a padded position whose value or gradient is not finite (NaN or inf padding)
     enters no sum: padding never reaches dgamma, dbeta or a valid position's dx.
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernel as bk
+    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    >>> y, mean, invstd = bk.batch_norm_forward(x)
+    >>> dx, dgamma, dbeta = bk.batch_norm_backward(np.ones_like(y), x, mean, invstd)
+    >>> dbeta  # sum(dy) over the batch
+    array([8., 8., 8.], dtype=float32)
+    >>> bool(np.abs(dx).max() < 1e-5)  # a constant dy does not change the normalized output
+    True
     """
     policy = chk.single_value(single_value)
     relu = chk.relu_output(activation, y)

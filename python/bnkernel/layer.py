@@ -164,6 +164,21 @@ class BatchNorm:
     statistics on that CUDA device as CuPy arrays, and takes x there (any CUDA array, without a
     copy); :meth:`to` moves a layer.  :meth:`state_dict` returns NumPy arrays wherever the layer
     lives, and :meth:`load_state_dict` takes them.
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernel
+    >>> bn = bnkernel.BatchNorm(3)
+    >>> x = np.random.default_rng(0).standard_normal((16, 3, 4, 4)).astype(np.float32)
+    >>> y = bn(x)                       # training mode: batch statistics
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> sorted(bn.grads)
+    ['beta', 'gamma']
+    >>> bn.num_batches_tracked
+    1
+    >>> y_eval = bn.eval()(x)           # inference: the running statistics
+    >>> bn.count_params()
+    {'total': 12, 'trainable': 6, 'non_trainable': 6}
     """
 
     num_features: int
@@ -263,10 +278,12 @@ class BatchNorm:
 
     @property
     def gamma(self) -> NDArray[Any] | None:
+        """The scale, ``params["gamma"]`` (None with ``affine=False``)."""
         return self.params.get("gamma")
 
     @property
     def beta(self) -> NDArray[Any] | None:
+        """The shift, ``params["beta"]`` (None with ``affine=False``)."""
         return self.params.get("beta")
 
     def count_params(self) -> dict[str, int]:
@@ -302,9 +319,19 @@ class BatchNorm:
     # ---- where it lives ------------------------------------------------------------------------
 
     def to(self, device: str | int | None) -> BatchNorm:
-        """Move the parameters, gradients and running statistics to ``device``: ``"cuda"`` (CuPy's
-        current device), ``"cuda:N"`` or an int N for CUDA device N, ``None`` or ``"cpu"`` for
-        host memory (NumPy).  Returns the layer; the last forward's saved state is dropped."""
+        """Move the parameters, gradients and running statistics to ``device``.
+
+        Parameters
+        ----------
+        device : str, int or None
+            ``"cuda"`` (CuPy's current device), ``"cuda:N"`` or an int N for CUDA device N,
+            ``None`` or ``"cpu"`` for host memory (NumPy).
+
+        Returns
+        -------
+        BatchNorm
+            The layer itself; the last forward's saved state is dropped.
+        """
         target = _device_index(device)
         if target == self.device:
             return self
@@ -336,8 +363,22 @@ class BatchNorm:
         return self
 
     def freeze(self) -> BatchNorm:
-        """Frozen-statistics mode for fine-tuning: like eval, but gamma/beta still get gradients
-        (which they do in every mode; the name says what the statistics do)."""
+        """Frozen-statistics mode for fine-tuning.
+
+        Like :meth:`eval`, the running statistics normalize and are not updated, and the backward
+        treats them as constants; gamma and beta still get gradients (which they do in every
+        mode: the name says what the statistics do).
+
+        Returns
+        -------
+        BatchNorm
+            The layer itself.
+
+        Raises
+        ------
+        ValueError
+            Without running statistics (``track_running_stats=False``).
+        """
         if not self.track_running_stats:
             raise ValueError(
                 "freeze: the layer has no running statistics (track_running_stats=False)"
@@ -347,6 +388,7 @@ class BatchNorm:
 
     @property
     def training(self) -> bool:
+        """Whether the layer is in training mode (torch.nn's attribute, read-only here)."""
         return self.mode == "train"
 
     # ---- resets (torch.nn's names) -------------------------------------------------------------
@@ -421,11 +463,35 @@ class BatchNorm:
         residual: NDArray[Any] | None = None,
         mask: NDArray[Any] | None = None,
     ) -> NDArray[Any]:
-        """Normalize ``x``; in training mode also update the running statistics.  ``residual``
-        (x's shape) is added after the normalization, before the activation if there is one;
-        backward then returns ``(dx, dresidual)``.  ``mask`` (x's shape without the channel axis,
-        False at padding) keeps padded positions out of the batch statistics in training; it is
-        ignored when the running statistics are used."""
+        """Normalize ``x``; in training mode also update the running statistics.
+
+        Parameters
+        ----------
+        x : array
+            ``num_features`` channels on the layer's axis; the layer's dtype (float32 parameters
+            take float32, float16 or bfloat16 data; float64 takes float64).  An empty batch
+            gives an empty output and changes no state, as in torch.
+        residual : array, optional
+            x's shape and dtype: added after the normalization, before the activation if there
+            is one; :meth:`backward` then returns ``(dx, dresidual)``.
+        mask : bool array, optional
+            x's shape without the channel axis (or one that broadcasts to it), False at padding:
+            keeps padded positions out of the batch statistics in training; ignored when the
+            running statistics are used.
+
+        Returns
+        -------
+        y : array
+            x's shape and dtype, in x's place (NumPy, or CuPy on the layer's device).
+
+        Raises
+        ------
+        TypeError
+            x of another dtype or place than the layer's.
+        ValueError
+            The wrong channel count (with a hint when another axis has it), or a batch with one
+            value per channel in training.
+        """
         xa = self._check_input(x)
         if (residual is not None or mask is not None) and (
             self.renorm or self.virtual_batch_size is not None
@@ -507,8 +573,25 @@ class BatchNorm:
 
     @exclusive
     def backward(self, dy: NDArray[Any]) -> Any:
-        """``dx`` for ``dy = dL/dy`` of the last forward; stores dgamma/dbeta in ``grads``.
-        After a forward with a residual, returns ``(dx, dresidual)``."""
+        """Gradients through the last forward; stores dgamma and dbeta in ``grads``.
+
+        Parameters
+        ----------
+        dy : array
+            dL/dy, the last forward's shape and dtype.
+
+        Returns
+        -------
+        dx : array
+            Or ``(dx, dresidual)`` after a forward with a residual.  Through the batch
+            statistics in training mode; with the statistics as constants in eval and frozen
+            mode.
+
+        Raises
+        ------
+        RuntimeError
+            No forward before it.
+        """
         if self._saved is None:
             raise RuntimeError("backward: call forward first")
         kind, x, mean, invstd, extra = self._saved
@@ -548,9 +631,19 @@ class BatchNorm:
     # ---- population statistics ("precise BN") --------------------------------------------------
 
     def set_population_stats(self, stats: Stats) -> BatchNorm:
-        """Make ``(count, mean, M2)`` (from :func:`bnkernel.population_stats`) the running
-        statistics: ``running_mean = mean`` and ``running_var = M2 / (count - 1)`` (unbiased,
-        torch convention) or ``M2 / count`` (keras)."""
+        """Make exact population statistics the running statistics.
+
+        Parameters
+        ----------
+        stats : (int, array, array)
+            ``(count, mean, M2)``, e.g. from :func:`bnkernel.population_stats`.
+
+        Returns
+        -------
+        BatchNorm
+            The layer, with ``running_mean = mean`` and ``running_var = M2 / (count - 1)``
+            (unbiased, the torch convention) or ``M2 / count`` (keras).
+        """
         if self.running_mean is None or self.running_var is None:
             raise ValueError(
                 "set_population_stats: the layer has no running statistics "
@@ -569,17 +662,37 @@ class BatchNorm:
         return self
 
     def estimate_population_stats(self, inputs: Iterable[NDArray[Any]]) -> BatchNorm:
-        """Precise BN: the exact statistics of every batch in ``inputs`` (this layer's inputs,
-        e.g. the activations feeding it over a pass of the training set) become the running
-        statistics; see :func:`bnkernel.population_stats`."""
+        """Precise BN: the exact statistics of every batch in ``inputs`` become the running ones.
+
+        Parameters
+        ----------
+        inputs : iterable of arrays
+            This layer's inputs, e.g. the activations feeding it over a pass of the training set.
+
+        Returns
+        -------
+        BatchNorm
+            The layer; see :func:`bnkernel.population_stats` and :meth:`set_population_stats`.
+        """
         return self.set_population_stats(population_stats(inputs, axis=self.axis))
 
     # ---- state -----------------------------------------------------------------------------------
 
     def state_dict(self, style: Convention | None = None) -> dict[str, NDArray[Any]]:
-        """Copies of the layer's numbers under PyTorch's names (``weight, bias, running_mean,
-        running_var, num_batches_tracked``) or Keras' (``gamma, beta, moving_mean,
-        moving_variance``).  ``style`` defaults to the layer's convention."""
+        """Copies of the layer's numbers, as NumPy arrays, under PyTorch's or Keras' names.
+
+        Parameters
+        ----------
+        style : {"torch", "keras"}, optional
+            ``"torch"``: ``weight, bias, running_mean, running_var, num_batches_tracked``;
+            ``"keras"``: ``gamma, beta, moving_mean, moving_variance``.  Defaults to the layer's
+            convention.  Entries the layer lacks (``affine=False``, no running statistics) are
+            left out.
+
+        Returns
+        -------
+        dict of str to ndarray
+        """
         style = self.convention if style is None else style
         if style not in _STATE_KEYS:
             raise ValueError(f"style: expected 'torch' or 'keras', got {style!r}")
@@ -596,13 +709,23 @@ class BatchNorm:
         return state
 
     def get_weights(self) -> list[NDArray[Any]]:
-        """The layer's numbers in Keras' ``get_weights()`` order, as NumPy copies: ``[gamma, beta,
-        moving_mean, moving_variance]``, leaving out those the layer does not have (``affine=False``
-        is Keras' ``center=False, scale=False``)."""
+        """The layer's numbers in Keras' ``get_weights()`` order, as NumPy copies.
+
+        Returns
+        -------
+        list of ndarray
+            ``[gamma, beta, moving_mean, moving_variance]``, leaving out those the layer does not
+            have (``affine=False`` is Keras' ``center=False, scale=False``).
+        """
         return list(self.state_dict("keras").values())
 
     def set_weights(self, weights: Sequence[Any]) -> None:
-        """Load a list in Keras' ``get_weights()`` order (see :meth:`get_weights`)."""
+        """Load a list in Keras' ``get_weights()`` order (see :meth:`get_weights`).
+
+        Parameters
+        ----------
+        weights : sequence of arrays
+        """
         self.load_state_dict(weights)
 
     def load_state_dict(
@@ -612,11 +735,41 @@ class BatchNorm:
         *,
         strict: bool = True,
     ) -> None:
-        """Load a state saved by :meth:`state_dict` (or by PyTorch / Keras, as arrays), or a list in
-        Keras' ``get_weights()`` order (``[gamma, beta, moving_mean, moving_variance]``, those the
-        layer has).  ``style`` is guessed from the keys when not given.  Values are copied into the
-        layer's arrays (cast to its dtype); with ``strict`` the keys must be exactly the expected
-        ones."""
+        """Load a state saved by :meth:`state_dict`, by PyTorch or by Keras.
+
+        Parameters
+        ----------
+        state : mapping of str to array, or sequence of arrays
+            A state dict (PyTorch's or Keras' names; the values any arrays, torch tensors
+            included), or a list in Keras' ``get_weights()`` order (``[gamma, beta, moving_mean,
+            moving_variance]``, those the layer has).
+        style : {"torch", "keras"}, optional
+            Guessed from the keys when not given.
+        strict : bool, default True
+            The keys must be exactly the expected ones.
+
+        Raises
+        ------
+        TypeError
+            ``state`` is neither a mapping nor a list.
+        KeyError
+            With ``strict``, missing or unexpected keys (both are listed).
+        ValueError
+            A value of the wrong shape, or a list of the wrong length.
+
+        Notes
+        -----
+        Values are copied into the layer's arrays (cast to its dtype, moved to its device).
+        Every value is checked before any is written: a bad entry leaves the layer as it was.
+
+        Examples
+        --------
+        >>> import numpy as np, bnkernel
+        >>> bn = bnkernel.BatchNorm(2, convention="keras")
+        >>> bn.load_state_dict([np.full(2, 2.0), np.zeros(2), np.ones(2), np.full(2, 4.0)])
+        >>> bn.get_weights()[3]
+        array([4., 4.], dtype=float32)
+        """
         keras_order = list(self.state_dict("keras"))
         if isinstance(state, (list, tuple)):
             if len(state) != len(keras_order):

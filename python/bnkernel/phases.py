@@ -89,6 +89,13 @@ def channel_stats(
         The number of values per channel (valid positions with a mask); 0 for an empty batch,
         whose ``(0, 0, 0)`` is the neutral element of :func:`merge_stats`.
     mean, M2 : float64 arrays of shape (C,)
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernel
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> bnkernel.channel_stats(x)
+    (2, array([ 2., 20.]), array([  2., 200.]))
     """
     call = chk.Call()
     xa = call.data(x, axis, allow_empty=True)

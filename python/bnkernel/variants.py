@@ -45,13 +45,39 @@ def renorm_corrections(
     r_max: float,
     d_max: float,
 ) -> tuple[F64, F64]:
-    """Ioffe's (2017) corrections, per channel, in float64.
+    """Batch renormalization's per-channel corrections ``(r, d)`` (Ioffe 2017), in float64.
 
-    Computed as::
+    Parameters
+    ----------
+    batch_mean, batch_var : arrays of shape (C,)
+        This batch's mean and biased variance (``M2 / count`` from :func:`~bnkernel.channel_stats`).
+    running_mean, running_var : arrays of shape (C,)
+        The running statistics as they were before this batch.
+    eps : float
+        Added to both variances under the square root.
+    r_max, d_max : float
+        The clipping limits (``r_max >= 1``, ``d_max >= 0``).
+
+    Returns
+    -------
+    r, d : float64 arrays of shape (C,)
+        In the arrays' place (NumPy, or CuPy on the arrays' device).
+
+    Notes
+    -----
+    ::
 
         sigma_B = sqrt(batch_var + eps);  sigma = sqrt(running_var + eps)
         r = clip(sigma_B / sigma, 1 / r_max, r_max)
         d = clip((batch_mean - running_mean) / sigma, -d_max, d_max)
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernel
+    >>> r, d = bnkernel.renorm_corrections(np.zeros(2), np.full(2, 4.0), np.ones(2), np.ones(2),
+    ...                                    eps=0.0, r_max=3.0, d_max=0.5)
+    >>> r, d
+    (array([2., 2.]), array([-0.5, -0.5]))
     """
     args = {"batch_mean": batch_mean, "batch_var": batch_var, "running_mean": running_mean,
             "running_var": running_var}  # fmt: skip
@@ -81,21 +107,61 @@ def batch_renorm_forward(
     running_var_unbiased: bool = True,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], F64, F64, F64, F64]:
-    """Batch Renormalization's training forward (Ioffe 2017); returns ``(y, mean, invstd, r, d)``.
+    """Batch Renormalization's training forward (Ioffe 2017).
 
-    With the batch's ``mean`` and ``invstd`` and ``(r, d)`` from :func:`renorm_corrections`
-    against the running statistics as they were before this batch::
+    Normalizes with the batch's statistics, corrected toward the running ones by ``(r, d)`` from
+    :func:`renorm_corrections` (computed against the running statistics as they were before this
+    batch), then updates the running statistics::
 
         y = gamma * ((x - mean) * invstd * r + d) + beta
 
-    then the running statistics are updated as :func:`bnkernel.batch_norm_forward` does (same
-    ``momentum`` and ``running_var_unbiased`` rules).  ``r = 1, d = 0`` is batch normalization;
-    ``r_max = 1, d_max = 0`` gives exactly that.  Schedules for ``r_max`` / ``d_max`` (the paper
-    relaxes them from 1 and 0 over training) are the caller's: pass the current values.  At
-    inference use :func:`bnkernel.batch_norm_forward` with ``training=False``.
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        The batch; float32, float64, float16 or bfloat16.
+    gamma, beta : arrays of shape (C,), optional
+        Scale and shift (1 and 0 when omitted), in x's parameter dtype (float32 for 16-bit x).
+    running_mean, running_var : arrays of shape (C,)
+        Required, both; updated in place as :func:`bnkernel.batch_norm_forward` updates them.
+    r_max, d_max : float, default 3.0 and 5.0
+        The clipping limits.  ``r_max = 1, d_max = 0`` is exactly batch normalization; schedules
+        (the paper relaxes them from 1 and 0 over training) are the caller's: pass the current
+        values on each call.
+    momentum : float, default 0.1
+        The running statistics' update weight, PyTorch's direction
+        (``running = (1 - momentum) * running + momentum * batch``).
+    eps : float, default 1e-5
+    axis : int, default 1
+        The channel axis.
+    running_var_unbiased : bool, default True
+        Whether the running variance gets the ``m / (m - 1)`` correction (PyTorch) or not (Keras).
+    out : array, optional
+        Written with y (x's shape and dtype, writeable); returned.
 
-    ``r`` and ``d`` are returned for :func:`batch_renorm_backward`, which treats them as
-    constants, as the paper prescribes.
+    Returns
+    -------
+    y : array
+        x's shape and dtype.
+    mean, invstd : float64 arrays of shape (C,)
+        The batch's statistics, ``invstd = 1 / sqrt(var + eps)``.
+    r, d : float64 arrays of shape (C,)
+        The corrections, for :func:`batch_renorm_backward`, which treats them as constants, as
+        the paper prescribes.
+
+    See Also
+    --------
+    batch_renorm_backward
+    batch_norm_forward : use it with ``training=False`` at inference.
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernel
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y, mean, invstd, r, d = bnkernel.batch_renorm_forward(
+    ...     x, running_mean=rm, running_var=rv, r_max=1.0, d_max=0.0)
+    >>> bool(np.array_equal(y, bnkernel.batch_norm_forward(x)[0]))
+    True
     """
     call = chk.Call()
     xa = call.data(x, axis)
@@ -143,8 +209,32 @@ def batch_renorm_backward(
     axis: int = 1,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
-    """Gradients ``(dx, dgamma, dbeta)`` of :func:`batch_renorm_forward`, ``r`` and ``d`` held
-    constant.  With ``xhat = (x - mean) * invstd`` and m values per channel::
+    """Gradients of :func:`batch_renorm_forward`, ``r`` and ``d`` held constant.
+
+    Parameters
+    ----------
+    dy : array
+        The gradient of the loss with respect to y (x's shape and dtype).
+    x : array
+        The forward's input.
+    mean, invstd, r, d : float64 arrays of shape (C,)
+        What the forward returned.
+    gamma : array of shape (C,), optional
+        The forward's scale (1 when omitted).
+    axis : int, default 1
+    out : array, optional
+        Written with dx; returned.
+
+    Returns
+    -------
+    dx : array
+        x's shape and dtype.
+    dgamma, dbeta : arrays of shape (C,)
+        In the parameter dtype.
+
+    Notes
+    -----
+    With ``xhat = (x - mean) * invstd`` and m values per channel::
 
         dbeta = sum(dy);  dgamma = r * sum(dy * xhat) + d * sum(dy)
         dx    = gamma * r * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)
@@ -208,14 +298,52 @@ def ghost_batch_norm_forward(
     running_var_unbiased: bool = True,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], F64, F64]:
-    """Ghost batch normalization: axis 0 (the batch) is cut into consecutive virtual batches of
-    ``virtual_batch_size`` examples, each normalized with its own statistics (Hoffer et al. 2017;
-    Keras' ``virtual_batch_size``).  Returns ``(y, mean, invstd)`` with ``mean`` and ``invstd`` of
-    shape ``(groups, C)``.
+    """Ghost batch normalization (Hoffer et al. 2017; Keras' ``virtual_batch_size``).
 
-    The running statistics are updated once, as Keras does, from the average over the virtual
-    batches of their means and of their variances (each variance corrected by ``m / (m - 1)``
-    first, m being a virtual batch's values per channel, when ``running_var_unbiased``).
+    Axis 0, the batch, is cut into consecutive virtual batches of ``virtual_batch_size`` examples,
+    each normalized with its own statistics.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        The batch; its axis 0 is split, so the channel axis must be another.
+    gamma, beta : arrays of shape (C,), optional
+        Scale and shift (1 and 0 when omitted).
+    virtual_batch_size : int
+        A divisor of ``x.shape[0]`` that leaves at least two values per channel in each part.
+    running_mean, running_var : arrays of shape (C,), optional
+        Updated in place once per call, as Keras does: from the average over the virtual batches
+        of their means and of their variances (each variance corrected by ``m / (m - 1)`` first,
+        m being a virtual batch's values per channel, when ``running_var_unbiased``).
+    momentum : float, default 0.1
+        PyTorch's direction: ``running = (1 - momentum) * running + momentum * batch``.
+    eps : float, default 1e-5
+    axis : int, default 1
+        The channel axis.
+    running_var_unbiased : bool, default True
+    out : array, optional
+        Written with y; returned.
+
+    Returns
+    -------
+    y : array
+        x's shape and dtype.
+    mean, invstd : float64 arrays of shape (groups, C)
+        Each virtual batch's statistics, ``groups = x.shape[0] // virtual_batch_size``.
+
+    See Also
+    --------
+    ghost_batch_norm_backward
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernel
+    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    >>> y, mean, invstd = bnkernel.ghost_batch_norm_forward(x, virtual_batch_size=4)
+    >>> mean.shape
+    (2, 3)
+    >>> bool(np.array_equal(y[:4], bnkernel.batch_norm_forward(x[:4])[0]))
+    True
     """
     call = chk.Call()
     xa = call.data(x, axis)
@@ -261,8 +389,30 @@ def ghost_batch_norm_backward(
     axis: int = 1,
     out: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
-    """Gradients ``(dx, dgamma, dbeta)`` of :func:`ghost_batch_norm_forward`: each virtual batch's
-    training backward; dgamma and dbeta are summed over them in float64 and rounded once."""
+    """Gradients of :func:`ghost_batch_norm_forward`: each virtual batch's training backward.
+
+    Parameters
+    ----------
+    dy : array
+        The gradient of the loss with respect to y.
+    x : array
+        The forward's input.
+    mean, invstd : float64 arrays of shape (groups, C)
+        What the forward returned.
+    gamma : array of shape (C,), optional
+    virtual_batch_size : int
+        The forward's.
+    axis : int, default 1
+    out : array, optional
+        Written with dx; returned.
+
+    Returns
+    -------
+    dx : array
+        x's shape and dtype.
+    dgamma, dbeta : arrays of shape (C,)
+        Summed over the virtual batches in float64 and rounded once to the parameter dtype.
+    """
     call = chk.Call()
     xa = call.data(x, axis)
     call.grad(dy)
@@ -302,11 +452,38 @@ def ghost_batch_norm_backward(
 
 
 def population_stats(batches: Iterable[NDArray[Any]], *, axis: int = 1) -> Stats:
-    """Exact per-channel ``(count, mean, M2)`` of every value of every batch, for "precise BN":
-    re-estimating a trained network's statistics over many batches without momentum's bias
-    toward the last ones.  Each batch's :func:`~bnkernel.channel_stats` is merged into the running
-    total with Chan's formula, in order, so memory stays at one batch.  Load the result into a
-    layer with :meth:`bnkernel.BatchNorm.set_population_stats`.
+    """Exact per-channel statistics over many batches, for "precise BN".
+
+    Re-estimates a trained network's statistics over many batches without momentum's bias toward
+    the last ones.  Each batch's :func:`~bnkernel.channel_stats` is merged into the running total
+    with Chan's formula, in order, so memory stays at one batch.
+
+    Parameters
+    ----------
+    batches : iterable of arrays
+        Any number (at least one) of batches with the same channel count; a generator is fine.
+    axis : int, default 1
+        The channel axis.
+
+    Returns
+    -------
+    count : int
+        The number of values per channel over all batches.
+    mean, M2 : float64 arrays of shape (C,)
+        ``M2 = sum((x - mean)**2)``; ``M2 / count`` is the population variance.
+
+    See Also
+    --------
+    bnkernel.BatchNorm.set_population_stats : loads the result into a layer.
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernel
+    >>> rng = np.random.default_rng(0)
+    >>> batches = [rng.standard_normal((16, 3)) for _ in range(4)]
+    >>> count, mean, m2 = bnkernel.population_stats(batches)
+    >>> count, bool(np.allclose(mean, np.concatenate(batches).mean(axis=0)))
+    (64, True)
     """
     total: Stats | None = None
     for i, batch in enumerate(batches):
