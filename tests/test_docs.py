@@ -41,7 +41,7 @@ def test_example_runs(page, k, code):
 
 # ---- the docstrings' Examples sections (numpydoc), run as doctests ----------------------------
 
-_DOC_MODULES = ("functional", "phases", "variants", "masked", "layer", "distributed")
+_DOC_MODULES = ("functional", "phases", "variants", "masked", "layer", "distributed", "torch")
 
 
 def _doctests() -> list[tuple[str, object]]:

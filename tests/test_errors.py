@@ -357,7 +357,11 @@ BAD_OUT = {
     "view-overlapping-x": (ValueError, r"^out: overlaps an input array"),
     "is-dy": (ValueError, r"^out: overlaps an input array"),
     "overlaps-gamma": (ValueError, r"^out: overlaps an input array"),
-    "list": (TypeError, r"^out: expected a numpy array or a CUDA device array, got list"),
+    "list": (
+        TypeError,
+        r"^out: expected a NumPy array, a DLPack array in host memory \(a torch CPU tensor\) or a "
+        r"CUDA device array \(it is written\), got list",
+    ),
 }
 
 
@@ -445,7 +449,7 @@ BAD_RUNNING = {
     "list": (
         lambda: [0.0] * C,
         TypeError,
-        r"expected a numpy array or a CUDA device array \(it is updated in place\)",
+        r"expected a NumPy array, a DLPack array .* \(it is updated in place\)",
     ),
 }
 
@@ -631,7 +635,7 @@ def test_backward_elementwise_bad_count(count):
 
 
 def test_update_running_stats_rejects_a_list():
-    with pytest.raises(TypeError, match=r"^running_mean: expected a numpy array"):
+    with pytest.raises(TypeError, match=r"^running_mean: expected a NumPy array"):
         bk.update_running_stats([0.0] * C, np.ones(C), 8, np.zeros(C), np.ones(C))
 
 

@@ -244,9 +244,10 @@ def one_value_check(x: NDArray[Any], axis: int) -> int:
 def as_array(v: Any, name: str) -> Any:
     """v as an array, never a copy of one: a NumPy array as is; an array in CUDA memory (CuPy's, any
     ``__cuda_array_interface__``, a DLPack exporter on a CUDA device) as a CuPy view of it
-    (:mod:`bnkernel._device`); anything else through np.asarray.  Refuses, naming the argument,
-    what would be taken wrongly: a masked array (its mask dropped), an array on another kind of
-    accelerator."""
+    (:mod:`bnkernel._device`); another DLPack exporter in host memory (torch CPU tensors, JAX CPU
+    arrays) as a NumPy view of it (``np.from_dlpack``); anything else through np.asarray.  Refuses,
+    naming the argument, what would be taken wrongly: a masked array (its mask dropped), an array
+    on another kind of accelerator."""
     if type(v) is np.ndarray:
         return v
     kind = _device.kind(v)
@@ -267,6 +268,8 @@ def as_array(v: Any, name: str) -> Any:
             "data (x.data) and the valid positions as mask= (bool, x's shape without the "
             "channel axis, True where valid)"
         )
+    if not isinstance(v, np.ndarray) and hasattr(v, "__dlpack__"):
+        return _device.host_view(v, name)
     return np.asarray(v)
 
 
@@ -357,15 +360,7 @@ def running_buffer(
     copy would silently drop the update."""
     if v is None:
         return None
-    if not isinstance(v, np.ndarray) and _device.kind(v) != "cuda":
-        as_array(v, name)  # (refuses a masked array or another accelerator's by name)
-        raise TypeError(
-            f"{name}: expected a numpy array or a CUDA device array (it is updated in place), "
-            f"got {type(v).__name__}"
-        )
-    writeable = v.flags.writeable if isinstance(v, np.ndarray) else not _device.readonly(v)
-    v = as_array(v, name)
-    assert v is not None
+    v, writeable = written_array(v, name, "it is updated in place")
     if dtype is None:
         if v.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {v.dtype}")
@@ -418,16 +413,30 @@ def overlaps(a: NDArray[Any], b: NDArray[Any]) -> bool:
     return bool(np.may_share_memory(a, b)) and bool(np.shares_memory(a, b))
 
 
+def written_array(v: Any, name: str, why: str) -> tuple[Any, bool]:
+    """An array the call writes into (``out=``, a running statistic), as an array over the
+    caller's memory, and whether that memory may be written: a NumPy array; a CUDA device array
+    (its interface's read-only flag); a DLPack array in host memory such as a torch CPU tensor
+    (its NumPy view keeps DLPack's read-only flag).  Anything else, which np.asarray would copy
+    (dropping the writes), is refused by name."""
+    if isinstance(v, np.ndarray):
+        return v, bool(v.flags.writeable)
+    if _device.kind(v) == "cuda":
+        return as_array(v, name), not _device.readonly(v)
+    if hasattr(v, "__dlpack__"):
+        a = as_array(v, name)
+        return a, bool(a.flags.writeable)
+    as_array(v, name)  # (refuses a masked array or another accelerator's by name)
+    raise TypeError(
+        f"{name}: expected a NumPy array, a DLPack array in host memory (a torch CPU tensor) or a "
+        f"CUDA device array ({why}), got {type(v).__name__}"
+    )
+
+
 def check_output(out: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
     """An ``out=`` buffer: a numpy array (or a CUDA device array) of exactly this shape and dtype,
     C-contiguous and writeable (a copy would drop the writes).  Returns it as an array."""
-    if not isinstance(out, np.ndarray) and _device.kind(out) != "cuda":
-        as_array(out, name)  # (refuses a masked array or another accelerator's by name)
-        raise TypeError(
-            f"{name}: expected a numpy array or a CUDA device array, got {type(out).__name__}"
-        )
-    writeable = out.flags.writeable if isinstance(out, np.ndarray) else not _device.readonly(out)
-    out = as_array(out, name)
+    out, writeable = written_array(out, name, "it is written")
     if out.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {out.shape}")
     if out.dtype != dtype:
@@ -435,7 +444,7 @@ def check_output(out: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[An
     if not out.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous (a copy would drop the writes)")
     if not writeable:
-        raise ValueError(f"{name}: is read-only")
+        raise ValueError(f"{name}: is read-only (a copy would drop the writes)")
     return out
 
 

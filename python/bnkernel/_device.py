@@ -138,6 +138,33 @@ def follows_arrays(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def host_view(v: Any, name: str) -> Any:
+    """v, an array in host memory that speaks DLPack (a torch CPU tensor, a JAX CPU array, any
+    array-API library's), as a NumPy array over the same memory (``np.from_dlpack``), never a
+    copy.  A read-only export comes back read-only (NumPy keeps DLPack's flag), so an ``out=``
+    check refuses it.  What NumPy cannot view is refused by name: a tensor that requires grad,
+    a dtype NumPy has no DLPack code for (bfloat16)."""
+    try:
+        return np.from_dlpack(v)
+    except BufferError as e:  # the exporter refuses: torch's "Can't export tensors that require
+        raise TypeError(
+            f"{name}: this {describe(v)} cannot be viewed without a copy: {e}"
+        ) from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        dtype = getattr(v, "dtype", None)
+        hint = ""
+        if "bfloat16" in str(dtype):
+            hint = (
+                "; NumPy has no DLPack bfloat16: pass an ml_dtypes.bfloat16 NumPy array (for a "
+                "torch tensor t, t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)), or use "
+                "bnkernel.torch's modules, which do that"
+            )
+        raise TypeError(
+            f"{name}: NumPy cannot view this {describe(v)} (dtype {dtype}) through DLPack: "
+            f"{e}{hint}"
+        ) from None
+
+
 def readonly(v: Any) -> bool:
     """Whether a device array says it is read-only (``__cuda_array_interface__``'s flag)."""
     iface = getattr(v, "__cuda_array_interface__", None)

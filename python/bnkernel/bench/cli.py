@@ -7,10 +7,12 @@ and hands the parsed options to :func:`main_from_args`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from .block import BLOCK_QUICK_SHAPE, BLOCK_SHAPE, run_block_bench
 from .cases import (
     DEFAULT_SHAPES,
     DTYPES,
@@ -127,6 +129,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         + ",".join(CUDA_OPS) + ")",
     )  # fmt: skip
     p.add_argument(
+        "--torch-block", action="store_true",
+        help="a ResNet basic block's forward + backward in torch with torch.nn.BatchNorm2d "
+        "against bnkernel.torch's (drop-in and fused residual + ReLU) and without BN, float32, "
+        "NCHW and channels_last (--layouts NCHW,NHWC), at each --threads count (default 1,2 "
+        "capped at the cores); shape " + shape_text(BLOCK_SHAPE) + " (--quick: "
+        + shape_text(BLOCK_QUICK_SHAPE) + "; needs torch)",
+    )  # fmt: skip
+    p.add_argument(
         "--plot", metavar="FILE.png", default=None,
         help="plot time vs size (log-log; with --sweep: ns per byte vs size, cache sizes marked) "
         "to FILE.png (needs matplotlib)",
@@ -215,9 +225,35 @@ def run_cuda_from_args(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def run_block_from_args(args: argparse.Namespace) -> None:
+    """``bench --torch-block``: the options that apply there, then the block's table."""
+    for given, name in ((args.sweep, "--sweep"), (args.plot, "--plot"), (args.numpy, "--numpy"),
+                        (args.dtypes, "--dtypes"), (args.ops, "--ops"),
+                        (args.device != "cpu", "--device")):  # fmt: skip
+        if given:
+            raise BenchError(f"{name} does not apply to --torch-block")
+    quick = bool(args.quick)
+    shapes = args.shapes if args.shapes is not None else [
+        BLOCK_QUICK_SHAPE if quick else BLOCK_SHAPE]  # fmt: skip
+    layouts = ["channels_last" if lo == "NHWC" else lo for lo in (args.layouts or ["NCHW", "NHWC"])
+               if lo != "NC"]  # fmt: skip
+    if not layouts:
+        raise BenchError("--torch-block: the layouts are NCHW and NHWC (channels_last)")
+    cores = os.cpu_count() or 1
+    threads = args.threads if args.threads is not None else sorted({1, min(2, cores)})
+    repeat = args.repeat if args.repeat is not None else (3 if quick else 10)
+    if repeat < 1:
+        raise BenchError("--repeat: expected an integer >= 1")
+    run_block_bench(shapes=list(shapes), layouts=layouts, threads=list(threads), repeat=repeat,
+                    min_time=float(args.min_time), json_path=args.json)  # fmt: skip
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     """Run ``bench`` for parsed arguments; 0 on success, 1 on a wrong result, 2 on a bad setup."""
     try:
+        if getattr(args, "torch_block", False):
+            run_block_from_args(args)
+            return 0
         if getattr(args, "device", "cpu") == "cuda":
             run_cuda_from_args(args)
             return 0
