@@ -656,3 +656,56 @@ def test_plot_lines_are_per_layout_and_dtype_with_the_tables_names(monkeypatch, 
     assert sorted(labels) == sorted(
         f"bnkernel {lo} {dt}" for lo in ("NC", "NCHW", "NHWC") for dt in ("float32", "float64")
     )
+
+
+# ---- bench --torch-block ------------------------------------------------------------------------
+
+
+def test_torch_block_table_and_json(tmp_path, capsys, restore_threads):
+    pytest.importorskip("torch")
+    path = tmp_path / "block.json"
+    rc = main(["bench", "--torch-block", "--shapes", "2x4x6x6", "--threads", "1", "--repeat", "1",
+               "--min-time", "0", "--json", str(path)])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "ResNet basic block" in out and "2x4x6x6" in out and "ch_last" in out
+    rows = json.loads(path.read_text())["torch_block"]
+    assert [(r["layout"], r["threads"]) for r in rows] == [("NCHW", 1), ("channels_last", 1)]
+    for r in rows:
+        assert set(r["block_ms"]) == {"torch", "bnkernel", "bnkernel fused", "no BN"}
+        assert all(v > 0 for v in r["block_ms"].values())
+        assert math.isclose(r["bn_steps_speedup"], r["bn_steps_ms"]["torch"]
+                            / r["bn_steps_ms"]["bnkernel"])  # fmt: skip
+
+
+def test_torch_block_check_catches_a_wrong_batch_norm(monkeypatch, capsys):
+    """A bnkernel.torch forward that is off (here: the output scaled) fails the run before any
+    timing, with exit status 1."""
+    pytest.importorskip("torch")
+    import bnkernel.torch as bt
+
+    real = bt._BatchNormFunction.forward
+
+    def off(ctx, *args):
+        return real(ctx, *args) * 1.1
+
+    monkeypatch.setattr(bt._BatchNormFunction, "forward", staticmethod(off))
+    rc = main(["bench", "--torch-block", "--shapes", "2x4x6x6", "--threads", "1", "--repeat", "1",
+               "--min-time", "0", "--layouts", "NCHW"])  # fmt: skip
+    assert rc == 1
+    assert "differs from torch's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sweep"], "--sweep does not apply to --torch-block"),
+        (["--dtypes", "float64"], "--dtypes does not apply to --torch-block"),
+        (["--shapes", "8x16"], "--torch-block takes (N, C, H, W) shapes"),
+        (["--layouts", "NC"], "the layouts are NCHW and NHWC"),
+    ],
+)
+def test_torch_block_option_errors(args, message, capsys):
+    pytest.importorskip("torch")
+    assert main(["bench", "--torch-block", *args]) == 2
+    assert message in capsys.readouterr().err

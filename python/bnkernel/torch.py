@@ -200,7 +200,7 @@ class _BatchNormFunction(torch.autograd.Function):
         grads = batch_norm_backward(
             _array(dyv), _array(xv), mean.numpy(), invstd.numpy(), g, training=batch_stats,
             axis=axis, activation="relu" if relu else None,
-            y=None if y is None else _array(y), residual_grad=relu, out=_array(dx),
+            y=None if y is None else _array(y), residual_grad=relu and had_residual, out=_array(dx),
         )  # fmt: skip
         dgamma, dbeta = grads[1], grads[2]
         dres = None

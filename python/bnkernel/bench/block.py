@@ -8,12 +8,16 @@ bnkernel's set alike) and memory format:
 
 * ``torch``: torch.nn.BatchNorm2d;
 * ``bnkernel``: the block after :func:`bnkernel.torch.convert_batch_norm` (the drop-in);
-* ``bnkernel fused``: the second BN, the residual add and the last ReLU in one pass
-  (:func:`bnkernel.torch.batch_norm` with ``residual=`` and ``activation="relu"``);
+* ``bnkernel fused``: each BN fused with what follows it, BN + ReLU and BN + residual add +
+  ReLU, one pass each way (:func:`bnkernel.torch.batch_norm` with ``activation="relu"`` and
+  ``residual=``);
 * ``no BN``: the block with both BNs removed, so that ``total - no BN`` is the batch norms' share
   (what the swap can win at most).
 
-One iteration is ``y = block(x); y.backward(dy)`` with the gradients set to None first.  Before
+One iteration is ``y = block(x); y.backward(dy)`` with the gradients set to None first.  The
+normalization steps (``relu(bn1(h))`` and ``relu(bn2(h) + x)``, forward and backward) are also
+timed alone, in the same rounds, on fixed inputs of the block's shape: the part the swap changes,
+without the convolutions' noise (a difference of two block times is mostly that noise).  Before
 timing, the versions' outputs and input gradients are compared (float32 rounding); a mismatch
 fails the run.
 """
@@ -29,7 +33,9 @@ from .cases import BenchCheckError, BenchError
 from .timing import time_calls
 from .units import shape_text
 
-BLOCK_SHAPE = (16, 64, 56, 56)  # ResNet-18/34 layer1 at batch 16
+# ResNet-18/34's first stage at batch 16, and the CIFAR ResNets' first stage (ResNet-20...: 16
+# channels at 32x32) at batch 128, where convolutions are cheaper and BN's share larger
+BLOCK_SHAPES = ((16, 64, 56, 56), (128, 16, 32, 32))
 BLOCK_QUICK_SHAPE = (4, 32, 28, 28)
 BLOCK_LAYOUTS = ("NCHW", "channels_last")
 VERSIONS = ("torch", "bnkernel", "bnkernel fused", "no BN")
@@ -61,18 +67,30 @@ def make_block(torch: Any, channels: int, version: str, seed: int = 0) -> Any:
                     bn.weight.uniform_(0.5, 1.5)
                     bn.bias.uniform_(-0.5, 0.5)
 
+        def norm1(self, h: Any) -> Any:
+            """relu(bn1(h)): the first normalization step."""
+            if version == "bnkernel fused":
+                return self._fused(self.bn1, h, None)
+            return torch.relu(self.bn1(h))
+
+        def norm2(self, h: Any, x: Any) -> Any:
+            """relu(bn2(h) + x): the second normalization step, with the shortcut."""
+            if version == "bnkernel fused":
+                return self._fused(self.bn2, h, x)
+            return torch.relu(self.bn2(h) + x)
+
         def forward(self, x: Any) -> Any:
             if version == "no BN":
                 return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
-            out = torch.relu(self.bn1(self.conv1(x)))
-            out = self.conv2(out)
-            if version == "bnkernel fused":
-                bn = self.bn2
-                return bt.batch_norm(
-                    out, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum,
-                    bn.eps, residual=x, activation="relu",
-                )  # fmt: skip
-            return torch.relu(self.bn2(out) + x)
+            return self.norm2(self.conv2(self.norm1(self.conv1(x))), x)
+
+        @staticmethod
+        def _fused(bn: Any, h: Any, residual: Any) -> Any:
+            """relu(bn(h) + residual) in one pass each way (training mode)."""
+            return bt.batch_norm(
+                h, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps,
+                residual=residual, activation="relu",
+            )  # fmt: skip
 
     block = Block()
     if version in ("bnkernel", "bnkernel fused"):
@@ -85,6 +103,20 @@ def _iteration(torch: Any, block: Any, x: Any, dy: Any) -> Callable[[], None]:
         block.zero_grad(set_to_none=True)
         x.grad = None
         block(x).backward(dy)
+
+    return run
+
+
+def _norm_iteration(torch: Any, block: Any, h1: Any, h2: Any, x: Any, dy: Any
+                    ) -> Callable[[], None]:  # fmt: skip
+    """The block's normalization steps alone, forward and backward, on fixed inputs of the
+    block's shape: what the swap changes, timed without the convolutions' noise."""
+
+    def run() -> None:
+        block.zero_grad(set_to_none=True)
+        for t in (h1, h2, x):
+            t.grad = None
+        torch.autograd.backward([block.norm1(h1), block.norm2(h2, x)], [dy, dy])
 
     return run
 
@@ -128,10 +160,13 @@ def run_block_bench(
     repeat: int,
     min_time: float,
     json_path: str | None = None,
-    out: TextIO = sys.stdout,
-    progress: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    progress: TextIO | None = None,
 ) -> list[dict[str, Any]]:
-    """Time the four versions of the block; print a table and return its rows."""
+    """Time the four versions of the block; print a table (to ``out``, default stdout; progress
+    lines to ``progress``, default stderr) and return its rows."""
+    out = sys.stdout if out is None else out
+    progress = sys.stderr if progress is None else progress
     torch = _torch()
     from .. import _core
 
@@ -142,12 +177,13 @@ def run_block_bench(
     rows: list[dict[str, Any]] = []
     out.write(
         "ResNet basic block (conv3x3-BN-ReLU-conv3x3-BN-add-ReLU), forward + backward, float32;\n"
-        "median ms per iteration; speedup = torch / bnkernel; BN share = total - no BN\n\n"
+        "median ms per iteration.  block: the whole block; BN steps: relu(bn1(h)) and\n"
+        "relu(bn2(h) + x) alone, forward + backward (what the swap changes); x = torch / ours\n\n"
     )
-    header = (f"{'shape':<16} {'layout':<14} {'thr':>3} {'torch':>9} {'bnkernel':>9} "
-              f"{'fused':>9} {'no BN':>9} {'speedup':>8} {'fused':>7} "
-              f"{'BN torch':>9} {'BN ours':>8} {'fused':>8}")  # fmt: skip
-    out.write(header + "\n")
+    out.write(f"{'':<31} {'block':-^41}  {'BN steps':-^37}\n")
+    out.write(f"{'shape':<16} {'layout':<10} {'thr':>3} {'torch':>7} {'ours':>7} {'fused':>7} "
+              f"{'no BN':>7} {'x':>5} {'x fus':>5}  {'torch':>7} {'ours':>7} {'fused':>7} "
+              f"{'x':>5} {'x fus':>6}\n")  # fmt: skip
     try:
         for shape in shapes:
             N, C, H, W = shape
@@ -157,10 +193,13 @@ def run_block_bench(
                 for b in blocks.values():
                     b.to(memory_format=fmt)
                 gen = torch.Generator().manual_seed(1)
-                x = torch.randn(N, C, H, W, generator=gen).to(memory_format=fmt)
-                dy = torch.randn(N, C, H, W, generator=gen).to(memory_format=fmt)
+
+                x, dy, h1, h2 = (
+                    torch.randn(N, C, H, W, generator=gen).to(memory_format=fmt) for _ in range(4)
+                )
                 _check(torch, blocks, x, dy)
-                x.requires_grad_()
+                for a in (x, h1, h2):
+                    a.requires_grad_()
                 for t in threads:
                     torch.set_num_threads(t)
                     _core.set_num_threads(t)
@@ -168,22 +207,28 @@ def run_block_bench(
                         f"timing the block {shape_text(shape)} {layout}, {t} thread(s)\n"
                     )
                     fns = {v: _iteration(torch, b, x, dy) for v, b in blocks.items()}
+                    for v in VERSIONS[:3]:
+                        fns["steps " + v] = _norm_iteration(torch, blocks[v], h1, h2, x, dy)
                     timings = time_calls(fns, repeat, min_time)
-                    ms = {v: timings[v].median * 1e3 for v in VERSIONS}
-                    bn_ms = {v: ms[v] - ms["no BN"] for v in VERSIONS if v != "no BN"}
-                    row = {
-                        "shape": list(shape), "layout": layout, "threads": t, "ms": ms,
-                        "speedup": ms["torch"] / ms["bnkernel"],
-                        "speedup_fused": ms["torch"] / ms["bnkernel fused"],
-                        "bn_ms": bn_ms,
+                    ms = {v: timings[v].median * 1e3 for v in fns}
+                    blk = {v: ms[v] for v in VERSIONS}
+                    st = {v: ms["steps " + v] for v in VERSIONS[:3]}
+                    row: dict[str, Any] = {
+                        "shape": list(shape), "layout": layout, "threads": t, "block_ms": blk,
+                        "bn_steps_ms": st,
                     }  # fmt: skip
+                    row["block_speedup"] = blk["torch"] / blk["bnkernel"]
+                    row["block_speedup_fused"] = blk["torch"] / blk["bnkernel fused"]
+                    row["bn_steps_speedup"] = st["torch"] / st["bnkernel"]
+                    row["bn_steps_speedup_fused"] = st["torch"] / st["bnkernel fused"]
                     rows.append(row)
                     out.write(
-                        f"{shape_text(shape):<16} {layout:<14} {t:>3} {ms['torch']:>9.2f} "
-                        f"{ms['bnkernel']:>9.2f} {ms['bnkernel fused']:>9.2f} {ms['no BN']:>9.2f} "
-                        f"{row['speedup']:>7.2f}x {row['speedup_fused']:>6.2f}x "
-                        f"{bn_ms['torch']:>9.2f} {bn_ms['bnkernel']:>8.2f} "
-                        f"{bn_ms['bnkernel fused']:>8.2f}\n"
+                        f"{shape_text(shape):<16} {layout.replace('channels_', 'ch_'):<10} {t:>3} "
+                        f"{blk['torch']:>7.1f} {blk['bnkernel']:>7.1f} "
+                        f"{blk['bnkernel fused']:>7.1f} {blk['no BN']:>7.1f} "
+                        f"{row['block_speedup']:>5.2f} {row['block_speedup_fused']:>5.2f}  "
+                        f"{st['torch']:>7.2f} {st['bnkernel']:>7.2f} {st['bnkernel fused']:>7.2f} "
+                        f"{row['bn_steps_speedup']:>5.2f} {row['bn_steps_speedup_fused']:>6.2f}\n"
                     )
                     out.flush()
     finally:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .block import BLOCK_QUICK_SHAPE, BLOCK_SHAPE, run_block_bench
+from .block import BLOCK_QUICK_SHAPE, BLOCK_SHAPES, run_block_bench
 from .cases import (
     DEFAULT_SHAPES,
     DTYPES,
@@ -133,7 +133,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a ResNet basic block's forward + backward in torch with torch.nn.BatchNorm2d "
         "against bnkernel.torch's (drop-in and fused residual + ReLU) and without BN, float32, "
         "NCHW and channels_last (--layouts NCHW,NHWC), at each --threads count (default 1,2 "
-        "capped at the cores); shape " + shape_text(BLOCK_SHAPE) + " (--quick: "
+        "capped at the cores); shapes " + ",".join(map(shape_text, BLOCK_SHAPES)) + " (--quick: "
         + shape_text(BLOCK_QUICK_SHAPE) + "; needs torch)",
     )  # fmt: skip
     p.add_argument(
@@ -233,8 +233,8 @@ def run_block_from_args(args: argparse.Namespace) -> None:
         if given:
             raise BenchError(f"{name} does not apply to --torch-block")
     quick = bool(args.quick)
-    shapes = args.shapes if args.shapes is not None else [
-        BLOCK_QUICK_SHAPE if quick else BLOCK_SHAPE]  # fmt: skip
+    shapes = args.shapes if args.shapes is not None else (
+        [BLOCK_QUICK_SHAPE] if quick else list(BLOCK_SHAPES))  # fmt: skip
     layouts = ["channels_last" if lo == "NHWC" else lo for lo in (args.layouts or ["NCHW", "NHWC"])
                if lo != "NC"]  # fmt: skip
     if not layouts:
