@@ -188,3 +188,17 @@ def test_overlap_rule_sees_through_dlpack(data: dict) -> None:
     base = torch.from_numpy(np.zeros((7, 5, 4, 3), np.float32))
     with pytest.raises(ValueError, match=r"^out: overlaps an input array"):
         bk.batch_norm_forward(base[:6], out=base[1:])
+
+
+def test_a_lazily_negated_tensor_is_refused(data: dict) -> None:
+    """torch's DLPack export of a tensor with the negative bit set hands over the memory without
+    the negation (NumPy would see -x); refused, naming the fix, as an input and as out=."""
+    z = torch.from_numpy(data["x"].astype(np.complex64))
+    neg = z.conj().imag  # float32, negative bit set
+    assert neg.is_neg()
+    with pytest.raises(TypeError, match=r"^x: .*negative bit.*resolve_neg\(\)"):
+        bk.batch_norm_forward(neg)
+    with pytest.raises(TypeError, match=r"^out: .*negative bit"):
+        bk.batch_norm_forward(data["x"], out=torch.zeros(6, 5, 4, 3)._neg_view())
+    y = bk.batch_norm_forward(neg.resolve_neg())[0]
+    np.testing.assert_array_equal(y, bk.batch_norm_forward(np.zeros_like(data["x"]))[0])

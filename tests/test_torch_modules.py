@@ -391,3 +391,15 @@ def test_results_are_numpy_free_tensors_of_torch() -> None:
     y = bt.BatchNorm2d(3)(torch.randn(4, 3, 2, 2))
     assert isinstance(y, torch.Tensor) and y.grad_fn is not None
     assert np.isfinite(y.detach().numpy()).all()
+
+
+def test_lazily_negated_inputs_are_taken_as_torch_takes_them() -> None:
+    """A tensor with the negative bit set (z.conj().imag) is -imag for every torch op; the module
+    reads it so too (the plain DLPack path refuses it instead: tests/test_dlpack.py)."""
+    gen = torch.Generator().manual_seed(9)
+    z = torch.complex(torch.randn(4, 3, 5, generator=gen), torch.randn(4, 3, 5, generator=gen))
+    neg = z.conj().imag
+    assert neg.is_neg()
+    got = bt.batch_norm(neg, None, None, training=True)
+    want = torch.nn.functional.batch_norm(neg.resolve_neg(), None, None, training=True)
+    close(got, want, torch.float32)

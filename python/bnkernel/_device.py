@@ -143,7 +143,15 @@ def host_view(v: Any, name: str) -> Any:
     array-API library's), as a NumPy array over the same memory (``np.from_dlpack``), never a
     copy.  A read-only export comes back read-only (NumPy keeps DLPack's flag), so an ``out=``
     check refuses it.  What NumPy cannot view is refused by name: a tensor that requires grad,
-    a dtype NumPy has no DLPack code for (bfloat16)."""
+    a dtype NumPy has no DLPack code for (bfloat16), and a torch tensor with the negative bit set
+    (``z.conj().imag``: a lazy negation that torch's DLPack export drops, so the view would hold
+    the values' negatives)."""
+    is_neg = getattr(v, "is_neg", None)
+    if callable(is_neg) and is_neg():
+        raise TypeError(
+            f"{name}: this {describe(v)} has the negative bit set (a lazy negation, e.g. from "
+            "z.conj().imag), which DLPack cannot carry: pass t.resolve_neg()"
+        )
     try:
         return np.from_dlpack(v)
     except BufferError as e:  # the exporter refuses: torch's "Can't export tensors that require

@@ -71,6 +71,8 @@ def _array(t: torch.Tensor) -> Any:
     """A CPU tensor's memory as a NumPy array (a view: writes go to the tensor)."""
     if t.requires_grad:
         t = t.detach()
+    if t.is_neg():  # a lazy negation (z.conj().imag): torch's own ops apply it, so do we
+        t = t.resolve_neg()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(_bfloat16())
     return t.numpy()
@@ -183,38 +185,51 @@ class _BatchNormFunction(torch.autograd.Function):
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
         )
-        ctx.save_for_backward(
-            xv, weight, torch.from_numpy(np.asarray(mean)), torch.from_numpy(np.asarray(invstd)),
-            y if relu else None,
-        )  # fmt: skip
+        # the statistics and gamma as the kernels read them stay with ctx (NumPy, C values);
+        # the tensors go through save_for_backward, whose version check catches an in-place
+        # change of x, y or the weight between the forward and the backward
+        ctx.arrays = (mean, invstd, g)
+        ctx.save_for_backward(xv, weight, y if relu else None)
         return _unlayout(y, channels_last)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xv, weight, mean, invstd, y = ctx.saved_tensors
-        axis, channels_last, batch_stats, relu, had_residual = ctx.layout
-        dyv = _layout_like(dy.to(xv.dtype), axis)
-        dx = torch.empty_like(xv, memory_format=torch.contiguous_format)
-        g = _as_param(weight, _param_dtype(xv))
-        grads = batch_norm_backward(
-            _array(dyv), _array(xv), mean.numpy(), invstd.numpy(), g, training=batch_stats,
-            axis=axis, activation="relu" if relu else None,
-            y=None if y is None else _array(y), residual_grad=relu and had_residual, out=_array(dx),
-        )  # fmt: skip
-        dgamma, dbeta = grads[1], grads[2]
-        dres = None
-        if relu and had_residual:
-            dres = _unlayout(_tensor(grads[3], xv.dtype), channels_last)
-        wdt, bdt = ctx.param_dtypes
-        return (
-            _unlayout(dx, channels_last) if ctx.needs_input_grad[0] else None,
-            None if wdt is None else torch.from_numpy(np.asarray(dgamma)).to(wdt),
-            None if bdt is None else torch.from_numpy(np.asarray(dbeta)).to(bdt),
-            None, None, None, None, None,
-            dres,
-            None,
-        )  # fmt: skip
+        if torch.is_grad_enabled():
+            # create_graph=True: these gradients are not differentiable, and a second backward
+            # through them must raise, which once_differentiable arranges (at a cost of ~40 us a
+            # call, so only here)
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The Function's backward: the kernels' training or frozen backward into a new dx."""
+    xv, _, y = ctx.saved_tensors
+    mean, invstd, g = ctx.arrays
+    axis, channels_last, batch_stats, relu, had_residual = ctx.layout
+    dyv = _layout_like(dy.to(xv.dtype), axis)
+    dx = torch.empty_like(xv, memory_format=torch.contiguous_format)
+    grads = batch_norm_backward(
+        _array(dyv), _array(xv), mean, invstd, g, training=batch_stats,
+        axis=axis, activation="relu" if relu else None,
+        y=None if y is None else _array(y), residual_grad=relu and had_residual, out=_array(dx),
+    )  # fmt: skip
+    dgamma, dbeta = grads[1], grads[2]
+    dres = None
+    if relu and had_residual:
+        dres = _unlayout(_tensor(grads[3], xv.dtype), channels_last)
+    wdt, bdt = ctx.param_dtypes
+    return (
+        _unlayout(dx, channels_last) if ctx.needs_input_grad[0] else None,
+        None if wdt is None else torch.from_numpy(dgamma).to(wdt),
+        None if bdt is None else torch.from_numpy(dbeta).to(bdt),
+        None, None, None, None, None,
+        dres,
+        None,
+    )  # fmt: skip
+
+
+_backward_once = once_differentiable(_backward)
 
 
 def _layout_like(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -237,7 +252,7 @@ def _running(t: torch.Tensor | None, dtype: torch.dtype) -> tuple[Any, bool]:
     the kernels' dtype and is contiguous, else a float copy that the caller writes back."""
     if t is None:
         return None, False
-    if t.dtype == dtype and t.is_contiguous():
+    if t.dtype == dtype and t.is_contiguous() and not t.is_neg():
         return _array(t), False
     return _array(t.detach().to(dtype).contiguous().clone()), True
 
