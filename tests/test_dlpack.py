@@ -202,3 +202,43 @@ def test_a_lazily_negated_tensor_is_refused(data: dict) -> None:
         bk.batch_norm_forward(data["x"], out=torch.zeros(6, 5, 4, 3)._neg_view())
     y = bk.batch_norm_forward(neg.resolve_neg())[0]
     np.testing.assert_array_equal(y, bk.batch_norm_forward(np.zeros_like(data["x"]))[0])
+
+
+def test_split_phases_and_population_stats_take_torch_tensors() -> None:
+    """Every split phase, the running update in place, population statistics and the layer's
+    state loading, on torch tensors: the same numbers as on NumPy arrays."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+
+    def T(a: np.ndarray) -> Any:
+        return torch.from_numpy(np.array(a, copy=True))
+
+    st = bk.channel_stats(x)
+    stt = bk.channel_stats(T(x))
+    merged = bk.merge_stats(st, st)
+    merged_t = bk.merge_stats((stt[0], T(stt[1]), T(stt[2])), stt)
+    np.testing.assert_array_equal(merged_t[1], merged[1])
+    inv = bk.invstd_from_stats(st[0], st[2])
+    np.testing.assert_array_equal(bk.invstd_from_stats(stt[0], T(stt[2])), inv)
+    rm, rv = np.zeros(5, np.float32), np.ones(5, np.float32)
+    rm_t, rv_t = T(rm), T(rv)
+    bk.update_running_stats(rm, rv, *merged)
+    bk.update_running_stats(rm_t, rv_t, merged_t[0], T(merged_t[1]), T(merged_t[2]))
+    np.testing.assert_array_equal(rm_t.numpy(), rm)
+    np.testing.assert_array_equal(rv_t.numpy(), rv)
+    sums = bk.backward_reduce(dy, x, st[1], inv)
+    sums_t = bk.backward_reduce(T(dy), T(x), T(st[1]), T(inv))
+    np.testing.assert_array_equal(sums_t[1], sums[1])
+    dx = bk.backward_elementwise(dy, x, st[1], inv, None, *sums, st[0])
+    out = torch.empty(6, 5, 4)
+    bk.backward_elementwise(T(dy), T(x), T(st[1]), T(inv), None, T(sums[0]), T(sums[1]), st[0],
+                            out=out)  # fmt: skip
+    np.testing.assert_array_equal(out.numpy(), dx)
+    assert bk.population_stats([T(x), T(x)])[0] == 48
+    layer = bk.BatchNorm(5)
+    layer.set_population_stats((stt[0], T(stt[1]), T(stt[2])))
+    state = layer.state_dict()
+    other = bk.BatchNorm(5)
+    other.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    np.testing.assert_array_equal(other.running_var, layer.running_var)
