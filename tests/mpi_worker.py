@@ -575,8 +575,37 @@ def device() -> dict:
     return {"checked": 4}
 
 
+def torch_tensors() -> dict:
+    """The synchronized forward and backward on torch CPU tensors (DLPack views, no copies): the
+    running statistics updated in the tensors' memory, out= written into a tensor, the same
+    results as on NumPy arrays."""
+    import torch
+
+    rng = np.random.default_rng(11)
+    shape = (12, 5, 4, 3)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    counts = splits(12)["even"]
+    xp, dyp = part(x, 0, counts), part(dy, 0, counts)
+    rm, rv = np.zeros(5), np.ones(5)
+    want = dist.sync_batch_norm_forward(xp, running_mean=rm, running_var=rv)
+    rm_t, rv_t = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    out = torch.empty(xp.shape, dtype=torch.float64)
+    got = dist.sync_batch_norm_forward(torch.from_numpy(xp), running_mean=rm_t, running_var=rv_t,
+                                       out=out)  # fmt: skip
+    assert got[0] is out and np.array_equal(out.numpy(), want[0])
+    assert np.array_equal(rm_t.numpy(), rm) and np.array_equal(rv_t.numpy(), rv)
+    grads = dist.sync_batch_norm_backward(dyp, xp, want[1], want[2], want[3])
+    T = torch.from_numpy
+    grads_t = dist.sync_batch_norm_backward(T(dyp), T(xp), T(want[1]), want[2], want[3])
+    for a, b in zip(grads_t, grads, strict=True):
+        assert np.array_equal(a, b)
+    return {"checked": 3}
+
+
 SCENARIOS = {
     "device": device,
+    "torch_tensors": torch_tensors,
     "consistency": consistency,
     "fused_and_masked": fused_and_masked,
     "layer": layer,

@@ -56,7 +56,7 @@ def run(n: int, scenario: str, timeout: float = TIMEOUT) -> subprocess.Completed
 
 SCENARIOS = [
     "consistency", "fused_and_masked", "layer", "four_collectives", "total_of_one",
-    "bad_argument", "sums", "masked_nan_padding", "device",
+    "bad_argument", "sums", "masked_nan_padding", "device", "torch_tensors",
 ]  # fmt: skip
 
 # One rank's arguments are wrong or disagree with the others': every rank must raise the same
@@ -72,6 +72,8 @@ DISAGREEMENTS = [
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("n", [2, 3])
 def test_scenario(n, scenario):
+    if scenario == "torch_tensors":
+        pytest.importorskip("torch")
     proc = run(n, scenario)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
