@@ -5,12 +5,14 @@ Each public function (the fused functions, the split phases, the variants, the l
 call is valid, before any kernel runs and before anything is written:
 
 * the data (``x``, and the arrays of x's shape and dtype beside it: ``dy``, ``residual``, ``y``):
-  a float16 / bfloat16 / float32 / float64 array with ndim >= 2, never a ``np.ma.MaskedArray``
+  a float16 / bfloat16 / float32 / float64 array with ndim >= 2 (any host DLPack array is viewed
+  through ``np.from_dlpack``: :func:`as_array`), never a ``np.ma.MaskedArray``
   (its mask would be dropped: ``mask=`` is the way), viewed as (outer, C, inner);
 * parameters (``gamma``, ``beta``, and the running statistics when they are only read): 1-d,
   length C, exactly the parameter dtype of x's dtype;
-* running statistics that the call updates in place: numpy arrays, exactly right already (a copy
-  would drop the update);
+* running statistics that the call updates in place: NumPy arrays (or host DLPack arrays such as
+  torch CPU tensors, viewed; or CUDA arrays on a device), exactly right already (a copy would
+  drop the update);
 * saved statistics (``mean``, ``invstd``, ``r``, ``d``, the backward's sums, ``M2``): 1-d float32
   or float64, read as float64;
 * outputs (``out=``, ``dresidual``): exactly right already (shape, dtype, C-contiguous,
