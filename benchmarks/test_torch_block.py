@@ -57,7 +57,7 @@ def test_resnet_block(benchmark: Any, layout: str, threads: int, version: str) -
     torch.set_num_threads(threads)
     _core.set_num_threads(threads)
     try:
-        benchmark(_block._iteration(torch, blocks[version], x, dy))
+        benchmark(_block._iteration(blocks[version], x, dy))
     finally:
         torch.set_num_threads(t0)
         _core.set_num_threads(0)

@@ -47,6 +47,23 @@ DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
 
 
+def gpu_reason() -> str | None:
+    """Why the tests on a real GPU cannot run here (no CUDA module, no usable GPU, no CuPy), or
+    None when they can (tests/test_cuda.py, tests/test_device.py)."""
+    try:
+        import bnkernel._cuda as cuda
+    except ImportError:
+        return "built without BNKERNEL_CUDA=ON"
+    info = cuda.info()
+    if info["error"] is not None:
+        return f"no usable GPU: {info['error']}"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "needs CuPy (pip install 'bnkernel[cuda]')"
+    return None
+
+
 def tol(dtype: Any) -> float:
     return TOL[np.dtype(dtype)]
 

@@ -13,25 +13,14 @@ import os
 
 import numpy as np
 import pytest
+from conftest import gpu_reason
 
 _cuda = pytest.importorskip(
     "bnkernel._cuda", reason="built without BNKERNEL_CUDA=ON (no CUDA module in this build)"
 )
 
 
-def _gpu_reason() -> str | None:
-    """Why the GPU tests cannot run here, or None."""
-    info = _cuda.info()
-    if info["error"] is not None:
-        return f"no usable GPU: {info['error']}"
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "the GPU tests need CuPy (pip install cupy-cuda13x)"
-    return None
-
-
-GPU_REASON = _gpu_reason()
+GPU_REASON = gpu_reason()
 if GPU_REASON is not None and os.environ.get("BNKERNEL_REQUIRE_GPU") == "1":
     # (.ci/gpu: on the GPU machine a skipped GPU test is a failure)
     raise RuntimeError(f"BNKERNEL_REQUIRE_GPU=1, but {GPU_REASON}")

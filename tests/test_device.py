@@ -17,24 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import gpu_reason
 from fake_cuda import DLPackCuda, FakeCupy, FakeKernels, TorchLikeCuda
 
 import bnkernel as bk
-
-
-def _gpu_reason() -> str | None:
-    try:
-        import bnkernel._cuda as real
-    except ImportError:
-        return "built without BNKERNEL_CUDA=ON"
-    info = real.info()
-    if info["error"] is not None:
-        return f"no usable GPU: {info['error']}"
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "needs CuPy (pip install 'bnkernel[cuda]')"
-    return None
 
 
 class Backend:
@@ -56,7 +42,7 @@ def dev(request, monkeypatch):
         monkeypatch.setitem(sys.modules, "cupy", cp)
         monkeypatch.setitem(sys.modules, "bnkernel._cuda", k)
         return Backend(cp, k, fake=True)
-    reason = _gpu_reason()
+    reason = gpu_reason()
     if reason is not None:
         if os.environ.get("BNKERNEL_REQUIRE_GPU") == "1":
             pytest.fail(f"BNKERNEL_REQUIRE_GPU=1, but {reason}")
@@ -586,7 +572,7 @@ def test_bench_device_cuda_refuses_what_does_not_apply(fake, capsys):
 
 
 def test_bench_device_cuda_without_a_gpu_says_why(capsys):
-    if _gpu_reason() is None:
+    if gpu_reason() is None:
         pytest.skip("a GPU is here")
     from bnkernel.__main__ import main
 

@@ -60,33 +60,34 @@ def describe(v: Any) -> str:
     return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
 
 
-def cupy() -> Any:
-    """The CuPy module (imported on first use: only device arrays need it)."""
-    mod = sys.modules.get("cupy")
+def _imported(name: str, hint: str) -> Any:
+    """The module ``name``, imported on first use, or an ImportError saying ``hint``."""
+    mod = sys.modules.get(name)
     if mod is not None:
         return mod
     try:
-        return importlib.import_module("cupy")
+        return importlib.import_module(name)
     except ImportError as e:
-        raise ImportError(
-            "arrays in GPU memory need CuPy: pip install 'bnkernel[cuda]' (CuPy for CUDA 13), "
-            "or copy the arrays to the host (e.g. tensor.cpu().numpy())"
-        ) from e
+        raise ImportError(hint) from e
+
+
+def cupy() -> Any:
+    """The CuPy module (imported on first use: only device arrays need it)."""
+    return _imported(
+        "cupy",
+        "arrays in GPU memory need CuPy: pip install 'bnkernel[cuda]' (CuPy for CUDA 13), "
+        "or copy the arrays to the host (e.g. tensor.cpu().numpy())",
+    )
 
 
 def kernels_module() -> Any:
     """bnkernel._cuda, or an ImportError saying how to build it."""
-    mod = sys.modules.get("bnkernel._cuda")
-    if mod is not None:
-        return mod
-    try:
-        return importlib.import_module("bnkernel._cuda")
-    except ImportError as e:
-        raise ImportError(
-            "this bnkernel was built without its CUDA kernels: reinstall with "
-            "pip install . -Ccmake.define.BNKERNEL_CUDA=ON (needs nvcc; docs/building.md, "
-            "'CUDA'), or copy the arrays to the host"
-        ) from e
+    return _imported(
+        "bnkernel._cuda",
+        "this bnkernel was built without its CUDA kernels: reinstall with "
+        "pip install . -Ccmake.define.BNKERNEL_CUDA=ON (needs nvcc; docs/building.md, "
+        "'CUDA'), or copy the arrays to the host",
+    )
 
 
 F = TypeVar("F", bound=Callable[..., Any])

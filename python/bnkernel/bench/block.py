@@ -98,7 +98,7 @@ def make_block(torch: Any, channels: int, version: str, seed: int = 0) -> Any:
     return block
 
 
-def _iteration(torch: Any, block: Any, x: Any, dy: Any) -> Callable[[], None]:
+def _iteration(block: Any, x: Any, dy: Any) -> Callable[[], None]:
     def run() -> None:
         block.zero_grad(set_to_none=True)
         x.grad = None
@@ -206,7 +206,7 @@ def run_block_bench(
                     progress.write(
                         f"timing the block {shape_text(shape)} {layout}, {t} thread(s)\n"
                     )
-                    fns = {v: _iteration(torch, b, x, dy) for v, b in blocks.items()}
+                    fns = {v: _iteration(b, x, dy) for v, b in blocks.items()}
                     for v in VERSIONS[:3]:
                         fns["steps " + v] = _norm_iteration(torch, blocks[v], h1, h2, x, dy)
                     timings = time_calls(fns, repeat, min_time)
